@@ -1,0 +1,435 @@
+"""GPT-2 in one file: config presets, the model, KV-cache generation, HF weight import/export.
+
+Only torch is imported at module level so this file can be pasted into a notebook cell;
+`huggingface_hub` and `safetensors` are imported inside the functions that read or write
+Hugging Face checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+GPT2_VOCAB_SIZE = 50257  # real GPT-2 BPE tokens; ids at or above this are padding rows
+PADDED_VOCAB_SIZE = 50304  # next multiple of 128: faster matmuls when training from scratch
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = GPT2_VOCAB_SIZE
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:
+        if name not in PRESETS:
+            known = ", ".join(PRESETS)
+            raise ValueError(f"unknown model preset '{name}': choose one of {known}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    # Small shapes for CPU work: quick runs, tests, the offline quickstart.
+    "gpt2-tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=256),
+    "gpt2-mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
+}
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, so decoding never re-allocates."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        if max_len > config.block_size:
+            raise ValueError(f"KV cache length {max_len} exceeds block_size {config.block_size}")
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled so far, shared by all layers
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        start, end = self.length, self.length + k.size(2)
+        if end > self.keys.size(3):
+            raise ValueError(f"KV cache overflow: {end} positions, room for {self.keys.size(3)}")
+        self.keys[layer, :, :, start:end] = k
+        self.values[layer, :, :, start:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE_INIT = True  # type: ignore[assignment]
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        past = 0 if cache is None else cache.length
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif T == 1:
+            y = F.scaled_dot_product_attention(q, k, v)  # one new query sees the whole past
+        else:
+            # Several new queries after a prefix: query i may see keys up to past + i.
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE_INIT = True  # type: ignore[assignment]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """The trunk; its attribute names match Hugging Face's `transformer.*` keys."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embedding
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "RESIDUAL_SCALE_INIT", False):
+                # Each block adds two residual branches; scaling keeps the stream's
+                # variance from growing with depth (GPT-2 paper, section 2.3).
+                std *= (2 * self.config.n_layer) ** -0.5
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self.hidden_states(idx, cache)
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-layer-norm output for every position of `idx` (B, T)."""
+        T = idx.size(1)
+        past = 0 if cache is None else cache.length
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens exceeds block_size "
+                             f"{self.config.block_size}")
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += T
+        return self.transformer.ln_f(x)
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float,
+                             betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                             device_type: str = "cpu") -> torch.optim.AdamW:
+        """AdamW that decays 2-D weights (matmuls, embeddings) but not biases or norms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps,
+                                 fused=device_type == "cuda")
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6 per parameter plus attention's 12*L*C*T (PaLM, app. B)."""
+        T = seq_len or self.config.block_size
+        cfg = self.config
+        return 6.0 * self.num_params(non_embedding=True) + 12.0 * cfg.n_layer * cfg.n_embd * T
+
+    # ----------------------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+        """Append `max_new_tokens` sampled tokens to `idx` (B, T); temperature 0 is greedy."""
+        steps = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
+                                     generator, use_cache)
+        return torch.cat([idx, *steps], dim=1)
+
+    @torch.no_grad()
+    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None,
+                        generator: torch.Generator | None = None,
+                        use_cache: bool = True) -> Iterator[torch.Tensor]:
+        """Yield each new (B, 1) token as soon as it is sampled."""
+        if idx.size(1) + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt ({idx.size(1)}) + new tokens ({max_new_tokens}) exceed "
+                             f"block_size {self.config.block_size}")
+        if max_new_tokens <= 0:
+            return
+        cache = None
+        if use_cache:
+            dtype = self.transformer.wte.weight.dtype
+            if torch.is_autocast_enabled(idx.device.type):
+                dtype = torch.get_autocast_dtype(idx.device.type)
+            cache = KVCache(self.config, idx.size(0), idx.size(1) + max_new_tokens,
+                            idx.device, dtype)
+        seq, fresh = idx, idx
+        for _ in range(max_new_tokens):
+            x = self.hidden_states(fresh if use_cache else seq, cache)
+            logits = self.lm_head(x[:, -1, :]).float()
+            token = sample_next_token(logits, temperature, top_k, top_p, generator)
+            yield token
+            fresh = token
+            if not use_cache:
+                seq = torch.cat([seq, token], dim=1)
+
+    # ------------------------------------------------------------------ Hugging Face weights
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str) -> GPT:
+        """GPT-2 weights from a local HF directory or the hub (`gpt2`, `gpt2-medium`, ...)."""
+        directory = resolve_pretrained_dir(name_or_dir)
+        from safetensors.torch import load_file
+
+        config = config_from_hf_json(directory / "config.json")
+        model = cls(config)
+        tensors = load_file(str(directory / "model.safetensors"))
+        model.load_hf_state_dict(tensors, source=str(directory))
+        return model
+
+    def load_hf_state_dict(self, tensors: dict[str, torch.Tensor],
+                           source: str = "state dict") -> None:
+        ours = self.state_dict()
+        expected = {k for k in ours if k != "lm_head.weight"}
+        seen: set[str] = set()
+        for hf_key, tensor in tensors.items():
+            key = hf_key if hf_key.startswith("lm_head.") else _strip_prefix(hf_key)
+            if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+                continue  # causal-mask buffers; the output head is tied to wte
+            if key not in expected:
+                raise ValueError(f"{source}: unexpected GPT-2 weight '{hf_key}'")
+            if key.endswith(_CONV1D_WEIGHTS):
+                # HF stores these as Conv1D (in, out); nn.Linear wants (out, in).
+                tensor = tensor.t()
+            if tensor.shape != ours[key].shape:
+                raise ValueError(f"{source}: '{hf_key}' has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(ours[key].shape)}")
+            with torch.no_grad():
+                ours[key].copy_(tensor)
+            seen.add(key)
+        missing = sorted(expected - seen)
+        if missing:
+            raise ValueError(f"{source}: missing GPT-2 weights, e.g. '{missing[0]}' "
+                             f"({len(missing)} in all)")
+
+    def save_hf(self, directory: str | os.PathLike[str]) -> None:
+        """Write `model.safetensors` + `config.json` that `GPT2LMHeadModel` loads."""
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        vocab = min(self.config.vocab_size, GPT2_VOCAB_SIZE)  # padding rows are never used
+        tensors: dict[str, torch.Tensor] = {}
+        for key, tensor in self.state_dict().items():
+            if key == "lm_head.weight":
+                continue  # tied to wte; transformers re-ties it on load
+            if key == "transformer.wte.weight":
+                tensor = tensor[:vocab]
+            if key.endswith(_CONV1D_WEIGHTS):
+                tensor = tensor.t()
+            tensors[key] = tensor.detach().to("cpu", torch.float32).contiguous()
+        hf_config = hf_config_dict(self.config, vocab)
+        _atomic_write(out / "model.safetensors", lambda p: save_file(tensors, str(p),
+                                                                     metadata={"format": "pt"}))
+        _atomic_write(out / "config.json",
+                      lambda p: p.write_text(json.dumps(hf_config, indent=2) + "\n"))
+
+
+_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                   "mlp.c_proj.weight")
+
+HUB_REPOS = {name: f"openai-community/{name}" for name in
+             ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+
+
+def _strip_prefix(key: str) -> str:
+    return key if key.startswith("transformer.") else "transformer." + key
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one token per row of `logits` (B, V); never a padding id >= 50257."""
+    if logits.size(-1) > GPT2_VOCAB_SIZE:
+        logits = logits[:, :GPT2_VOCAB_SIZE]
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row, set the rest to -inf."""
+    k = min(k, logits.size(-1))
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of top tokens whose probability sums to at least p."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = F.softmax(sorted_logits, dim=-1)
+    # A token is dropped when the tokens ranked above it already reach p.
+    drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+class PretrainedNotFound(RuntimeError):
+    """Raised when pretrained weights can be neither found locally nor downloaded."""
+
+
+def resolve_pretrained_dir(name_or_dir: str) -> Path:
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        if not (path / "model.safetensors").is_file():
+            raise PretrainedNotFound(f"{path}: no model.safetensors in this directory; pass a "
+                                     "folder written by save_pretrained or GPT.save_hf")
+        return path
+    repo = HUB_REPOS.get(name_or_dir, name_or_dir)
+    if repo not in HUB_REPOS.values():
+        known = ", ".join(HUB_REPOS)
+        raise PretrainedNotFound(f"'{name_or_dir}' is neither a local directory nor one of "
+                                 f"{known}")
+    return _download_from_hub(repo, name_or_dir)
+
+
+def _download_from_hub(repo: str, name: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        for filename in ("config.json", "model.safetensors"):
+            weights = hf_hub_download(repo, filename)
+    except Exception as exc:  # the hub raises many types for offline / DNS / HTTP failures
+        raise PretrainedNotFound(
+            f"could not download '{name}' from the Hugging Face hub ({type(exc).__name__}; "
+            "no network?): pass a local directory with model.safetensors and config.json "
+            "instead, e.g. --pretrained=/path/to/gpt2") from exc
+    return Path(weights).parent
+
+
+def config_from_hf_json(path: Path) -> GPTConfig:
+    if not path.is_file():
+        raise PretrainedNotFound(f"{path}: missing; the directory needs the config.json "
+                                 "written with its model.safetensors")
+    hf = json.loads(path.read_text())
+    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+                     n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+
+
+def hf_config_dict(config: GPTConfig, vocab_size: int) -> dict[str, Any]:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "bos_token_id": GPT2_VOCAB_SIZE - 1,
+        "eos_token_id": GPT2_VOCAB_SIZE - 1,
+        "tie_word_embeddings": True,
+    }
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,203 @@
+"""Device, precision, seeding and distributed-run policy shared by every script."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device={name}: unknown device; use auto, cuda, cuda:N, mps "
+                         "or cpu") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device={name}: CUDA is not available on this machine; use "
+                             "--device=cpu or --device=auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device={name}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) present")
+    elif device.type == "mps":
+        if not _mps_available():
+            raise ValueError(f"--device={name}: MPS is not available; use --device=cpu")
+    elif device.type != "cpu":
+        raise ValueError(f"--device={name}: unsupported device type; use auto, cuda, mps "
+                         "or cpu")
+    return device
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a device runs the model: autocast dtype (None = plain fp32) and loss scaling."""
+
+    name: str
+    autocast_dtype: torch.dtype | None
+    use_grad_scaler: bool
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager[None]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+
+def resolve_precision(device: torch.device, dtype: str = "auto") -> Precision:
+    """bf16 autocast where supported, fp16 + GradScaler on pre-Ampere GPUs, fp32 on CPU."""
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"--dtype={dtype}: choose one of {', '.join(DTYPE_CHOICES)}")
+    if dtype == "auto":
+        dtype = _auto_dtype(device)
+    if dtype == "fp32":
+        return Precision("fp32", None, False)
+    if dtype == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+            raise ValueError("--dtype=bf16: this GPU has no bf16 support; use --dtype=fp16")
+        return Precision("bf16", torch.bfloat16, False)
+    # fp16 gradients underflow without loss scaling; MPS autocast in fp16 skips the scaler
+    # because torch's GradScaler targets CUDA.
+    return Precision("fp16", torch.float16, device.type == "cuda")
+
+
+def _auto_dtype(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    if device.type == "mps":
+        return "bf16"
+    return "fp32"
+
+
+def make_grad_scaler(precision: Precision, device: torch.device) -> torch.amp.GradScaler:
+    """A GradScaler that is a no-op unless fp16 on CUDA needs it."""
+    return torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
+
+
+def enable_tf32() -> None:
+    """TF32 matmuls and convolutions on CUDA: ~free speed, fp32 accumulate."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (every device) RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def detect_distributed() -> DistEnv:
+    """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE; a plain run is rank 0 of 1."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistEnv()
+    try:
+        return DistEnv(rank=int(os.environ["RANK"]),
+                       local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                       world_size=int(os.environ["WORLD_SIZE"]))
+    except ValueError:
+        raise ValueError("RANK, LOCAL_RANK and WORLD_SIZE must be integers (set by "
+                         "torchrun)") from None
+
+
+def distributed_device(env: DistEnv, device: torch.device) -> torch.device:
+    """Under torchrun each process drives the GPU of its LOCAL_RANK."""
+    if env.is_distributed and device.type == "cuda":
+        return torch.device("cuda", env.local_rank)
+    return device
+
+
+def init_distributed(env: DistEnv, device: torch.device) -> None:
+    """Join the process group: NCCL for CUDA, gloo otherwise."""
+    if not env.is_distributed or torch.distributed.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend=backend, rank=env.rank,
+                                         world_size=env.world_size)
+
+
+def destroy_distributed() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(env: DistEnv, device: torch.device) -> Iterator[None]:
+    init_distributed(env, device)
+    try:
+        yield
+    finally:
+        destroy_distributed()
+
+
+# ------------------------------------------------------------------------------ MFU peaks
+
+# Dense bf16 tensor-core peaks in FLOP/s, from the vendors' spec sheets.
+GPU_BF16_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+    "L40S": 362e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "V100": 125e12,  # fp16 tensor cores; V100 has no bf16
+    "T4": 65e12,  # fp16 tensor cores
+}
+
+
+def gpu_peak_flops(device: torch.device) -> float | None:
+    """bf16 (or fp16 on pre-Ampere) peak of the GPU `device`, or None if unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in GPU_BF16_PEAK_FLOPS.items():
+        if key in name:
+            return flops
+    return None
+
+
+def print0(*args: object, env: DistEnv | None = None) -> None:
+    """Print from rank 0 only."""
+    if env is None or env.is_main:
+        print(*args, flush=True)
