@@ -64,6 +64,25 @@ def tokenizer_sha256() -> str:
 
 # ------------------------------------------------------------------------------ shard I/O
 
+DATA_ROOT_ENV = "NANO_GPT_DATA_ROOT"
+
+
+def default_data_root() -> Path:
+    """`$NANO_GPT_DATA_ROOT`, else `~/.cache/nano-gpt/data`."""
+    env = os.environ.get(DATA_ROOT_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "nano-gpt" / "data"
+
+
+def shard_name(dataset: str, split: str, index: int) -> str:
+    return f"{dataset}_{split}_{index:06d}.bin"
+
+
+def find_shards(directory: str | os.PathLike[str], split: str) -> list[Path]:
+    """Sorted `*_{split}_*` shards (`.bin` or `.npy`) in `directory`; split is train or val."""
+    directory = Path(directory)
+    found = [p for p in directory.glob(f"*_{split}_*") if p.suffix in (".bin", ".npy")]
+    return sorted(found)
+
 
 def shard_header(ntok: int) -> np.ndarray:
     header = np.zeros(HEADER_INTS, dtype="<i4")

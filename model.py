@@ -266,6 +266,18 @@ class GPT(nn.Module):
         model.load_hf_state_dict(tensors, source=str(directory))
         return model
 
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike[str],
+                        map_location: str | torch.device = "cpu") -> GPT:
+        """The model of a train_gpt2.py checkpoint (keys `model_config` and `model`)."""
+        state = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(state, dict) or "model_config" not in state or "model" not in state:
+            raise ValueError(f"{path}: not a nano-gpt checkpoint (needs 'model_config' and "
+                             "'model' entries)")
+        model = cls(GPTConfig(**state["model_config"]))
+        model.load_state_dict(state["model"])
+        return model
+
     def load_hf_state_dict(self, tensors: dict[str, torch.Tensor],
                            source: str = "state dict") -> None:
         ours = self.state_dict()
