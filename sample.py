@@ -1,0 +1,209 @@
+"""Generate text from pretrained GPT-2 or a nano-gpt checkpoint.
+
+    python sample.py --pretrained=gpt2 --seed=42 --max-length=30 --num-samples=5 \
+        "Hello, I'm a language model,"
+
+All samples are drawn in one batch with a KV cache. `--max-length` counts the prompt plus
+the new tokens. The same seed on the same device gives the same text: sampling draws from
+a `torch.Generator` seeded with `--seed` on the model's device. With `--stream`, sample 0
+is printed token by token while the batch is generated and the other samples follow once
+it is done (they are the same texts a run without `--stream` prints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+import runtime
+from data import EOT_TOKEN, get_tokenizer
+from model import GPT, PretrainedNotFound
+
+DEFAULT_PROMPT = "Hello, I'm a language model,"
+
+
+class UsageError(ValueError):
+    """Bad command-line input: exit status 2."""
+
+
+def load_model(pretrained: str | None, checkpoint: str | None,
+               device: torch.device | str) -> GPT:
+    """A GPT from a train_gpt2.py checkpoint (preferred when given) or from pretrained
+    weights (hub name or local Hugging Face directory), in eval mode on `device`."""
+    device = torch.device(device)
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"{checkpoint}: checkpoint file not found; pass the path "
+                                    "of a ckpt_*.pt file written by train_gpt2.py")
+        model = GPT.from_checkpoint(checkpoint, map_location="cpu")
+    elif pretrained is not None:
+        model = GPT.from_pretrained(pretrained)
+    else:
+        raise ValueError("load_model needs a pretrained name/directory or a checkpoint path")
+    return model.to(device).eval()
+
+
+def encode_prompt(prompt: str) -> list[int]:
+    """Prompt tokens; an empty prompt starts from <|endoftext|>, as a fresh document."""
+    tokens = get_tokenizer().encode_ordinary(prompt)
+    return tokens if tokens else [EOT_TOKEN]
+
+
+def new_token_count(model: GPT, prompt_len: int, max_length: int) -> int:
+    if max_length <= prompt_len:
+        raise UsageError(f"--max-length={max_length}: the prompt alone has {prompt_len} tokens; "
+                         "pass a larger --max-length (it counts prompt plus new tokens)")
+    if max_length > model.config.block_size:
+        raise UsageError(f"--max-length={max_length}: exceeds the model's block_size "
+                         f"{model.config.block_size}; pass a smaller --max-length")
+    return max_length - prompt_len
+
+
+def stream_tokens(model: GPT, prompt: str, num_samples: int, max_length: int,
+                  top_k: int | None = 50, top_p: float | None = None,
+                  temperature: float = 1.0, seed: int = 42,
+                  device: torch.device | str = "cpu",
+                  precision: runtime.Precision | None = None) -> Iterator[list[int]]:
+    """Yield the new token of every sample, one step at a time (a list of num_samples ids)."""
+    device = torch.device(device)
+    prompt_tokens = encode_prompt(prompt)
+    max_new = new_token_count(model, len(prompt_tokens), max_length)
+    idx = torch.tensor([prompt_tokens] * num_samples, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    autocast = precision.autocast(device) if precision is not None else contextlib.nullcontext()
+    with autocast:
+        for token in model.generate_stream(idx, max_new, temperature, top_k, top_p, generator):
+            yield token[:, 0].tolist()
+
+
+def generate_text(model: GPT, prompt: str, num_samples: int, max_length: int,
+                  top_k: int | None = 50, top_p: float | None = None, temperature: float = 1.0,
+                  seed: int = 42, device: torch.device | str = "cpu",
+                  precision: runtime.Precision | None = None,
+                  on_token: Callable[[list[int]], None] | None = None) -> list[str]:
+    """Prompt plus sampled continuation for each of `num_samples` samples (one batch).
+
+    `on_token`, if given, receives each step's new tokens (one id per sample) as they come.
+    """
+    enc = get_tokenizer()
+    prompt_tokens = encode_prompt(prompt)
+    new: list[list[int]] = [[] for _ in range(num_samples)]
+    for step in stream_tokens(model, prompt, num_samples, max_length, top_k, top_p,
+                              temperature, seed, device, precision):
+        if on_token is not None:
+            on_token(step)
+        for row, token in zip(new, step, strict=True):
+            row.append(token)
+    keep = prompt_tokens if prompt else []  # a bare <|endoftext|> start is not shown
+    return [enc.decode(keep + row) for row in new]
+
+
+class TokenPrinter:
+    """Prints one sample's tokens as they arrive, holding back split UTF-8 characters."""
+
+    def __init__(self, write: Callable[[str], object]) -> None:
+        self._write = write
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._enc = get_tokenizer()
+
+    def __call__(self, step: list[int]) -> None:
+        text = self._decoder.decode(self._enc.decode_single_token_bytes(step[0]))
+        if text:
+            self._write(text)
+            sys.stdout.flush()
+
+    def finish(self) -> None:
+        self._write(self._decoder.decode(b"", final=True))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--pretrained", default="gpt2",
+                        help="hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local "
+                             "Hugging Face directory (default gpt2)")
+    source.add_argument("--checkpoint", default=None,
+                        help="a train_gpt2.py checkpoint file (overrides --pretrained)")
+    parser.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT,
+                        help=f"text to continue (default {DEFAULT_PROMPT!r})")
+    parser.add_argument("--num-samples", type=int, default=5, help="samples, drawn in one batch")
+    parser.add_argument("--max-length", type=int, default=30,
+                        help="tokens per sample, prompt included")
+    parser.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens "
+                        "(0 disables)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="nucleus sampling: keep the smallest set reaching this probability")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="softmax temperature; 0 is greedy")
+    parser.add_argument("--seed", type=int, default=42, help="sampling seed")
+    parser.add_argument("--stream", action="store_true",
+                        help="print sample 0 token by token as it is generated")
+    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    parser.add_argument("--dtype", default="auto", choices=runtime.DTYPE_CHOICES,
+                        help="autocast dtype (auto: bf16/fp16 on GPU, fp32 on CPU)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    args = parser.parse_args(argv)
+    if args.num_samples < 1:
+        parser.error(f"--num-samples={args.num_samples}: must be at least 1")
+    if args.top_k < 0:
+        parser.error(f"--top-k={args.top_k}: must be 0 (off) or positive")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        parser.error(f"--top-p={args.top_p}: must be in (0, 1]")
+    if args.temperature < 0:
+        parser.error(f"--temperature={args.temperature}: must be >= 0")
+    return args
+
+
+def resolve_runtime(device_name: str, dtype: str) -> tuple[torch.device, runtime.Precision]:
+    """Device and precision from the flags; a device that is not there is a usage error."""
+    try:
+        device = runtime.resolve_device(device_name)
+        return device, runtime.resolve_precision(device, dtype)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def run(args: argparse.Namespace) -> None:
+    device, precision = resolve_runtime(args.device, args.dtype)
+    model = load_model(None if args.checkpoint else args.pretrained, args.checkpoint, device)
+    top_k = args.top_k or None
+    printer = None
+    if args.stream:
+        printer = TokenPrinter(sys.stdout.write)
+        print("> " + args.prompt, end="", flush=True)
+    texts = generate_text(model, args.prompt, args.num_samples, args.max_length, top_k,
+                          args.top_p, args.temperature, args.seed, device, precision,
+                          on_token=printer)
+    if printer is not None:
+        printer.finish()
+        print("\n")
+        texts = texts[1:]
+    for text in texts:
+        print("> " + text + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UsageError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (PretrainedNotFound, FileNotFoundError, ValueError, RuntimeError) as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
