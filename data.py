@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import base64
 import functools
+import glob as _glob
 import hashlib
 import os
+import sys
 import tempfile
+import threading
+import weakref
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tiktoken
+import torch
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 GPT2_RANKS_FILE = ASSETS_DIR / "gpt2.tiktoken"
@@ -154,3 +161,421 @@ def _read_npy_shard(path: Path) -> np.ndarray:
     if array.ndim != 1:
         raise ShardFormatError(f"{path}: shape {array.shape}, expected a 1-D token array")
     return array
+
+
+# ------------------------------------------------------------------------------ batch loader
+#
+# Sample stream. A sample is T+1 consecutive tokens; shard s holds the non-overlapping
+# windows tokens[j*T : j*T+T+1] for j < (ntok_s-1)//T (stride T: the last token of a window
+# is the first of the next), so fewer than T tokens per shard are never used. One epoch is
+# the shards in epoch order, each shard's windows in epoch order; the stream is the epochs
+# one after another, forever. Global batch k is stream samples [k*W*B, (k+1)*W*B) and rank r
+# takes the B samples starting at k*W*B + r*B. A global batch that runs past the end of an
+# epoch simply continues into the next one, so nothing is dropped and the first N samples of
+# the stream (N samples per epoch) are exactly one epoch, each window once, across ranks.
+# The whole loader state is therefore one integer: the number of batches taken (`step`).
+#
+# Order. With shuffle, epoch e orders shards and each shard's windows by sorting indices i
+# by splitmix64(key ^ i), key = mix(mix(mix(seed) ^ e) ^ stream) with stream 0 for the shard
+# order and 1+s for shard s. mix is a bijection on uint64, so keys never tie and the order
+# is a pure function of (seed, epoch); csrc/loader.cpp computes exactly the same.
+
+LOADER_STATE_FORMAT = "nano-gpt-shard-loader/1"
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_backend_announced = False
+_announce_lock = threading.Lock()
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's output function on a uint64 array (wrapping arithmetic)."""
+    z = z + np.uint64(_GOLDEN)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _mix64_int(value: int) -> int:
+    return int(_mix64(np.array([value & _MASK64], dtype=np.uint64))[0])
+
+
+def order_key(seed: int, epoch: int, stream: int) -> int:
+    """The 64-bit key of one permutation: stream 0 orders shards, 1+s shard s's windows."""
+    return _mix64_int(_mix64_int(_mix64_int(seed) ^ (epoch & _MASK64)) ^ (stream & _MASK64))
+
+
+def seeded_permutation(n: int, key: int) -> np.ndarray:
+    """Indices 0..n-1 sorted by splitmix64(key ^ i): a permutation fixed by `key`."""
+    index = np.arange(n, dtype=np.uint64)
+    return np.argsort(_mix64(index ^ np.uint64(key)), kind="stable").astype(np.int64)
+
+
+def samples_in_shard(ntok: int, seq_len: int) -> int:
+    """How many (seq_len+1)-token windows of stride seq_len fit in a shard."""
+    return max(0, (ntok - 1) // seq_len)
+
+
+def resolve_shard_files(files: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
+                        ) -> list[Path]:
+    """A list of shard paths, a directory (all its .bin/.npy files) or a glob, sorted."""
+    if isinstance(files, (str, os.PathLike)):
+        path = Path(files)
+        if path.is_dir():
+            paths = sorted(p for p in path.iterdir() if p.suffix in (".bin", ".npy"))
+        elif path.exists():
+            paths = [path]
+        else:
+            paths = [Path(p) for p in sorted(_glob.glob(str(files)))]
+        if not paths:
+            raise FileNotFoundError(f"{files}: no .bin or .npy shards found; pass shard "
+                                    "paths, a folder of shards or a glob")
+        return paths
+    paths = [Path(p) for p in files]
+    if not paths:
+        raise ValueError("ShardLoader: the list of shard files is empty")
+    return paths
+
+
+class _EpochPlan:
+    """Epoch order: which shard holds the i-th sample of the epoch, and at which token."""
+
+    def __init__(self, counts: list[int], seq_len: int, shuffle: bool, seed: int,
+                 epoch: int) -> None:
+        nshards = len(counts)
+        if shuffle:
+            self.shard_order = seeded_permutation(nshards, order_key(seed, epoch, 0))
+        else:
+            self.shard_order = np.arange(nshards, dtype=np.int64)
+        ordered = np.asarray(counts, dtype=np.int64)[self.shard_order]
+        self.starts = np.concatenate([[0], np.cumsum(ordered)])
+        self.seq_len = seq_len
+        self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
+        self.counts = counts
+        self._perms: dict[int, np.ndarray] = {}
+
+    def locate(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard ids, token offsets) of epoch sample indices."""
+        slot = np.searchsorted(self.starts, index, side="right") - 1
+        shards = self.shard_order[slot]
+        local = index - self.starts[slot]
+        if self.shuffle:
+            pairs = zip(shards.tolist(), local.tolist(), strict=True)
+            local = np.array([self._perm(s)[j] for s, j in pairs], dtype=np.int64)
+        return shards, local * self.seq_len
+
+    def _perm(self, shard: int) -> np.ndarray:
+        if shard not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.clear()
+            key = order_key(self.seed, self.epoch, 1 + shard)
+            self._perms[shard] = seeded_permutation(self.counts[shard], key)
+        return self._perms[shard]
+
+
+class _NumpyBackend:
+    """Builds batch `step` on demand from memory-mapped shards (pure NumPy, no thread)."""
+
+    # Dropping the maps now and then keeps the resident set flat however large shards are.
+    _REMAP_BYTES = 64 << 20
+
+    def __init__(self, paths: list[Path], sizes: list[int], counts: list[int], batch_size: int,
+                 seq_len: int, rank: int, world_size: int, shuffle: bool, seed: int,
+                 vocab_size: int) -> None:
+        self.paths, self.sizes, self.counts = paths, sizes, counts
+        self.B, self.T, self.rank, self.W = batch_size, seq_len, rank, world_size
+        self.shuffle, self.seed, self.vocab_size = shuffle, seed, vocab_size
+        self.per_epoch = sum(counts)
+        self._plans: dict[int, _EpochPlan] = {}
+        self._maps: dict[int, np.ndarray] = {}
+        self._mapped_bytes = 0
+
+    def batch(self, step: int) -> np.ndarray:
+        """Batch `step` of this rank as a (B, T+1) uint16 array."""
+        first = (step * self.W + self.rank) * self.B
+        positions = np.arange(first, first + self.B, dtype=np.int64)
+        epochs, index = np.divmod(positions, self.per_epoch)
+        shards = np.empty(self.B, dtype=np.int64)
+        offsets = np.empty(self.B, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            sel = epochs == epoch
+            shards[sel], offsets[sel] = self._plan(int(epoch)).locate(index[sel])
+        out = np.empty((self.B, self.T + 1), dtype=np.uint16)
+        self._check_sizes(set(shards.tolist()))
+        for row, (shard, offset) in enumerate(zip(shards.tolist(), offsets.tolist(), strict=True)):
+            out[row] = self._tokens(shard)[offset:offset + self.T + 1]
+        if self.B and int(out.max()) >= self.vocab_size:
+            row = int(np.argmax(out.max(axis=1) >= self.vocab_size))
+            bad = int(out[row].max())
+            raise ShardFormatError(
+                f"{self.paths[shards[row]]}: token id {bad} near token {offsets[row]} is not "
+                f"below the vocabulary size {self.vocab_size}; the shard was made with another "
+                "tokenizer or is corrupt")
+        return out
+
+    def close(self) -> None:
+        self._maps.clear()
+
+    def _plan(self, epoch: int) -> _EpochPlan:
+        if epoch not in self._plans:
+            if len(self._plans) > 1:
+                self._plans.clear()
+            self._plans[epoch] = _EpochPlan(self.counts, self.T, self.shuffle, self.seed, epoch)
+        return self._plans[epoch]
+
+    def _check_sizes(self, shards: set[int]) -> None:
+        # A file shrunk under a live memory map faults (SIGBUS) on access; check first.
+        for shard in shards:
+            size = os.stat(self.paths[shard]).st_size
+            if size != self.sizes[shard]:
+                raise ShardFormatError(f"{self.paths[shard]}: file size changed from "
+                                       f"{self.sizes[shard]} to {size} bytes while the loader "
+                                       "was reading it; the shard was truncated or rewritten")
+
+    def _tokens(self, shard: int) -> np.ndarray:
+        if shard not in self._maps:
+            self._maps[shard] = read_shard(self.paths[shard])
+        self._mapped_bytes += 2 * (self.T + 1)
+        if self._mapped_bytes > self._REMAP_BYTES:
+            self._mapped_bytes = 0
+            tokens = self._maps[shard]
+            self._maps = {shard: tokens}
+        return self._maps[shard]
+
+
+def _native_module() -> Any | None:
+    try:
+        import _loader  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return _loader if hasattr(_loader, "BatchLoader") else None
+
+
+def _announce_backend(name: str) -> None:
+    global _backend_announced
+    with _announce_lock:
+        if not _backend_announced:
+            _backend_announced = True
+            print(f"data.ShardLoader: using the {name} backend", file=sys.stderr)
+
+
+class ShardLoader:
+    """(x, y) int64 batches of shape (batch_size, seq_len) from token shards, forever.
+
+    backend: "native" (the compiled `_loader` extension: memory-mapped shards, a background
+    thread filling a ring of host buffers), "numpy" (pure NumPy, byte-identical batches) or
+    "auto" (native when built, else numpy; says once per process which it chose).
+    On CPU the returned tensors belong to the caller (never reused by the loader). On CUDA
+    each batch is one non-blocking copy from a pinned host slot, and that slot is refilled
+    only after the copy's CUDA event has completed.
+    Token ids are checked against vocab_size for every batch as it is assembled.
+    """
+
+    def __init__(self, files: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+                 batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = False, seed: int = 0, device: str | torch.device = "cpu",
+                 backend: str = "auto", vocab_size: int = VOCAB_SIZE) -> None:
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"ShardLoader: batch_size ({batch_size}) and seq_len ({seq_len}) "
+                             "must be positive")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"ShardLoader: rank {rank} is not in 0..world_size-1 "
+                             f"(world_size {world_size})")
+        if backend not in ("auto", "native", "numpy"):
+            raise ValueError(f"ShardLoader: backend {backend!r}; use auto, native or numpy")
+        self.paths = resolve_shard_files(files)
+        self.num_tokens = [int(read_shard(p).shape[0]) for p in self.paths]
+        self.sizes = [p.stat().st_size for p in self.paths]
+        self.counts = [samples_in_shard(n, seq_len) for n in self.num_tokens]
+        if sum(self.counts) == 0:
+            raise ValueError(f"ShardLoader: no shard among {len(self.paths)} files (first "
+                             f"{self.paths[0]}) holds seq_len+1 = {seq_len + 1} tokens; use a "
+                             "shorter seq_len or more data")
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.seed, self.vocab_size = bool(shuffle), int(seed), vocab_size
+        self.device = torch.device(device)
+        self.step = 0
+        self.backend = self._pick_backend(backend)
+        self._numpy: _NumpyBackend | None = None
+        self._native: _NativeRing | None = None
+        if self.backend == "native":
+            self._native = _NativeRing(self)
+        else:
+            self._numpy = _NumpyBackend(self.paths, self.sizes, self.counts, batch_size, seq_len,
+                                        rank, world_size, self.shuffle, self.seed, vocab_size)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch that the next batch starts in."""
+        first = (self.step * self.world_size + self.rank) * self.batch_size
+        return first // self.samples_per_epoch
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._native is not None:
+            x, y = self._native.next_batch()
+        elif self._numpy is not None:
+            x, y = self._numpy_batch()
+        else:
+            raise RuntimeError("ShardLoader: next_batch() after close()")
+        self.step += 1
+        return x, y
+
+    def reset(self) -> None:
+        """Back to the first batch of epoch 0."""
+        self._seek(0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain ints/str/lists: all that exact resume needs, plus what must match."""
+        return {
+            "format": LOADER_STATE_FORMAT,
+            "files": [str(p) for p in self.paths],
+            "num_tokens": list(self.num_tokens),
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "step": self.step,
+            "epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where the loader that saved `state` stopped."""
+        if state.get("format") != LOADER_STATE_FORMAT:
+            raise ValueError(f"ShardLoader.load_state_dict: format {state.get('format')!r}, "
+                             f"expected {LOADER_STATE_FORMAT!r}")
+        mine = self.state_dict()
+        names = [Path(p).name for p in state.get("files", [])]
+        if names != [p.name for p in self.paths] or state.get("num_tokens") != mine["num_tokens"]:
+            raise ValueError("ShardLoader.load_state_dict: the state was saved for different "
+                             f"shard files ({len(names)} files, first {names[:1]}); resume "
+                             "with the same data")
+        for key in ("batch_size", "seq_len", "world_size", "shuffle", "seed"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"ShardLoader.load_state_dict: the state has {key}="
+                                 f"{state.get(key)!r} but this loader has {key}={mine[key]!r}; "
+                                 "resume with the same settings")
+        step = state.get("step")
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"ShardLoader.load_state_dict: bad step {step!r}")
+        self._seek(step)
+
+    def close(self) -> None:
+        if self._native is not None:
+            self._native.close()
+            self._native = None
+        if self._numpy is not None:
+            self._numpy.close()
+            self._numpy = None
+
+    def __enter__(self) -> ShardLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _seek(self, step: int) -> None:
+        self.step = step
+        if self._native is not None:
+            self._native.seek(step)
+
+    def _pick_backend(self, backend: str) -> str:
+        if backend == "auto":
+            backend = "native" if _native_module() is not None else "numpy"
+            _announce_backend(backend)
+        elif backend == "native" and _native_module() is None:
+            raise RuntimeError("ShardLoader: backend='native' but the _loader extension is not "
+                               "built; run `pip install -e .` or use backend='numpy'")
+        return backend
+
+    def _numpy_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self._numpy is not None
+        tokens = self._numpy.batch(self.step)
+        xy = torch.empty((2, self.batch_size, self.seq_len), dtype=torch.int64)
+        buf = xy.numpy()
+        np.copyto(buf[0], tokens[:, :-1])
+        np.copyto(buf[1], tokens[:, 1:])
+        if self.device.type != "cpu":
+            xy = xy.to(self.device)
+        return xy[0], xy[1]
+
+
+class _NativeRing:
+    """The compiled backend: a C++ thread fills ring slots; this side hands them out."""
+
+    SLOTS = 4
+
+    def __init__(self, owner: ShardLoader) -> None:
+        module = _native_module()
+        assert module is not None
+        self.B, self.T = owner.batch_size, owner.seq_len
+        self.device = owner.device
+        self.cuda = self.device.type == "cuda"
+        self.module = module
+        try:
+            self.native = module.BatchLoader(
+                [str(p) for p in owner.paths], owner.batch_size, owner.seq_len, owner.rank,
+                owner.world_size, owner.shuffle, owner.seed & _MASK64, owner.vocab_size,
+                self.SLOTS)
+        except module.ShardError as exc:
+            raise ShardFormatError(str(exc)) from None
+        # CUDA: persistent pinned slots; CPU: each slot gets a fresh buffer when handed back,
+        # so the tensors returned to the caller are never written again.
+        self.slots = [self._new_buffer() for _ in range(self.SLOTS)]
+        for i, buf in enumerate(self.slots):
+            self.native.set_slot(i, buf, buf.data_ptr())
+        self.pending: dict[int, torch.cuda.Event] = {}
+        self.native.start(0)
+        self._finalizer = weakref.finalize(self, self.native.close)
+
+    def _new_buffer(self) -> torch.Tensor:
+        return torch.empty((2, self.B, self.T), dtype=torch.int64, pin_memory=self.cuda)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self._release_finished_copies()
+        try:
+            slot = self.native.acquire()
+        except self.module.ShardError as exc:
+            raise ShardFormatError(str(exc)) from None
+        buf = self.slots[slot]
+        if not self.cuda:
+            fresh = self._new_buffer()
+            self.slots[slot] = fresh
+            self.native.release(slot, fresh, fresh.data_ptr())
+            return buf[0], buf[1]
+        xy = buf.to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self.pending[slot] = event
+        self._release_finished_copies()
+        return xy[0], xy[1]
+
+    def _release_finished_copies(self) -> None:
+        # A pinned slot goes back to the producer only once its copy to the GPU has finished.
+        # The slot the next batch needs is waited for, so the ring always makes progress.
+        needed = self.native.next_slot()
+        for slot, event in list(self.pending.items()):
+            if slot == needed:
+                event.synchronize()
+            elif not event.query():
+                continue
+            del self.pending[slot]
+            self.native.release(slot, self.slots[slot], self.slots[slot].data_ptr())
+
+    def seek(self, step: int) -> None:
+        for event in self.pending.values():
+            event.synchronize()
+        self.pending.clear()
+        self.native.seek(step)
+
+    def close(self) -> None:
+        for event in self.pending.values():
+            event.synchronize()
+        self.pending.clear()
+        self._finalizer()
+
