@@ -7,15 +7,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from model import GPT, PADDED_VOCAB_SIZE, GPTConfig, KVCache, PretrainedNotFound
+from model import GPT, PADDED_VOCAB_SIZE, Block, GPTConfig, KVCache, PretrainedNotFound
 
-SHAPES = {
+SHAPES: dict[str, dict[str, Any]] = {
     "2-layer": dict(n_layer=2, n_head=4, n_embd=64, n_positions=128),
     "124M": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),
 }
@@ -181,6 +182,7 @@ def test_init_statistics_and_weight_tying():
     model = GPT(config)
     assert model.lm_head.weight is model.transformer.wte.weight
     block = model.transformer.h[0]
+    assert isinstance(block, Block)
     residual_std = 0.02 / (2 * config.n_layer) ** 0.5
     assert block.attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.02)
     assert block.mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.02)
