@@ -1,0 +1,351 @@
+"""HellaSwag accuracy of pretrained GPT-2 or a nano-gpt checkpoint.
+
+    python eval_hellaswag.py --pretrained=gpt2          # acc_norm 0.2955, acc 0.2859
+
+Each example becomes four rows, `encode(ctx) + encode(" " + ending)` (the two parts are
+encoded separately and then joined). An ending is scored by the cross-entropy of its own
+tokens only: `acc` picks the ending with the lowest sum, `acc_norm` the lowest mean.
+Several examples go through the model per forward pass; rows are right-padded and the
+padding never enters a score (causal attention keeps it out of every real position).
+Under torchrun each rank scores `examples[rank::world_size]` and the three totals are
+all-reduced once.
+
+The validation file is downloaded once into `<data root>/hellaswag/` (or `--cache-dir`)
+through a temporary file that is checked (10042 lines, each a JSON example with a context,
+four endings and a label in 0..3) before it is renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+import runtime
+from data import default_data_root, get_tokenizer
+from model import GPT, PretrainedNotFound
+from sample import UsageError, load_model, resolve_runtime
+
+HELLASWAG_VAL_URL = ("https://raw.githubusercontent.com/rowanz/hellaswag/master/data/"
+                     "hellaswag_val.jsonl")
+HELLASWAG_VAL_FILE = "hellaswag_val.jsonl"
+HELLASWAG_VAL_EXAMPLES = 10042
+NUM_ENDINGS = 4
+PAD_ID = 0  # any id works: padded positions are never scored
+
+
+class HellaSwagDataError(RuntimeError):
+    """The HellaSwag file is missing, unreachable or malformed; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------------- data
+
+
+def default_cache_dir() -> Path:
+    return default_data_root() / "hellaswag"
+
+
+def load_examples(path: str | os.PathLike[str] | None = None, limit: int | None = None,
+                  cache_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+    """Examples from a local jsonl, or (path None) the official validation file, downloaded
+    into `cache_dir` on first use. `limit` keeps the first `limit` examples."""
+    if path is None:
+        path = ensure_validation_file(Path(cache_dir) if cache_dir else default_cache_dir())
+    path = Path(path)
+    if not path.is_file():
+        raise HellaSwagDataError(f"{path}: HellaSwag file not found; pass --data=JSONL with "
+                                 "the path of hellaswag_val.jsonl")
+    examples: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if limit is not None and len(examples) >= limit:
+                break
+            if line.strip():
+                examples.append(parse_example(line, f"{path}:{number}"))
+    return examples
+
+
+def parse_example(line: str, where: str) -> dict[str, Any]:
+    try:
+        example = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise HellaSwagDataError(f"{where}: not a JSON line ({exc.msg})") from None
+    if not isinstance(example, dict) or not {"ctx", "endings", "label"} <= example.keys():
+        raise HellaSwagDataError(f"{where}: a HellaSwag example needs 'ctx', 'endings' and "
+                                 "'label' fields")
+    endings, label = example["endings"], example["label"]
+    if not isinstance(endings, list) or len(endings) != NUM_ENDINGS:
+        raise HellaSwagDataError(f"{where}: 'endings' must be a list of {NUM_ENDINGS} strings")
+    if not isinstance(label, int) or not 0 <= label < NUM_ENDINGS:
+        raise HellaSwagDataError(f"{where}: 'label' must be an integer in 0..{NUM_ENDINGS - 1}")
+    return example
+
+
+def ensure_validation_file(cache_dir: Path, url: str = HELLASWAG_VAL_URL,
+                           expected_lines: int = HELLASWAG_VAL_EXAMPLES) -> Path:
+    """The cached validation file, downloaded first if it is not there yet."""
+    target = cache_dir / HELLASWAG_VAL_FILE
+    if target.is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=cache_dir, prefix=f".{target.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            _download(url, out)
+            out.flush()
+            os.fsync(out.fileno())
+        check_validation_file(tmp, expected_lines, url)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _download(url: str, out: Any) -> None:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+    except OSError as exc:  # URLError, timeouts and resets are all OSErrors
+        reason = getattr(exc, "reason", exc)
+        raise HellaSwagDataError(f"could not download {url} ({reason}; no network?): pass "
+                                 "--data=JSONL with a local copy of hellaswag_val.jsonl") from None
+
+
+def check_validation_file(path: Path, expected_lines: int, source: str) -> None:
+    """Every line a well-formed example, and exactly as many lines as the official file."""
+    with open(path, encoding="utf-8") as f:
+        count = 0
+        for count, line in enumerate(f, start=1):  # noqa: B007 - count is read after the loop
+            parse_example(line, f"{source} line {count}")
+    if count != expected_lines:
+        raise HellaSwagDataError(f"{source}: downloaded {count} lines, expected {expected_lines}; "
+                                 "the download is incomplete, run again or pass --data=JSONL")
+
+
+# ------------------------------------------------------------------------------ rendering
+
+
+@dataclass(frozen=True)
+class RenderedExample:
+    context: list[int]
+    endings: list[list[int]]
+    label: int
+
+
+def render_example(example: dict[str, Any]) -> RenderedExample:
+    """Tokens of the context and of each ending, " " + ending encoded on its own."""
+    enc = get_tokenizer()
+    return RenderedExample(context=enc.encode_ordinary(example["ctx"]),
+                           endings=[enc.encode_ordinary(" " + e) for e in example["endings"]],
+                           label=int(example["label"]))
+
+
+# -------------------------------------------------------------------------------- scoring
+
+
+def _unwrap(model: nn.Module) -> GPT:
+    """The plain GPT inside a DDP wrapper and/or torch.compile module."""
+    inner: Any = getattr(model, "module", model)
+    inner = getattr(inner, "_orig_mod", inner)
+    if not isinstance(inner, GPT):
+        raise TypeError(f"expected a GPT model, got {type(inner).__name__}")
+    return inner
+
+
+@torch.no_grad()
+def score_batch(model: nn.Module, batch: Sequence[RenderedExample],
+                device: torch.device | str,
+                precision: runtime.Precision | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and mean of each ending's token cross-entropies, both (len(batch), 4) float32 on
+    CPU, from one forward pass over all 4 * len(batch) rows."""
+    gpt = _unwrap(model)
+    device = torch.device(device)
+    rows, starts = _rows(batch, gpt.config.block_size)
+    width = max(len(r) for r in rows)
+    idx = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    # scored[r, p]: position p of row r predicts an ending token (token p + 1).
+    scored = torch.zeros((len(rows), width - 1), dtype=torch.bool)
+    for r, (row, start) in enumerate(zip(rows, starts, strict=True)):
+        idx[r, :len(row)] = torch.tensor(row)
+        scored[r, start - 1:len(row) - 1] = True
+    idx, scored = idx.to(device), scored.to(device)
+    autocast = precision.autocast(device) if precision is not None else torch.autocast(
+        device.type, enabled=False)
+    with autocast:
+        hidden = gpt.hidden_states(idx[:, :-1])[scored]
+        # The output head only at scored positions: most of a row is context.
+        logits = gpt.lm_head(hidden).float()
+    losses = F.cross_entropy(logits, idx[:, 1:][scored], reduction="none")
+    row_of = torch.arange(len(rows), device=device)[:, None].expand_as(scored)[scored]
+    sums = torch.zeros(len(rows), device=device).index_add_(0, row_of, losses)
+    means = sums / scored.sum(dim=1)
+    return sums.view(-1, NUM_ENDINGS).cpu(), means.view(-1, NUM_ENDINGS).cpu()
+
+
+def _rows(batch: Sequence[RenderedExample], block_size: int) -> tuple[list[list[int]], list[int]]:
+    """Token rows (context + ending) and where each ending starts; a row longer than the
+    model's context keeps its last block_size + 1 tokens (the input drops the final one)."""
+    rows, starts = [], []
+    for example in batch:
+        for ending in example.endings:
+            row = example.context + ending
+            cut = max(0, len(row) - (block_size + 1))
+            if len(ending) > block_size:
+                raise ValueError(f"an ending of {len(ending)} tokens does not fit the model's "
+                                 f"block_size {block_size}")
+            rows.append(row[cut:])
+            starts.append(len(example.context) - cut)
+    return rows, starts
+
+
+def predictions(sums: torch.Tensor, means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen ending per example by total loss (acc) and by mean loss (acc_norm)."""
+    return sums.argmin(dim=1), means.argmin(dim=1)
+
+
+@dataclass
+class HellaSwagScore:
+    correct: int
+    correct_norm: int
+    total: int
+
+    @property
+    def acc(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+    @property
+    def acc_norm(self) -> float:
+        return self.correct_norm / self.total if self.total else 0.0
+
+
+def evaluate(model: nn.Module, examples: Sequence[dict[str, Any]], device: torch.device | str,
+             batch_size: int = 16, precision: runtime.Precision | None = None, rank: int = 0,
+             world_size: int = 1, progress: bool = False) -> HellaSwagScore:
+    """acc and acc_norm over `examples`; with world_size > 1 this rank scores
+    examples[rank::world_size] and the totals of all ranks are summed (torch.distributed
+    must be initialised). The model's train/eval mode is restored afterwards."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be at least 1")
+    mine = [render_example(e) for e in examples[rank::world_size]]
+    was_training = model.training
+    model.eval()
+    correct = correct_norm = 0
+    bar = tqdm(total=len(mine), desc="hellaswag", unit="ex", disable=not progress,
+               file=sys.stderr)
+    try:
+        for begin in range(0, len(mine), batch_size):
+            batch = mine[begin:begin + batch_size]
+            pred, pred_norm = predictions(*score_batch(model, batch, device, precision))
+            labels = torch.tensor([e.label for e in batch])
+            correct += int((pred == labels).sum())
+            correct_norm += int((pred_norm == labels).sum())
+            bar.update(len(batch))
+            bar.set_postfix(acc_norm=f"{correct_norm / (begin + len(batch)):.4f}")
+    finally:
+        bar.close()
+        model.train(was_training)
+    totals = [correct, correct_norm, len(mine)]
+    if world_size > 1:
+        totals = _all_reduce_sum(totals, torch.device(device))
+    return HellaSwagScore(*totals)
+
+
+def _all_reduce_sum(values: list[int], device: torch.device) -> list[int]:
+    tensor = torch.tensor(values, dtype=torch.long, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return [int(v) for v in tensor.tolist()]
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--pretrained", default="gpt2",
+                        help="hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local "
+                             "Hugging Face directory (default gpt2)")
+    source.add_argument("--checkpoint", default=None,
+                        help="a train_gpt2.py checkpoint file (overrides --pretrained)")
+    parser.add_argument("--data", default=None,
+                        help="a local HellaSwag jsonl (default: the validation file, "
+                             "downloaded once into --cache-dir)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where the downloaded validation file is kept "
+                             "(default <data root>/hellaswag)")
+    parser.add_argument("--limit", type=int, default=None, help="score the first N examples")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="examples per forward pass (4 rows each)")
+    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    parser.add_argument("--dtype", default="auto", choices=runtime.DTYPE_CHOICES,
+                        help="autocast dtype (auto: bf16/fp16 on GPU, fp32 on CPU)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit={args.limit}: must be at least 1")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size={args.batch_size}: must be at least 1")
+    return args
+
+
+def run(args: argparse.Namespace) -> None:
+    env = runtime.detect_distributed()
+    device, precision = resolve_runtime(args.device, args.dtype)
+    device = runtime.distributed_device(env, device)
+    with runtime.distributed(env, device):
+        data = args.data
+        if data is None:
+            data = _fetch_once(env, Path(args.cache_dir) if args.cache_dir else None)
+        examples = load_examples(data, args.limit)
+        model = load_model(None if args.checkpoint else args.pretrained, args.checkpoint, device)
+        score = evaluate(model, examples, device, args.batch_size, precision, env.rank,
+                         env.world_size, progress=env.is_main)
+        runtime.print0(f"acc: {score.correct}/{score.total} = {score.acc:.4f}", env=env)
+        runtime.print0(f"Accuracy: {score.correct_norm}/{score.total} = {score.acc_norm:.4f}",
+                       env=env)
+
+
+def _fetch_once(env: runtime.DistEnv, cache_dir: Path | None) -> Path:
+    """Rank 0 downloads (if needed) while the other ranks wait, so one copy is written."""
+    cache_dir = cache_dir or default_cache_dir()
+    if env.is_main:
+        ensure_validation_file(cache_dir)
+    if env.is_distributed:
+        torch.distributed.barrier()
+    return cache_dir / HELLASWAG_VAL_FILE
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UsageError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (HellaSwagDataError, PretrainedNotFound, FileNotFoundError, ValueError,
+            RuntimeError) as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
