@@ -528,7 +528,7 @@ class _NativeRing:
         # so the tensors returned to the caller are never written again.
         self.slots = [self._new_buffer() for _ in range(self.SLOTS)]
         for i, buf in enumerate(self.slots):
-            self.native.set_slot(i, buf, buf.data_ptr())
+            self.native.set_buffer(i, buf, buf.data_ptr())
         self.pending: dict[int, torch.cuda.Event] = {}
         self.native.start(0)
         self._finalizer = weakref.finalize(self, self.native.close)
