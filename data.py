@@ -108,9 +108,14 @@ def write_shard(path: str | os.PathLike[str], tokens: np.ndarray | list[int]) ->
     array = array.astype("<u2", copy=False)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file 0600; a shard should get the usual umask-based mode so
+        # other users of a shared data root can read it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(shard_header(array.size).tobytes())
-            f.write(array.tobytes())
+            array.tofile(f)  # straight from the array: no second copy of a large shard
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
