@@ -1,0 +1,316 @@
+"""train_gpt2.py: LR schedule, gradient accumulation, exact resume, DDP, signals, bad input.
+
+Every run uses a tiny model (2 layers, 32 wide, 256-token vocab) on random-token shards the
+tests write themselves, so each training run takes a second or two on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import train_gpt2
+from model import GPT
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "train_gpt2.py"
+VOCAB = 256
+SEQ = 32
+
+
+def write_shards(directory: Path, seed: int = 0) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(2):
+        data.write_shard(directory / f"syn_train_{i:06d}.bin", rng.integers(0, VOCAB, 12_000))
+    data.write_shard(directory / "syn_val_000000.bin", rng.integers(0, VOCAB, 4_000))
+    return directory
+
+
+def tiny_args(shards: Path, out_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"--data-dir={shards}", f"--out-dir={out_dir}", "--device=cpu", "--model=gpt2-tiny",
+        "--n-embd=32", f"--vocab-size={VOCAB}", f"--seq-len={SEQ}", "--batch-size=4",
+        f"--total-batch-size={2 * 4 * SEQ}", "--warmup-steps=2", "--max-lr=3e-3",
+        "--val-steps=2", "--hellaswag-interval=0", "--sample-interval=0", *extra,
+    ]
+
+
+def subprocess_env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["NANO_GPT_DATA_ROOT"] = str(tmp_path / "data-root")
+    env["OMP_NUM_THREADS"] = "1"
+    # Under torchrun the script runs as a plain file; the repo must be importable.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_script(args: list[str], tmp_path: Path,
+               timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path,
+                          env=subprocess_env(tmp_path), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read_log(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+def deterministic_events(log: list[dict]) -> list[tuple]:
+    """Everything in the log except wall-clock timings and checkpoint notes."""
+    events = []
+    for entry in log:
+        kept = {k: v for k, v in entry.items() if k not in ("dt_ms", "tok_per_s", "mfu",
+                                                             "checkpoint")}
+        if len(kept) > 1:
+            events.append(tuple(sorted(kept.items())))
+    return events
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def newest_ckpt(out_dir: Path) -> Path:
+    return sorted(out_dir.glob("ckpt_*.pt"))[-1]
+
+
+# ------------------------------------------------------------------------------ schedule
+
+
+def test_get_lr_warmup_cosine_and_floor() -> None:
+    max_lr, min_lr, warmup, total = 6e-4, 6e-5, 10, 110
+    lr = lambda step: train_gpt2.get_lr(step, max_lr, min_lr, warmup, total)  # noqa: E731
+    assert lr(0) == pytest.approx(max_lr / 10)
+    assert lr(4) == pytest.approx(max_lr * 5 / 10)
+    assert lr(9) == pytest.approx(max_lr)
+    assert lr(10) == pytest.approx(max_lr)  # cosine starts at its peak
+    # A quarter of the way through the decay: cos(pi/4).
+    quarter = min_lr + 0.5 * (1 + math.cos(math.pi / 4)) * (max_lr - min_lr)
+    assert lr(35) == pytest.approx(quarter)
+    assert lr(60) == pytest.approx((max_lr + min_lr) / 2)
+    assert lr(110) == pytest.approx(min_lr)
+    assert lr(500) == pytest.approx(min_lr)
+    values = [lr(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_recipe_defaults() -> None:
+    config, explicit = train_gpt2.parse_args([])
+    assert explicit == set()
+    assert (config.batch_size, config.seq_len, config.total_batch_size) == (64, 1024, 524288)
+    assert (config.max_lr, config.final_min_lr) == (6e-4, pytest.approx(6e-5))
+    assert (config.warmup_steps, config.max_steps) == (715, 19073)
+    assert (config.weight_decay, config.grad_clip, config.vocab_size) == (0.1, 1.0, 50304)
+    assert train_gpt2.gradient_accumulation(config, world_size=8) == 1
+    assert train_gpt2.gradient_accumulation(config, world_size=1) == 8
+
+
+def test_quickstart_keeps_explicit_flags(tmp_path: Path) -> None:
+    config, explicit = train_gpt2.parse_args([f"--data-root={tmp_path}", "--max-steps=7"])
+    messages: list[str] = []
+    resolved = train_gpt2.resolve_quickstart(config, explicit, messages.append)
+    assert resolved.quickstart and resolved.dataset == "stdlib"
+    assert resolved.model == train_gpt2.QUICKSTART["model"]
+    assert resolved.seq_len == train_gpt2.QUICKSTART["seq_len"]
+    assert resolved.max_steps == 7
+    assert any("prepare_dataset.py --dataset=finewebedu" in m for m in messages)
+    # Prepared finewebedu shards make it the default instead.
+    write_shards(tmp_path / "finewebedu")
+    resolved = train_gpt2.resolve_quickstart(config, explicit, messages.append)
+    assert resolved.dataset == "finewebedu" and not resolved.quickstart
+
+
+# ----------------------------------------------------------------------- training runs
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
+    shards = write_shards(tmp_path / "shards")
+    common = ["--max-steps=3", "--eval-interval=0", "--checkpoint-interval=3"]
+    accum = tiny_args(shards, tmp_path / "accum", *common)  # 2 micro-steps of 4
+    big = tiny_args(shards, tmp_path / "big", *common, "--batch-size=8")  # 1 of 8
+    assert train_gpt2.main(accum) == 0
+    assert train_gpt2.main(big) == 0
+    a = load_ckpt(tmp_path / "accum" / "ckpt_0000003.pt")["model"]
+    b = load_ckpt(tmp_path / "big" / "ckpt_0000003.pt")["model"]
+    for key in a:
+        # Adam divides by sqrt(v): where a gradient is ~0, summation-order noise of 1e-9
+        # can move a weight by ~1e-6 (the LR is 3e-3), so the bound is a fraction of one update.
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5)
+    losses_a = [e["loss"] for e in read_log(tmp_path / "accum") if "loss" in e]
+    losses_b = [e["loss"] for e in read_log(tmp_path / "big") if "loss" in e]
+    assert losses_a == pytest.approx(losses_b, rel=1e-5)
+    # The model did move: the weights differ from a fresh init with the same seed.
+    torch.manual_seed(1337)
+    fresh = GPT(GPT.from_checkpoint(tmp_path / "big" / "ckpt_0000003.pt").config)
+    assert not torch.equal(fresh.state_dict()["transformer.h.0.mlp.c_fc.weight"],
+                           b["transformer.h.0.mlp.c_fc.weight"])
+
+
+def test_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
+    shards = write_shards(tmp_path / "shards")
+    common = ["--max-steps=40", "--eval-interval=10", "--checkpoint-interval=5"]
+    straight = run_script(tiny_args(shards, tmp_path / "straight", *common), tmp_path)
+    assert straight.returncode == 0, straight.stderr
+
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *tiny_args(shards, killed_dir,
+                                                                    *common)],
+                            cwd=tmp_path, env=subprocess_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed_dir / "ckpt_0000005.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    resumed_from = newest_ckpt(killed_dir)
+    assert resumed_from.name < "ckpt_0000040.pt"
+
+    resumed = run_script(tiny_args(shards, killed_dir, *common, "--resume"), tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {resumed_from}" in resumed.stdout
+
+    # Identical losses (and LRs, grad norms, val losses) at every step, no duplicates.
+    assert deterministic_events(read_log(killed_dir)) == \
+        deterministic_events(read_log(tmp_path / "straight"))
+    a = load_ckpt(tmp_path / "straight" / "ckpt_0000040.pt")
+    b = load_ckpt(killed_dir / "ckpt_0000040.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["loader_states"] == b["loader_states"]
+    # The checkpoint is what sample.py and eval_hellaswag.py load.
+    model = GPT.from_checkpoint(killed_dir / "ckpt_0000040.pt")
+    assert torch.equal(model.state_dict()["lm_head.weight"], b["model"]["lm_head.weight"])
+    assert len(list(killed_dir.glob("ckpt_*.pt"))) == 3  # --keep-checkpoints default
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path: Path) -> None:
+    shards = write_shards(tmp_path / "shards")
+    out_dir = tmp_path / "out"
+    args = tiny_args(shards, out_dir, "--max-steps=100000", "--eval-interval=0",
+                     "--checkpoint-interval=0")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=tmp_path,
+                            env=subprocess_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    log = out_dir / "log.jsonl"
+    while time.monotonic() < deadline and (not log.exists() or
+                                           len(log.read_text().splitlines()) < 3):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    ckpt = newest_ckpt(out_dir)
+    steps = [e["step"] for e in read_log(out_dir) if "loss" in e]
+    assert steps == list(range(len(steps)))
+    state = load_ckpt(ckpt)
+    assert state["step"] == len(steps) and ckpt.name == f"ckpt_{len(steps):07d}.pt"
+    assert "--resume" in stdout
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
+    shards = write_shards(tmp_path / "shards")
+    common = ["--max-steps=3", "--eval-interval=3", "--checkpoint-interval=3"]
+    single = run_script(tiny_args(shards, tmp_path / "single", *common, "--batch-size=4"),
+                        tmp_path)
+    assert single.returncode == 0, single.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    ddp = subprocess.run(
+        [str(torchrun), "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={port}", str(SCRIPT),
+         *tiny_args(shards, tmp_path / "ddp", *common, "--batch-size=2")],
+        cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True,
+        timeout=180)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a = load_ckpt(tmp_path / "single" / "ckpt_0000003.pt")
+    b = load_ckpt(tmp_path / "ddp" / "ckpt_0000003.pt")
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=2e-5)
+    assert len(b["loader_states"]) == 2
+    assert [s["rank"] for s in b["loader_states"]] == [0, 1]
+    single_log = [e for e in read_log(tmp_path / "single") if "loss" in e or "val_loss" in e]
+    ddp_log = [e for e in read_log(tmp_path / "ddp") if "loss" in e or "val_loss" in e]
+    assert len(single_log) == len(ddp_log)
+    for x, y in zip(single_log, ddp_log, strict=True):
+        key = "loss" if "loss" in x else "val_loss"
+        assert x[key] == pytest.approx(y[key], rel=1e-5)  # averaged over ranks
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def assert_one_error_line(capsys: pytest.CaptureFixture[str], *needles: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_bad_inputs_fail_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NANO_GPT_DATA_ROOT", str(tmp_path / "root"))
+    shards = write_shards(tmp_path / "shards")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+
+    assert train_gpt2.main(tiny_args(empty, out)) == 1
+    assert_one_error_line(capsys, str(empty), "*_train_*")
+    assert train_gpt2.main(["--dataset=finewebedu", f"--out-dir={out}", "--device=cpu"]) == 1
+    assert_one_error_line(capsys, "python prepare_dataset.py --dataset=finewebedu")
+    assert train_gpt2.main(tiny_args(shards, out, "--total-batch-size=1000")) == 2
+    assert_one_error_line(capsys, "1000", "4 x 32 x 1 = 128")
+    assert train_gpt2.main(tiny_args(shards, out, "--model=gpt5")) == 2
+    assert_one_error_line(capsys, "--model=gpt5", "gpt2-mini")
+    assert train_gpt2.main(tiny_args(shards, out, "--device=tpu")) == 2
+    assert_one_error_line(capsys, "--device=tpu")
+    assert train_gpt2.main(tiny_args(shards, out, "--seq-len=512",
+                                     "--total-batch-size=2048")) == 2
+    assert_one_error_line(capsys, "--seq-len=512", "256")
+    assert not out.exists()  # nothing was written by any of these
+
+    assert train_gpt2.main(tiny_args(shards, out, "--max-steps=1", "--eval-interval=0")) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert train_gpt2.main(tiny_args(shards, out, "--max-steps=2", "--resume",
+                                     "--n-embd=64")) == 1
+    assert_one_error_line(capsys, "ckpt_0000001.pt", "n_embd=32 (this run: 64)")
+    assert train_gpt2.main(tiny_args(shards, out, "--max-steps=2")) == 2
+    assert_one_error_line(capsys, "--resume", "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_non_finite_loss_stops_naming_step_and_checkpoint(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shards = write_shards(tmp_path / "shards")
+    out = tmp_path / "out"
+    args = tiny_args(shards, out, "--max-steps=50", "--eval-interval=0", "--warmup-steps=0",
+                     "--checkpoint-interval=1", "--keep-checkpoints=0", "--grad-clip=0",
+                     "--max-lr=1e30")
+    assert train_gpt2.main(args) == 1
+    line = assert_one_error_line(capsys, "Last good checkpoint")
+    step = int(line.split(" at step ")[1].split(";")[0])
+    assert f"ckpt_{step:07d}.pt" in line
+    logged = [e["loss"] for e in read_log(out) if "loss" in e]
+    assert len(logged) == step and all(math.isfinite(x) for x in logged)
+    assert not (out / f"ckpt_{step + 1:07d}.pt").exists()

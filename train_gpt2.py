@@ -1,0 +1,927 @@
+"""Train GPT-2 on token shards: one process or many under torchrun, with exact resume.
+
+The defaults are the GPT-2 124M recipe: 524288 tokens per optimizer step (micro-batch
+64 x 1024 plus gradient accumulation), AdamW (0.9, 0.95, eps 1e-8, weight decay 0.1 on 2-D
+weights), max LR 6e-4 with 715 warmup steps and a cosine decay to 10% at step 19073,
+gradient clipping at 1.0, vocab padded to 50304.
+
+    python train_gpt2.py --device=cuda                     # 124M on prepared finewebedu
+    torchrun --nproc_per_node=8 train_gpt2.py              # the same on 8 GPUs
+    python train_gpt2.py                                   # fresh machine: the quickstart
+
+Step numbering: `step` counts completed optimizer steps. The training line logged with
+step s is the update made from the weights after s updates; validation, HellaSwag and
+samples logged at step s measure those same weights; `ckpt_{s:07d}.pt` holds them.
+On --resume from step s, log.jsonl keeps only lines with step < s, so the log reads as if
+the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+import data
+import runtime
+from model import GPT, PADDED_VOCAB_SIZE, PRESETS, GPTConfig
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+CHECKPOINT_GLOB = "ckpt_*.pt"
+LOG_NAME = "log.jsonl"
+DEFAULT_DATASET = "finewebedu"
+QUICKSTART_DATASET = "stdlib"
+
+# The built-in quickstart: small enough to show a falling loss and a sample within a few
+# minutes on a 2-core CPU. Explicit flags still win over these values.
+QUICKSTART = dict(
+    model="gpt2-mini",
+    batch_size=4,
+    seq_len=128,
+    total_batch_size=4 * 128,
+    max_steps=300,
+    warmup_steps=20,
+    max_lr=2e-3,
+    eval_interval=100,
+    val_steps=4,
+    hellaswag_interval=0,
+    sample_interval=300,
+    checkpoint_interval=100,
+)
+
+
+class UsageError(Exception):
+    """Bad flags or flag combinations: exit status 2."""
+
+
+class TrainError(Exception):
+    """Missing data, unusable checkpoints, a diverged run: exit status 1."""
+
+
+# ------------------------------------------------------------------------------ arguments
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str | None = None
+    data_dir: str | None = None
+    data_root: str | None = None
+    loader_backend: str = "auto"
+    shuffle: bool = True
+    # model
+    model: str = "gpt2"
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    block_size: int | None = None
+    vocab_size: int = PADDED_VOCAB_SIZE
+    init_from: str = "scratch"
+    # batch and optimizer
+    batch_size: int = 64
+    seq_len: int = 1024
+    total_batch_size: int = 524288
+    max_steps: int = 19073
+    warmup_steps: int = 715
+    max_lr: float = 6e-4
+    min_lr: float | None = None  # None: 10% of max_lr
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 1337
+    # evaluation, samples, checkpoints
+    eval_interval: int = 250
+    val_steps: int = 20
+    hellaswag_interval: int | None = None  # None: same as eval_interval
+    hellaswag_data: str | None = None
+    hellaswag_limit: int | None = None
+    sample_interval: int | None = None  # None: same as eval_interval
+    sample_prompt: str = "Hello, I'm a language model,"
+    num_samples: int = 4
+    sample_length: int = 32
+    checkpoint_interval: int = 5000
+    keep_checkpoints: int = 3
+    out_dir: str = "out"
+    resume: bool = False
+    overwrite: bool = False
+    # runtime
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    debug: bool = False
+    quickstart: bool = False  # set by resolve_quickstart, not a flag
+
+    @property
+    def final_min_lr(self) -> float:
+        return self.max_lr * 0.1 if self.min_lr is None else self.min_lr
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        description="Train GPT-2 on token shards (single process or torchrun DDP).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=d.dataset,
+                   help="prepared dataset NAME under the data root (default: finewebedu if "
+                        "prepared, else the built-in stdlib quickstart)")
+    g.add_argument("--data-dir", default=d.data_dir,
+                   help="any folder of *_train_* and *_val_* shards (.bin or .npy)")
+    g.add_argument("--data-root", default=d.data_root,
+                   help="root of prepared datasets (default: $NANO_GPT_DATA_ROOT or "
+                        "~/.cache/nano-gpt/data)")
+    g.add_argument("--loader-backend", default=d.loader_backend,
+                   help="data.ShardLoader backend: auto, native or numpy")
+    g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=d.shuffle,
+                   help="seeded shuffle of training shards and samples each epoch")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=d.model, help=f"preset: {', '.join(PRESETS)}")
+    g.add_argument("--n-layer", type=int, default=d.n_layer, help="override the preset")
+    g.add_argument("--n-head", type=int, default=d.n_head, help="override the preset")
+    g.add_argument("--n-embd", type=int, default=d.n_embd, help="override the preset")
+    g.add_argument("--block-size", type=int, default=d.block_size,
+                   help="context length of the model (default: the preset's)")
+    g.add_argument("--vocab-size", type=int, default=d.vocab_size,
+                   help="embedding rows; 50304 pads GPT-2's 50257 for faster matmuls")
+    g.add_argument("--init-from", default=d.init_from,
+                   help="scratch, a pretrained name or HF folder (gpt2, gpt2-medium, ...), "
+                        "or a checkpoint .pt file (weights only; fresh optimizer)")
+    g = p.add_argument_group("batch and optimizer")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="micro-batch per rank")
+    g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sample")
+    g.add_argument("--total-batch-size", type=int, default=d.total_batch_size,
+                   help="tokens per optimizer step (gradient accumulation makes up the rest)")
+    g.add_argument("--max-steps", type=int, default=d.max_steps)
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    g.add_argument("--max-lr", type=float, default=d.max_lr)
+    g.add_argument("--min-lr", type=float, default=d.min_lr,
+                   help="LR at the end of the cosine (default: 10%% of --max-lr)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--beta1", type=float, default=d.beta1)
+    g.add_argument("--beta2", type=float, default=d.beta2)
+    g.add_argument("--adam-eps", type=float, default=d.adam_eps)
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip,
+                   help="max global grad norm; 0 disables clipping")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g = p.add_argument_group("evaluation, samples, checkpoints (an interval of 0 disables)")
+    g.add_argument("--eval-interval", type=int, default=d.eval_interval,
+                   help="steps between validation-loss evaluations")
+    g.add_argument("--val-steps", type=int, default=d.val_steps,
+                   help="val batches per evaluation (the same batches every time)")
+    g.add_argument("--hellaswag-interval", type=int, default=d.hellaswag_interval,
+                   help="steps between HellaSwag evaluations (default: --eval-interval)")
+    g.add_argument("--hellaswag-data", default=d.hellaswag_data,
+                   help="HellaSwag validation jsonl (default: the cached official file)")
+    g.add_argument("--hellaswag-limit", type=int, default=d.hellaswag_limit,
+                   help="score only the first N HellaSwag examples")
+    g.add_argument("--sample-interval", type=int, default=d.sample_interval,
+                   help="steps between printed samples (default: --eval-interval)")
+    g.add_argument("--sample-prompt", default=d.sample_prompt)
+    g.add_argument("--num-samples", type=int, default=d.num_samples)
+    g.add_argument("--sample-length", type=int, default=d.sample_length,
+                   help="tokens per sample, prompt included")
+    g.add_argument("--checkpoint-interval", type=int, default=d.checkpoint_interval,
+                   help="steps between checkpoints (the last step is always saved)")
+    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
+                   help="keep the newest K checkpoints; 0 keeps all")
+    g.add_argument("--out-dir", default=d.out_dir, help="checkpoints and log.jsonl")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out-dir")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out-dir that already holds checkpoints")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default=d.device, help="auto, cuda, cuda:N, mps or cpu")
+    g.add_argument("--dtype", default=d.dtype, choices=runtime.DTYPE_CHOICES,
+                   help="auto: bf16 where supported, fp16+GradScaler on older GPUs, fp32 on CPU")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward/backward")
+    g.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
+    """The config, and the names of the options the command line set explicitly."""
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    # Parse again with every default suppressed: what remains was typed by the user.
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    explicit = set(vars(probe.parse_args(argv)))
+    return TrainConfig(**vars(namespace)), explicit
+
+
+def apply_quickstart(config: TrainConfig, explicit: set[str]) -> TrainConfig:
+    """The quickstart's small-run values for every option not set on the command line."""
+    overrides = {k: v for k, v in QUICKSTART.items() if k not in explicit}
+    return dataclasses.replace(config, quickstart=True, **overrides)  # type: ignore[arg-type]
+
+
+def validate(config: TrainConfig) -> None:
+    positive = ("batch_size", "seq_len", "total_batch_size", "vocab_size", "val_steps")
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise UsageError(f"--{flag(name)}={getattr(config, name)}: must be positive")
+    non_negative = ("max_steps", "warmup_steps", "eval_interval", "checkpoint_interval",
+                    "keep_checkpoints", "num_samples", "grad_clip")
+    for name in non_negative:
+        if getattr(config, name) < 0:
+            raise UsageError(f"--{flag(name)}={getattr(config, name)}: must be 0 or more")
+    if config.dataset and config.data_dir:
+        raise UsageError("--dataset and --data-dir both given: pass only one")
+    if config.model not in PRESETS:
+        raise UsageError(f"--model={config.model}: unknown preset; choose one of "
+                         f"{', '.join(PRESETS)}")
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class DataPlan:
+    train_files: list[Path]
+    val_files: list[Path]
+    source: str  # shown on the console
+
+
+def data_root(config: TrainConfig) -> Path:
+    return Path(config.data_root).expanduser() if config.data_root else data.default_data_root()
+
+
+def prepare_command(name: str, config: TrainConfig) -> str:
+    root = f" --data-root={config.data_root}" if config.data_root else ""
+    return f"python prepare_dataset.py --dataset={name}{root}"
+
+
+def resolve_quickstart(config: TrainConfig, explicit: set[str],
+                       log: Callable[[str], None]) -> TrainConfig:
+    """With no data flag and no prepared finewebedu, switch to the built-in quickstart."""
+    if config.data_dir:
+        return config
+    if config.dataset is None:
+        if data.find_shards(data_root(config) / DEFAULT_DATASET, "train"):
+            return dataclasses.replace(config, dataset=DEFAULT_DATASET)
+        log(f"No prepared {DEFAULT_DATASET} shards in {data_root(config) / DEFAULT_DATASET}; "
+            "running the built-in quickstart instead.")
+        log(f"To train GPT-2 124M, prepare FineWeb-Edu first: "
+            f"{prepare_command(DEFAULT_DATASET, config)}")
+        config = dataclasses.replace(config, dataset=QUICKSTART_DATASET)
+    if config.dataset == QUICKSTART_DATASET:
+        config = apply_quickstart(config, explicit)
+        log(f"Quickstart: {config.model} on the {QUICKSTART_DATASET} corpus, "
+            f"{config.max_steps} steps of {config.total_batch_size} tokens.")
+    return config
+
+
+def ensure_quickstart_data(config: TrainConfig, env: runtime.DistEnv,
+                           log: Callable[[str], None]) -> None:
+    """Tokenize the offline stdlib corpus once (rank 0) if it is not prepared yet."""
+    import prepare_dataset
+
+    root = data_root(config)
+    if env.is_main and not prepare_dataset.is_prepared(root, QUICKSTART_DATASET):
+        log(f"Preparing the {QUICKSTART_DATASET} corpus in {root / QUICKSTART_DATASET} "
+            "(one time, offline) ...")
+        status = prepare_dataset.main([f"--dataset={QUICKSTART_DATASET}",
+                                       f"--data-root={root}"])
+        if status != 0:
+            raise TrainError(f"preparing the {QUICKSTART_DATASET} corpus failed (exit "
+                             f"{status}); run {prepare_command(QUICKSTART_DATASET, config)}")
+    if env.is_distributed:
+        torch.distributed.barrier()
+
+
+def plan_data(config: TrainConfig) -> DataPlan:
+    if config.data_dir:
+        directory = Path(config.data_dir).expanduser()
+        fix = ("pass a folder of *_train_* and *_val_* shards "
+               "(python prepare_dataset.py writes them)")
+    else:
+        assert config.dataset is not None
+        directory = data_root(config) / config.dataset
+        fix = f"prepare it first: {prepare_command(config.dataset, config)}"
+    train = data.find_shards(directory, "train")
+    val = data.find_shards(directory, "val")
+    if not train:
+        raise TrainError(f"no training shards (*_train_*.bin/.npy) in {directory}; {fix}")
+    if not val:
+        raise TrainError(f"no validation shards (*_val_*.bin/.npy) in {directory}; {fix}")
+    return DataPlan(train, val, str(directory))
+
+
+def gradient_accumulation(config: TrainConfig, world_size: int) -> int:
+    per_micro_step = config.batch_size * config.seq_len * world_size
+    if config.total_batch_size % per_micro_step != 0:
+        raise UsageError(
+            f"--total-batch-size={config.total_batch_size} is not divisible by "
+            f"batch-size x seq-len x world-size = {config.batch_size} x {config.seq_len} x "
+            f"{world_size} = {per_micro_step}; pick a multiple of {per_micro_step}")
+    return config.total_batch_size // per_micro_step
+
+
+def make_loader(files: list[Path], config: TrainConfig, env: runtime.DistEnv,
+                device: torch.device, shuffle: bool, vocab_size: int) -> Any:
+    try:
+        return data.ShardLoader([str(f) for f in files], config.batch_size, config.seq_len,
+                                rank=env.rank, world_size=env.world_size, shuffle=shuffle,
+                                seed=config.seed, device=str(device),
+                                backend=config.loader_backend, vocab_size=vocab_size)
+    except (ValueError, OSError) as exc:  # unreadable shards, too short for --seq-len
+        raise TrainError(str(exc)) from None
+
+
+# ----------------------------------------------------------------------------------- model
+
+
+def model_config(config: TrainConfig) -> GPTConfig:
+    overrides: dict[str, int] = {"vocab_size": config.vocab_size}
+    for name in ("n_layer", "n_head", "n_embd", "block_size"):
+        value = getattr(config, name)
+        if value is not None:
+            overrides[name] = value
+    try:
+        return GPTConfig.from_preset(config.model, **overrides)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def build_model(config: TrainConfig) -> GPT:
+    """A fresh model, pretrained GPT-2 weights, or a checkpoint's weights (--init-from)."""
+    source = config.init_from
+    if source == "scratch":
+        model = GPT(model_config(config))
+    elif source.endswith(".pt") or Path(source).is_file():
+        model = GPT(model_config(config))
+        state = load_checkpoint_file(Path(source))
+        check_same_shape(state, model.config, Path(source))
+        model.load_state_dict(state["model"])
+    else:
+        from model import PretrainedNotFound
+
+        try:
+            model = GPT.from_pretrained(source)
+        except PretrainedNotFound as exc:
+            raise TrainError(f"--init-from={source}: {exc}") from None
+    if config.seq_len > model.config.block_size:
+        raise UsageError(f"--seq-len={config.seq_len} exceeds the model's block size "
+                         f"{model.config.block_size}; lower --seq-len or raise --block-size")
+    return model
+
+
+def build_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    return model.configure_optimizers(weight_decay=config.weight_decay,
+                                      learning_rate=config.max_lr,
+                                      betas=(config.beta1, config.beta2), eps=config.adam_eps,
+                                      device_type=device.type)
+
+
+def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Linear warmup to max_lr over warmup_steps, then a cosine down to min_lr at max_steps."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+# ------------------------------------------------------------------------------- the step
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # mean loss of this rank's micro-batches (0-d, on device)
+    grad_norm: float
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, next_batch: Callable[[], Batch], grad_accum: int,
+               precision: runtime.Precision, device: torch.device, lr: float,
+               grad_clip: float) -> StepResult:
+    """One optimizer step over `grad_accum` micro-batches; DDP syncs only on the last."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(grad_accum):
+        x, y = next_batch()
+        last = micro_step == grad_accum - 1
+        sync = (model.no_sync() if isinstance(model, DistributedDataParallel) and not last
+                else contextlib.nullcontext())
+        with sync:
+            with precision.autocast(device):
+                _, loss = model(x, y)
+            assert loss is not None
+            # Each micro-batch's mean, scaled so the summed gradient is the full batch's mean.
+            loss = loss / grad_accum
+            loss_sum += loss.detach()
+            scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    scaler.step(optimizer)
+    scaler.update()
+    return StepResult(loss_sum, float(norm))
+
+
+@torch.no_grad()
+def evaluate_val_loss(model: torch.nn.Module, loader: Any, steps: int,
+                      precision: runtime.Precision, device: torch.device,
+                      env: runtime.DistEnv) -> float:
+    """Mean loss over the first `steps` val batches (the same ones every time), all ranks."""
+    loader.reset()
+    model.eval()
+    total = torch.zeros((), device=device)
+    for _ in range(steps):
+        x, y = loader.next_batch()
+        with precision.autocast(device):
+            _, loss = model(x, y)
+        assert loss is not None
+        total += loss.float()
+    model.train()
+    total /= steps
+    if env.is_distributed:
+        torch.distributed.all_reduce(total)
+        total /= env.world_size
+    return float(total)
+
+
+def reduce_step(loss: torch.Tensor, stop: bool, env: runtime.DistEnv) -> tuple[float, bool]:
+    """Mean loss over ranks and whether any rank was asked to stop: one all_reduce."""
+    if not env.is_distributed:
+        return float(loss), stop
+    packed = torch.stack([loss.float(), torch.tensor(float(stop), device=loss.device)])
+    torch.distributed.all_reduce(packed)
+    return float(packed[0]) / env.world_size, bool(packed[1] > 0)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_path(out_dir: Path, step: int) -> Path:
+    return out_dir / f"ckpt_{step:07d}.pt"
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    return sorted(out_dir.glob(CHECKPOINT_GLOB))
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every RNG the run touches, as tensors/lists/ints so weights_only loading accepts it."""
+    version, mt_state, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(mt_state), gauss],
+        "numpy": [np_name, torch.from_numpy(np.asarray(np_keys, dtype=np.int64)), np_pos,
+                  np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss,
+                         np_gauss))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save to a temp name in the same folder, fsync, then rename over `path`."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def prune_checkpoints(out_dir: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for old in list_checkpoints(out_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types
+        raise TrainError(f"{path}: cannot read checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(state, dict) or "model_config" not in state or "model" not in state:
+        raise TrainError(f"{path}: not a train_gpt2.py checkpoint (no model_config/model)")
+    return state
+
+
+def check_same_shape(state: dict[str, Any], config: GPTConfig, path: Path) -> None:
+    saved = state["model_config"]
+    ours = dataclasses.asdict(config)
+    diffs = [f"{k}={saved.get(k)} (this run: {v})" for k, v in ours.items() if saved.get(k) != v]
+    if diffs:
+        raise TrainError(f"{path}: checkpoint of another model shape: {', '.join(diffs)}; pass "
+                         "the matching --model/--n-layer/--n-head/--n-embd/--vocab-size or "
+                         "another --out-dir")
+
+
+# ---------------------------------------------------------------------------------- logging
+
+
+class JsonlLog:
+    """out_dir/log.jsonl written by rank 0: one JSON object per event, flushed per line."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path = path
+        self.file: TextIO | None = None
+        if enabled:
+            self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write(self, step: int, **values: Any) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, **values}) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def truncate_log(path: Path, before_step: int) -> None:
+    """Keep only the log lines with step < before_step (atomically), for a resumed run."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) < before_step:
+                kept.append(line + "\n")
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill mid-write
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_name, path)
+
+
+def format_step(step: int, max_steps: int, loss: float, lr: float, norm: float, dt: float,
+                tok_per_s: float, mfu: float | None) -> str:
+    line = (f"step {step:6d}/{max_steps} | loss {loss:.4f} | lr {lr:.3e} | norm {norm:.4f} | "
+            f"{dt * 1000:8.1f} ms | {tok_per_s:10,.0f} tok/s")
+    if mfu is not None:
+        line += f" | MFU {100 * mfu:5.1f}%"
+    return line
+
+
+def model_flops_utilization(flops_per_token: float, tok_per_s: float,
+                            peak_flops: float | None, world_size: int) -> float | None:
+    if peak_flops is None:
+        return None
+    return flops_per_token * tok_per_s / (peak_flops * world_size)
+
+
+# ------------------------------------------------------------------------------------ signals
+
+
+class StopFlag:
+    """SIGTERM/SIGINT ask the loop to finish the current step, checkpoint and exit 0."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: dict[int, Any] = {}
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C aborts at once
+        self.requested = True
+        print(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint",
+              file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopFlag]:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self)
+        try:
+            yield self
+        finally:
+            for signum, handler in self.previous.items():
+                signal.signal(signum, handler)
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+@dataclass
+class Trainer:
+    """Everything the loop touches, so checkpointing and evaluation are small functions."""
+
+    config: TrainConfig
+    env: runtime.DistEnv
+    device: torch.device
+    precision: runtime.Precision
+    raw_model: GPT
+    train_model: torch.nn.Module
+    optimizer: torch.optim.AdamW
+    scaler: torch.amp.GradScaler
+    train_loader: Any
+    val_loader: Any
+    grad_accum: int
+    out_dir: Path
+    argv: list[str]
+    log: JsonlLog
+    last_checkpoint: Path | None = None
+    hellaswag_examples: list[dict[str, Any]] | None = None
+    hellaswag_disabled: bool = False
+
+    def checkpoint_state(self, step: int) -> dict[str, Any]:
+        loader_state = self.train_loader.state_dict()
+        if self.env.is_distributed:
+            states: list[Any] = [None] * self.env.world_size
+            torch.distributed.all_gather_object(states, loader_state)
+        else:
+            states = [loader_state]
+        return {
+            "model_config": dataclasses.asdict(self.raw_model.config),
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": step,
+            "loader_states": states,
+            "world_size": self.env.world_size,
+            "rng": rng_state(self.device),
+            "args": list(self.argv),
+            "config": dataclasses.asdict(self.config),
+        }
+
+    def save(self, step: int) -> None:
+        state = self.checkpoint_state(step)  # every rank joins the loader-state gather
+        if self.env.is_main:
+            path = checkpoint_path(self.out_dir, step)
+            save_checkpoint(path, state)
+            prune_checkpoints(self.out_dir, self.config.keep_checkpoints)
+            self.last_checkpoint = path
+            runtime.print0(f"saved {path}")
+            self.log.write(step, checkpoint=str(path))
+
+    def restore(self, path: Path) -> int:
+        state = load_checkpoint_file(path)
+        check_same_shape(state, self.raw_model.config, path)
+        saved_world = state.get("world_size", len(state["loader_states"]))
+        if saved_world != self.env.world_size:
+            raise TrainError(f"{path}: saved by {saved_world} processes, this run has "
+                             f"{self.env.world_size}; resume with the same world size")
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        try:
+            self.train_loader.load_state_dict(state["loader_states"][self.env.rank])
+        except ValueError as exc:
+            raise TrainError(f"{path}: {exc}") from None
+        set_rng_state(state["rng"], self.device)
+        self.last_checkpoint = path
+        return int(state["step"])
+
+    def due(self, interval: int | None, step: int) -> bool:
+        interval = self.config.eval_interval if interval is None else interval
+        return interval > 0 and (step % interval == 0 or step == self.config.max_steps)
+
+    def run_evals(self, step: int) -> None:
+        cfg = self.config
+        if self.due(cfg.eval_interval, step):
+            val = evaluate_val_loss(self.raw_model, self.val_loader, cfg.val_steps,
+                                    self.precision, self.device, self.env)
+            runtime.print0(f"step {step:6d} | val loss {val:.4f}", env=self.env)
+            self.log.write(step, val_loss=val)
+        if self.due(cfg.hellaswag_interval, step):
+            self.run_hellaswag(step)
+        if self.due(cfg.sample_interval, step) and self.env.is_main:
+            self.print_samples(step)
+
+    def run_hellaswag(self, step: int) -> None:
+        if self.hellaswag_disabled:
+            return
+        import eval_hellaswag
+
+        if self.hellaswag_examples is None:
+            try:
+                self.hellaswag_examples = eval_hellaswag.load_examples(
+                    self.config.hellaswag_data, limit=self.config.hellaswag_limit)
+            except Exception as exc:  # missing file, no network: training goes on
+                self.hellaswag_disabled = True
+                runtime.print0(f"warning: HellaSwag eval skipped for this run: "
+                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                               " (pass --hellaswag-data=JSONL or --hellaswag-interval=0)",
+                               env=self.env)
+                return
+        score = eval_hellaswag.evaluate(self.raw_model, self.hellaswag_examples, self.device,
+                                        precision=self.precision, rank=self.env.rank,
+                                        world_size=self.env.world_size)
+        self.raw_model.train()
+        runtime.print0(f"step {step:6d} | HellaSwag acc_norm {score.correct_norm}/"
+                       f"{score.total} = {score.acc_norm:.4f}", env=self.env)
+        self.log.write(step, hellaswag_acc_norm=score.acc_norm, hellaswag_acc=score.acc)
+
+    def print_samples(self, step: int) -> None:
+        import sample
+
+        cfg = self.config
+        length = min(cfg.sample_length, self.raw_model.config.block_size)
+        texts = sample.generate_text(self.raw_model, cfg.sample_prompt, cfg.num_samples,
+                                     length, seed=cfg.seed, device=str(self.device))
+        self.raw_model.train()
+        print(f"step {step:6d} | samples:", flush=True)
+        for text in texts:
+            print(f"> {text}", flush=True)
+        self.log.write(step, samples=texts)
+
+
+def prepare_out_dir(config: TrainConfig, env: runtime.DistEnv) -> tuple[Path, Path | None]:
+    """Check --out-dir against --resume/--overwrite before anything is written."""
+    out_dir = Path(config.out_dir).expanduser()
+    existing = list_checkpoints(out_dir) if out_dir.is_dir() else []
+    if config.resume:
+        return out_dir, existing[-1] if existing else None
+    if existing and not config.overwrite:
+        raise UsageError(f"--out-dir={out_dir} already holds checkpoints (newest "
+                         f"{existing[-1].name}): pass --resume to continue, --overwrite to "
+                         "start again, or another --out-dir")
+    return out_dir, None
+
+
+def start_fresh_out_dir(out_dir: Path, env: runtime.DistEnv) -> None:
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for old in list_checkpoints(out_dir):
+            old.unlink()
+        (out_dir / LOG_NAME).unlink(missing_ok=True)
+
+
+def train(config: TrainConfig, explicit: set[str], argv: list[str]) -> int:
+    """The recipe, top to bottom."""
+    env = runtime.detect_distributed()
+    say: Callable[[str], None] = lambda msg: runtime.print0(msg, env=env)  # noqa: E731
+    validate(config)
+    try:
+        device = runtime.distributed_device(env, runtime.resolve_device(config.device))
+        precision = runtime.resolve_precision(device, config.dtype)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    config = resolve_quickstart(config, explicit, say)
+    validate(config)
+    grad_accum = gradient_accumulation(config, env.world_size)
+    out_dir, resume_from = prepare_out_dir(config, env)
+    if config.resume and resume_from is None:
+        say(f"--resume: no checkpoint in {out_dir}; starting from scratch")
+
+    runtime.init_distributed(env, device)
+    if config.quickstart:
+        ensure_quickstart_data(config, env, say)
+    plan = plan_data(config)
+    runtime.seed_everything(config.seed)
+    if device.type == "cuda":
+        runtime.enable_tf32()
+
+    raw_model = build_model(config).to(device)
+    optimizer = build_optimizer(raw_model, config, device)
+    scaler = runtime.make_grad_scaler(precision, device)
+    loader_vocab = min(raw_model.config.vocab_size, 2**16)
+    train_loader = make_loader(plan.train_files, config, env, device, config.shuffle,
+                               loader_vocab)
+    val_loader = make_loader(plan.val_files, config, env, device, False, loader_vocab)
+
+    train_model: torch.nn.Module = raw_model
+    if config.compile:
+        train_model = torch.compile(raw_model)  # type: ignore[assignment]
+    if env.is_distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        train_model = DistributedDataParallel(train_model, device_ids=ids)
+
+    trainer = Trainer(config, env, device, precision, raw_model, train_model, optimizer,
+                      scaler, train_loader, val_loader, grad_accum, out_dir, argv,
+                      JsonlLog(out_dir / LOG_NAME, enabled=False))
+    start_step = 0
+    if resume_from is not None:
+        start_step = trainer.restore(resume_from)
+        say(f"resumed from {resume_from} at step {start_step}")
+        if env.is_main:
+            truncate_log(out_dir / LOG_NAME, start_step)
+    else:
+        start_fresh_out_dir(out_dir, env)
+    if env.is_distributed:
+        torch.distributed.barrier()
+    trainer.log = JsonlLog(out_dir / LOG_NAME, enabled=env.is_main)
+
+    say(f"data: {plan.source} ({len(plan.train_files)} train, {len(plan.val_files)} val shards)")
+    say(f"model: {raw_model.config} ({raw_model.num_params() / 1e6:.1f}M parameters), "
+        f"device {device}, {precision.name}, world size {env.world_size}")
+    say(f"batch: {config.batch_size} x {config.seq_len} tokens x {env.world_size} ranks x "
+        f"{grad_accum} accumulation = {config.total_batch_size} tokens per step")
+    try:
+        with StopFlag().installed() as stop:
+            return training_loop(trainer, start_step, stop)
+    finally:
+        trainer.log.close()
+        train_loader.close()
+        val_loader.close()
+
+
+def training_loop(trainer: Trainer, start_step: int, stop: StopFlag) -> int:
+    cfg, env = trainer.config, trainer.env
+    if start_step >= cfg.max_steps:
+        runtime.print0(f"already trained to step {start_step} (--max-steps={cfg.max_steps})",
+                       env=env)
+        return 0
+    flops_per_token = trainer.raw_model.flops_per_token(cfg.seq_len)
+    peak = runtime.gpu_peak_flops(trainer.device)
+    step = start_step
+    while True:
+        trainer.run_evals(step)
+        if step >= cfg.max_steps:
+            return 0
+        t0 = time.perf_counter()
+        lr = get_lr(step, cfg.max_lr, cfg.final_min_lr, cfg.warmup_steps, cfg.max_steps)
+        result = train_step(trainer.train_model, trainer.optimizer, trainer.scaler,
+                            trainer.train_loader.next_batch, trainer.grad_accum,
+                            trainer.precision, trainer.device, lr, cfg.grad_clip)
+        loss, stop_requested = reduce_step(result.loss, stop.requested, env)
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize(trainer.device)
+        dt = time.perf_counter() - t0
+        if not math.isfinite(loss):
+            last = trainer.last_checkpoint or "none"
+            print(f"error: loss is {loss} at step {step}; stopping. Last good checkpoint: "
+                  f"{last}", file=sys.stderr, flush=True)
+            return 1
+        tok_per_s = cfg.total_batch_size / dt
+        mfu = model_flops_utilization(flops_per_token, tok_per_s, peak, env.world_size)
+        runtime.print0(format_step(step, cfg.max_steps, loss, lr, result.grad_norm, dt,
+                                   tok_per_s, mfu), env=env)
+        record: dict[str, Any] = dict(loss=loss, lr=lr, grad_norm=result.grad_norm,
+                                      dt_ms=dt * 1000, tok_per_s=tok_per_s)
+        if mfu is not None:
+            record["mfu"] = mfu
+        trainer.log.write(step, **record)
+        step += 1
+        interval = cfg.checkpoint_interval
+        scheduled = interval > 0 and (step % interval == 0 or step == cfg.max_steps)
+        if scheduled or stop_requested:
+            trainer.save(step)
+        if stop_requested:
+            runtime.print0(f"stopped at step {step}; continue with --resume", env=env)
+            return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config, explicit = parse_args(argv)
+    try:
+        return train(config, explicit, argv)
+    except (UsageError, TrainError, data.ShardFormatError) as exc:
+        if config.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
+    finally:
+        runtime.destroy_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
