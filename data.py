@@ -157,9 +157,14 @@ def _read_bin_shard(path: Path) -> np.ndarray:
 
 
 def _read_npy_shard(path: Path) -> np.ndarray:
+    with path.open("rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":
+        raise ShardFormatError(f"{path}: starts with {magic!r}, expected the .npy magic "
+                               "b'\\x93NUMPY'; not a NumPy token shard")
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:
+    except (ValueError, EOFError) as exc:  # a truncated header ends in EOFError
         raise ShardFormatError(f"{path}: not a readable .npy file ({exc})") from exc
     if array.dtype != np.dtype("<u2") and array.dtype != np.dtype("=u2"):
         raise ShardFormatError(f"{path}: dtype {array.dtype}, expected uint16 tokens")
@@ -280,8 +285,11 @@ class _EpochPlan:
 class _NumpyBackend:
     """Builds batch `step` on demand from memory-mapped shards (pure NumPy, no thread)."""
 
-    # Dropping the maps now and then keeps the resident set flat however large shards are.
-    _REMAP_BYTES = 64 << 20
+    # The kernel maps page-cache folios of up to 2 MB whole, so one sample can add 2 MB of
+    # resident pages; dropping the maps once the granules touched could add up to the budget
+    # keeps the resident set flat in shard size (csrc/loader.cpp does the same).
+    _GRANULE_BYTES = 2 << 20
+    _MAP_BUDGET_BYTES = 32 << 20
 
     def __init__(self, paths: list[Path], sizes: list[int], counts: list[int], batch_size: int,
                  seq_len: int, rank: int, world_size: int, shuffle: bool, seed: int,
@@ -292,7 +300,8 @@ class _NumpyBackend:
         self.per_epoch = sum(counts)
         self._plans: dict[int, _EpochPlan] = {}
         self._maps: dict[int, np.ndarray] = {}
-        self._mapped_bytes = 0
+        self._mapped_estimate = 0
+        self._last_granule = (-1, -1)
 
     def batch(self, step: int) -> np.ndarray:
         """Batch `step` of this rank as a (B, T+1) uint16 array."""
@@ -307,7 +316,7 @@ class _NumpyBackend:
         out = np.empty((self.B, self.T + 1), dtype=np.uint16)
         self._check_sizes(set(shards.tolist()))
         for row, (shard, offset) in enumerate(zip(shards.tolist(), offsets.tolist(), strict=True)):
-            out[row] = self._tokens(shard)[offset:offset + self.T + 1]
+            out[row] = self._tokens(shard, offset)[offset:offset + self.T + 1]
         if self.B and int(out.max()) >= self.vocab_size:
             row = int(np.argmax(out.max(axis=1) >= self.vocab_size))
             bad = int(out[row].max())
@@ -336,14 +345,19 @@ class _NumpyBackend:
                                        f"{self.sizes[shard]} to {size} bytes while the loader "
                                        "was reading it; the shard was truncated or rewritten")
 
-    def _tokens(self, shard: int) -> np.ndarray:
+    def _tokens(self, shard: int, offset: int) -> np.ndarray:
+        """The shard's map, about to be read at token `offset`."""
+        first, last = (2 * offset // self._GRANULE_BYTES,
+                       (2 * (offset + self.T) + 1) // self._GRANULE_BYTES)
+        for granule in range(first, last + 1):
+            if (shard, granule) != self._last_granule:
+                self._mapped_estimate += self._GRANULE_BYTES
+                self._last_granule = (shard, granule)
+        if self._mapped_estimate > self._MAP_BUDGET_BYTES:
+            self._maps.clear()  # unmapping drops the pages from this process, not the cache
+            self._mapped_estimate = 0
         if shard not in self._maps:
             self._maps[shard] = read_shard(self.paths[shard])
-        self._mapped_bytes += 2 * (self.T + 1)
-        if self._mapped_bytes > self._REMAP_BYTES:
-            self._mapped_bytes = 0
-            tokens = self._maps[shard]
-            self._maps = {shard: tokens}
         return self._maps[shard]
 
 
