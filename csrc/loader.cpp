@@ -55,9 +55,12 @@ constexpr int32_t kShardMagic = 20240520;
 constexpr int32_t kShardVersion = 1;
 constexpr int64_t kHeaderInts = 256;
 constexpr int64_t kHeaderBytes = kHeaderInts * sizeof(int32_t);
-// Resident pages of the maps are dropped after this many bytes copied, which keeps the
-// resident set flat in shard size (the pages stay in the page cache).
-constexpr int64_t kDropPagesBytes = int64_t{64} << 20;
+// The kernel maps page-cache folios of up to 2 MB whole on a fault, so one 2 KB sample can
+// add 2 MB to the resident set. The maps' pages are dropped (they stay in the page cache)
+// once the 2 MB granules touched since the last drop could add up to kMapBudgetBytes, which
+// keeps the resident set flat in shard size even under shuffled access.
+constexpr int64_t kGranuleBytes = int64_t{2} << 20;
+constexpr int64_t kMapBudgetBytes = int64_t{32} << 20;
 
 // A bad shard; Python sees it as _loader.ShardError (a ValueError).
 class ShardError : public std::runtime_error {
@@ -448,10 +451,8 @@ class BatchLoader {
                                std::to_string(vocab_) +
                                "; the shard was made with another tokenizer or is corrupt");
       }
-      s.touched = true;
-      copied_bytes_ += 2 * (T_ + 1);
+      note_touched(s, shard, offset);
     }
-    if (copied_bytes_ > kDropPagesBytes) drop_resident_pages();
     return true;
   }
 
@@ -466,12 +467,26 @@ class BatchLoader {
     }
   }
 
+  void note_touched(Shard& s, int64_t shard, int64_t offset) {
+    s.touched = true;
+    const int64_t at = reinterpret_cast<const char*>(s.tokens + offset) - static_cast<const char*>(s.base);
+    const int64_t first = at / kGranuleBytes;
+    const int64_t last = (at + 2 * (T_ + 1) - 1) / kGranuleBytes;
+    for (int64_t g = first; g <= last; ++g) {
+      if (shard != last_shard_ || g != last_granule_) mapped_estimate_ += kGranuleBytes;
+      last_shard_ = shard;
+      last_granule_ = g;
+    }
+    if (mapped_estimate_ > kMapBudgetBytes) drop_resident_pages();
+  }
+
   void drop_resident_pages() {
     for (auto& s : shards_) {
       if (s->touched && s->base != nullptr) madvise(s->base, s->map_bytes, MADV_DONTNEED);
       s->touched = false;
     }
-    copied_bytes_ = 0;
+    mapped_estimate_ = 0;
+    last_shard_ = -1;
   }
 
   // (shard id, token offset) of sample `index` of epoch `epoch`.
@@ -519,7 +534,9 @@ class BatchLoader {
 
   // Producer-only state.
   std::map<int64_t, EpochPlan> plans_;
-  int64_t copied_bytes_ = 0;
+  int64_t mapped_estimate_ = 0;  // bytes the maps may hold resident since the last drop
+  int64_t last_shard_ = -1;
+  int64_t last_granule_ = -1;
 
   // Shared state, guarded by mu_ (stop_ is also read without it between samples).
   std::mutex mu_;
