@@ -349,8 +349,7 @@ def encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(parts, dtype=np.uint16, casting="unsafe"), counts
 
 
-def document_chunks(documents: Iterable[str], chunk_chars: int = CHUNK_CHARS,
-                    ) -> Iterator[list[str]]:
+def document_chunks(documents: Iterable[str], chunk_chars: int) -> Iterator[list[str]]:
     chunk: list[str] = []
     size = 0
     for text in documents:
@@ -513,7 +512,7 @@ def run_pipeline(source: Source, out_dir: Path, options: Options, args_record: d
     bar = _progress_bar(source.name, options.progress)
     doc_cursor = start
     try:
-        chunks = document_chunks(source.documents(start))
+        chunks = document_chunks(source.documents(start), CHUNK_CHARS)
         for tokens, counts in tokenized_chunks(chunks, options.num_proc):
             doc_index = np.arange(doc_cursor, doc_cursor + counts.size, dtype=np.int64)
             doc_cursor += counts.size
