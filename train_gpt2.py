@@ -56,13 +56,13 @@ QUICKSTART = dict(
     batch_size=4,
     seq_len=128,
     total_batch_size=4 * 128,
-    max_steps=300,
+    max_steps=200,
     warmup_steps=20,
     max_lr=2e-3,
-    eval_interval=100,
+    eval_interval=50,
     val_steps=4,
     hellaswag_interval=0,
-    sample_interval=300,
+    sample_interval=200,
     checkpoint_interval=100,
 )
 
@@ -764,7 +764,8 @@ class Trainer:
         cfg = self.config
         length = min(cfg.sample_length, self.raw_model.config.block_size)
         texts = sample.generate_text(self.raw_model, cfg.sample_prompt, cfg.num_samples,
-                                     length, seed=cfg.seed, device=str(self.device))
+                                     length, seed=cfg.seed, device=self.device,
+                                     precision=self.precision)
         self.raw_model.train()
         print(f"step {step:6d} | samples:", flush=True)
         for text in texts:

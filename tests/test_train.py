@@ -314,3 +314,31 @@ def test_non_finite_loss_stops_naming_step_and_checkpoint(
     logged = [e["loss"] for e in read_log(out) if "loss" in e]
     assert len(logged) == step and all(math.isfinite(x) for x in logged)
     assert not (out / f"ckpt_{step + 1:07d}.pt").exists()
+
+
+# ------------------------------------------------------------------------------ plot_log
+
+
+def test_plot_log_reads_the_three_series(tmp_path: Path) -> None:
+    import plot_log
+
+    log = tmp_path / "log.jsonl"
+    events = [{"step": 0, "val_loss": 11.0}, {"step": 0, "loss": 10.9, "lr": 1e-4},
+              {"step": 1, "loss": 10.1}, {"step": 1, "hellaswag_acc_norm": 0.25},
+              {"step": 2, "checkpoint": "out/ckpt_0000002.pt"}]
+    log.write_text("".join(json.dumps(e) + "\n" for e in events))
+    curves = plot_log.read_curves(log)
+    assert curves.train == [(0, 10.9), (1, 10.1)]
+    assert curves.val == [(0, 11.0)]
+    assert curves.hellaswag == [(1, 0.25)]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        result = subprocess.run([sys.executable, str(REPO / "plot_log.py"), str(log)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1
+        assert result.stderr.count("\n") == 1 and "matplotlib" in result.stderr
+        assert not log.with_suffix(".png").exists()
+    else:
+        assert plot_log.main([str(log)]) == 0
+        assert log.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,117 @@
+"""Plot a train_gpt2.py log: train/val loss and HellaSwag acc_norm against step, as a PNG.
+
+    python plot_log.py out/log.jsonl                 # writes out/log.png
+    python plot_log.py out/log.jsonl --output=curves.png
+
+matplotlib is an optional extra: pip install -e ".[plot]".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Curves:
+    train: list[tuple[int, float]] = field(default_factory=list)
+    val: list[tuple[int, float]] = field(default_factory=list)
+    hellaswag: list[tuple[int, float]] = field(default_factory=list)
+
+
+def read_curves(path: str | os.PathLike[str]) -> Curves:
+    """The loss, val_loss and hellaswag_acc_norm series of a log.jsonl, in file order."""
+    curves = Curves()
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}:{number}: not a JSON line; is this a "
+                                 "train_gpt2.py log.jsonl?") from None
+            step = event.get("step")
+            if step is None:
+                continue
+            for key, series in (("loss", curves.train), ("val_loss", curves.val),
+                                ("hellaswag_acc_norm", curves.hellaswag)):
+                if key in event:
+                    series.append((int(step), float(event[key])))
+    return curves
+
+
+def plot(curves: Curves, output: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    panels = 2 if curves.hellaswag else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+    loss_ax = axes[0][0]
+    if curves.train:
+        loss_ax.plot(*zip(*curves.train, strict=True), label="train", linewidth=0.8, alpha=0.8)
+    if curves.val:
+        loss_ax.plot(*zip(*curves.val, strict=True), label="val", marker="o", markersize=3)
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("loss")
+    loss_ax.legend()
+    loss_ax.grid(alpha=0.3)
+    if curves.hellaswag:
+        hs_ax = axes[0][1]
+        hs_ax.plot(*zip(*curves.hellaswag, strict=True), marker="o", markersize=3,
+                   color="tab:green")
+        hs_ax.set_xlabel("step")
+        hs_ax.set_ylabel("HellaSwag acc_norm")
+        hs_ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    # Render to a temp name in the same folder, then rename: no half-written PNG.
+    fd, tmp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp_name, dpi=120)
+        os.replace(tmp_name, output)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("log", help="a train_gpt2.py log.jsonl")
+    p.add_argument("--output", default=None, help="PNG path (default: the log's, .png)")
+    args = p.parse_args(argv)
+    log = Path(args.log)
+    output = Path(args.output) if args.output else log.with_suffix(".png")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print('error: plot_log.py needs matplotlib: pip install -e ".[plot]" (or pip install '
+              'matplotlib)', file=sys.stderr)
+        return 1
+    if not log.is_file():
+        print(f"error: {log}: no such log; train_gpt2.py writes OUT_DIR/log.jsonl",
+              file=sys.stderr)
+        return 1
+    try:
+        curves = read_curves(log)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if not (curves.train or curves.val):
+        print(f"error: {log}: no loss or val_loss entries to plot", file=sys.stderr)
+        return 1
+    plot(curves, output, title=str(log))
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
