@@ -395,7 +395,12 @@ class SplitState:
 
 
 class SplitWriter:
-    """Fills fixed-size shards of one split from chunks of whole documents."""
+    """Streams one split's documents into fixed-size shards.
+
+    Tokens go straight to the open shard's temporary file (header first, count patched for
+    a short last shard), so memory stays at a chunk whatever the shard size; the file gets
+    its shard name only once complete and fsynced.
+    """
 
     def __init__(self, out_dir: Path, name: str, split: str, shard_size: int, state: SplitState,
                  on_shard: Callable[[], None], write: bool = True) -> None:
@@ -404,8 +409,11 @@ class SplitWriter:
         self.state = state
         self.on_shard = on_shard
         self.write = write
-        self.buffer = np.empty(shard_size if write else 0, dtype=np.uint16)
+        self.file: Any = None  # the open temporary file of the unfinished shard
+        self.tmp_path: Path | None = None
+        self.digest: Any = None
         self.fill = 0
+        self.eots = 0
         # Tokens before this position are already in finished shards (set by a resume).
         self.skip_doc, self.skip_offset = state.next_doc, state.next_offset
 
@@ -429,38 +437,80 @@ class SplitWriter:
         pos = 0
         while pos < tokens.size:
             n = min(self.shard_size - self.fill, tokens.size - pos)
-            self.buffer[self.fill:self.fill + n] = tokens[pos:pos + n]
-            self.fill += n
+            self._append(tokens[pos:pos + n])
             pos += n
             if self.fill == self.shard_size:
                 k = int(np.searchsorted(ends, pos, side="right"))
                 if k == len(ends):
-                    self._write_shard(last_doc + 1, 0)
+                    self._close_shard(last_doc + 1, 0)
                 else:
                     start_k = int(ends[k - 1]) if k else -head_offset
-                    self._write_shard(int(doc_index[k]), pos - start_k)
+                    self._close_shard(int(doc_index[k]), pos - start_k)
 
     def finish(self) -> None:
         if self.write and not self.state.done:
             if self.fill:
-                self._write_shard(self.state.next_doc, self.state.next_offset, last=True)
+                self._close_shard(self.state.next_doc, self.state.next_offset, last=True)
             self.state.done = True
             self.on_shard()
 
-    def _write_shard(self, next_doc: int, next_offset: int, last: bool = False) -> None:
-        tokens = self.buffer[:self.fill]
-        file_name = data.shard_name(self.name, self.split, len(self.state.shards))
-        data.write_shard(self.out_dir / file_name, tokens)
-        digest = hashlib.sha256(data.shard_header(tokens.size).tobytes())
-        digest.update(np.ascontiguousarray(tokens).data)
-        self.state.shards.append({
-            "file": file_name, "tokens": int(tokens.size), "sha256": digest.hexdigest(),
-            "documents_started": int(np.count_nonzero(tokens == data.EOT_TOKEN)),
-        })
+    def abort(self) -> None:
+        """Drop the unfinished shard's temporary file (a rerun redoes that shard)."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if self.tmp_path is not None:
+            self.tmp_path.unlink(missing_ok=True)
+            self.tmp_path = None
+
+    def _append(self, piece: np.ndarray) -> None:
+        if self.file is None:
+            fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=f".{self._file_name()}.",
+                                       suffix=".tmp")
+            self.tmp_path = Path(tmp)
+            os.fchmod(fd, _file_mode())
+            self.file = os.fdopen(fd, "wb")
+            header = data.shard_header(self.shard_size).tobytes()  # patched if the shard ends short
+            self.file.write(header)
+            self.digest = hashlib.sha256(header)
+        piece = np.ascontiguousarray(piece, dtype="<u2")
+        self.file.write(piece.data)
+        self.digest.update(piece.data)
+        self.fill += piece.size
+        self.eots += int(np.count_nonzero(piece == data.EOT_TOKEN))
+
+    def _file_name(self) -> str:
+        return data.shard_name(self.name, self.split, len(self.state.shards))
+
+    def _close_shard(self, next_doc: int, next_offset: int, last: bool = False) -> None:
+        assert self.file is not None and self.tmp_path is not None
+        if self.fill != self.shard_size:
+            self.file.seek(0)
+            self.file.write(data.shard_header(self.fill).tobytes())
+            self.file.flush()
+            self.digest = _file_sha256(self.tmp_path)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        self.file = None
+        file_name = self._file_name()
+        os.replace(self.tmp_path, self.out_dir / file_name)
+        self.tmp_path = None
+        self.state.shards.append({"file": file_name, "tokens": self.fill,
+                                  "sha256": self.digest.hexdigest(),
+                                  "documents_started": self.eots})
         self.state.next_doc, self.state.next_offset = next_doc, next_offset
-        self.fill = 0
+        self.fill = self.eots = 0
         if not last:
             self.on_shard()
+
+
+def _file_sha256(path: Path) -> Any:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest
 
 
 # ------------------------------------------------------------------------------ pipeline
@@ -525,6 +575,10 @@ def run_pipeline(source: Source, out_dir: Path, options: Options, args_record: d
                 writers["val"].finish()  # val is a finished prefix: close it right away
                 if "train" not in options.splits:
                     break
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
     finally:
         bar.close()
     if doc_cursor == 0 and not resumed:
