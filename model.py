@@ -346,12 +346,47 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
+    if top_k is None and top_p is None:
+        return _draw(F.softmax(logits, dim=-1), generator)
+    # Filter and draw among the few largest logits only: on CPU a sort of, or a draw from,
+    # the whole 50257-token row costs more than a decoding step of the 124M model.
     if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None:
-        logits = top_p_filter(logits, top_p)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+        values, ids = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
+        if top_p is not None:
+            values = top_p_filter(values, top_p)  # nucleus of the renormalised top k
+    else:
+        assert top_p is not None
+        values, ids = _nucleus_candidates(logits, top_p)
+    return ids.gather(-1, _draw(F.softmax(values, dim=-1), generator))
+
+
+def _nucleus_candidates(logits: torch.Tensor, p: float,
+                        first_guess: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top logits of each row in falling order, enough of them to hold the nucleus,
+    those outside it set to -inf; with their ids. Same tokens as top_p_filter keeps."""
+    vocab = logits.size(-1)
+    log_total = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+    k = min(first_guess, vocab)
+    while True:
+        values, ids = torch.topk(logits, k, dim=-1)
+        probs = torch.exp(values.float() - log_total)
+        before = probs.cumsum(dim=-1) - probs
+        # Enough candidates once the first token left out would be dropped anyway.
+        if k == vocab or bool((before[:, -1] + probs[:, -1] >= p).all()):
+            return values.masked_fill(before >= p, float("-inf")), ids
+        k = min(4 * k, vocab)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row with the given probabilities, by inverting the cumulative sum
+    (torch.multinomial over a 50257-wide row is slow on CPU)."""
+    cdf = probs.double().cumsum(dim=-1)
+    u = torch.rand((probs.size(0), 1), generator=generator, device=probs.device,
+                   dtype=torch.float64) * cdf[:, -1:]
+    choice = torch.searchsorted(cdf, u, right=True)
+    # Guard against u rounding up to the total: never step past the last possible token.
+    last = probs.size(-1) - 1 - (probs > 0).flip(-1).int().argmax(dim=-1, keepdim=True)
+    return torch.minimum(choice, last)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
