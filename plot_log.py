@@ -74,6 +74,9 @@ def plot(curves: Curves, output: Path, title: str) -> None:
     fig.tight_layout()
     # Render to a temp name in the same folder, then rename: no half-written PNG.
     fd, tmp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".png")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide the plot from the group
     os.close(fd)
     try:
         fig.savefig(tmp_name, dpi=120)

@@ -518,10 +518,18 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def default_file_mode() -> int:
+    """rw for whom the umask allows (mkstemp's own 0600 would hide files from the group)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """torch.save to a temp name in the same folder, fsync, then rename over `path`."""
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -594,6 +602,7 @@ def truncate_log(path: Path, before_step: int) -> None:
         except json.JSONDecodeError:
             continue  # a line torn by a kill mid-write
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, default_file_mode())
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.writelines(kept)
         f.flush()
@@ -745,10 +754,11 @@ class Trainer:
                     self.config.hellaswag_data, limit=self.config.hellaswag_limit)
             except Exception as exc:  # missing file, no network: training goes on
                 self.hellaswag_disabled = True
-                runtime.print0(f"warning: HellaSwag eval skipped for this run: "
-                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                               " (pass --hellaswag-data=JSONL or --hellaswag-interval=0)",
-                               env=self.env)
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                if self.env.is_main:
+                    print(f"warning: HellaSwag eval skipped for this run: {reason} (pass "
+                          "--hellaswag-data=JSONL, or --hellaswag-interval=0 to silence this)",
+                          file=sys.stderr, flush=True)
                 return
         score = eval_hellaswag.evaluate(self.raw_model, self.hellaswag_examples, self.device,
                                         precision=self.precision, rank=self.env.rank,

@@ -253,6 +253,57 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
         assert x[key] == pytest.approx(y[key], rel=1e-5)  # averaged over ranks
 
 
+def write_hellaswag(path: Path) -> Path:
+    examples = [
+        {"ctx": "The cat sat on the", "endings": [" mat.", " moon.", " idea.", " seven."],
+         "label": 0},
+        {"ctx": "She opened the door and", "endings": [" walked in.", " blue.", " the.",
+                                                      " sang loudly to the fridge."],
+         "label": 0},
+        {"ctx": "Water boils at", "endings": [" noon.", " 100 degrees.", " cats.", " no."],
+         "label": 1},
+    ]
+    path.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    return path
+
+
+def test_hellaswag_and_samples_during_training(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import eval_hellaswag
+
+    shards = write_shards(tmp_path / "shards")
+    jsonl = write_hellaswag(tmp_path / "hs.jsonl")
+    out = tmp_path / "out"
+    args = tiny_args(shards, out, "--vocab-size=50304", "--max-steps=2", "--eval-interval=2",
+                     "--hellaswag-interval=2", f"--hellaswag-data={jsonl}",
+                     "--sample-interval=2", "--num-samples=2", "--sample-length=12",
+                     "--sample-prompt=The cat")
+    assert train_gpt2.main(args) == 0
+    log = read_log(out)
+    scored = [e for e in log if "hellaswag_acc_norm" in e]
+    assert [e["step"] for e in scored] == [0, 2]
+    model = GPT.from_checkpoint(out / "ckpt_0000002.pt")
+    reference = eval_hellaswag.evaluate(model, eval_hellaswag.load_examples(jsonl), "cpu")
+    assert scored[-1]["hellaswag_acc_norm"] == reference.acc_norm
+    samples = [e["samples"] for e in log if "samples" in e]
+    assert len(samples) == 2 and all(len(s) == 2 and s[0].startswith("The cat")
+                                     for s in samples)
+    stdout = capsys.readouterr().out
+    assert "> The cat" in stdout and "HellaSwag acc_norm" in stdout
+
+    # Without the HellaSwag file: one warning line, and training goes on.
+    missing = tmp_path / "missing.jsonl"
+    args = tiny_args(shards, tmp_path / "out2", "--vocab-size=50304", "--max-steps=1",
+                     "--eval-interval=1", "--hellaswag-interval=1", f"--hellaswag-data={missing}")
+    assert train_gpt2.main(args) == 0
+    stderr = capsys.readouterr().err
+    warnings = [line for line in stderr.splitlines() if "HellaSwag" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning:") and str(missing) in \
+        warnings[0]
+    assert not any("hellaswag_acc_norm" in e for e in read_log(tmp_path / "out2"))
+    assert [e["step"] for e in read_log(tmp_path / "out2") if "val_loss" in e] == [0, 1]
+
+
 # ------------------------------------------------------------------------------ bad input
 
 
@@ -297,6 +348,11 @@ def test_bad_inputs_fail_with_one_line(tmp_path: Path, capsys: pytest.CaptureFix
     assert_one_error_line(capsys, "ckpt_0000001.pt", "n_embd=32 (this run: 64)")
     assert train_gpt2.main(tiny_args(shards, out, "--max-steps=2")) == 2
     assert_one_error_line(capsys, "--resume", "--overwrite")
+    other = tmp_path / "other"
+    assert train_gpt2.main(tiny_args(shards, other, "--n-layer=3",
+                                     f"--init-from={out / 'ckpt_0000001.pt'}")) == 1
+    assert_one_error_line(capsys, "ckpt_0000001.pt", "n_layer=2 (this run: 3)")
+    assert not other.exists()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
