@@ -6,7 +6,7 @@
     python prepare_dataset.py --dataset='notes/**/*.md' --name=notes
 
 Every source becomes one stream of documents (strings, in a fixed order). The stream is cut
-into chunks of about a megabyte of text; worker processes turn a chunk into one uint16
+into chunks of about 256K characters; worker processes turn a chunk into one uint16
 array (each document preceded by <|endoftext|>) plus the per-document token counts, and
 the main process receives the chunks in order, assigns whole documents to train or val,
 and copies tokens into a fixed shard buffer that is written out (atomically) whenever it
@@ -66,7 +66,9 @@ PROGRESS_NAME = "progress.json"
 DEFAULT_SHARD_SIZE = 100_000_000
 HUB_VAL_TOKENS = "10000000"
 SMALL_VAL_FRACTION = "10%"
-CHUNK_CHARS = 1 << 20  # text per worker task: big enough that pickling and IPC are noise
+# Text per worker task: big enough that pickling and IPC are noise (a task is tens of ms),
+# small enough that the last tasks leave no core idle for long.
+CHUNK_CHARS = 1 << 18
 EOT = np.array([data.EOT_TOKEN], dtype=np.uint16)
 
 
@@ -100,10 +102,15 @@ class Source:
 
 def stdlib_files() -> list[Path]:
     """The running Python's standard-library .py files, site-packages excluded, sorted."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = sysconfig.get_paths()["stdlib"]
     excluded = {"site-packages", "dist-packages", "__pycache__"}
-    files = [p for p in root.rglob("*.py") if excluded.isdisjoint(p.relative_to(root).parts)]
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+    found: list[str] = []
+    for folder, subfolders, names in os.walk(root):
+        # Pruned, not filtered afterwards: site-packages can be far bigger than the stdlib.
+        subfolders[:] = [d for d in subfolders if d not in excluded]
+        rel = Path(folder).relative_to(root)
+        found.extend((rel / n).as_posix() for n in names if n.endswith(".py"))
+    return [Path(root, rel) for rel in sorted(found)]
 
 
 def local_files(spec: str) -> list[Path]:
@@ -366,6 +373,9 @@ def tokenized_chunks(chunks: Iterable[list[str]], num_proc: int,
                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """encode_documents over chunks, results in input order, at most a few chunks in
     flight (Pool.imap would read the whole corpus ahead into its task queue)."""
+    global _ENCODER
+    if _ENCODER is None:  # loaded once here, so forked workers inherit it ready-made
+        _ENCODER = data.get_tokenizer()
     if num_proc <= 1:
         yield from map(encode_documents, chunks)
         return
