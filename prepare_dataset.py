@@ -922,6 +922,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"prepare_dataset.py: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("prepare_dataset.py: interrupted; finished shards are kept, rerun the same "
+              "command to resume", file=sys.stderr)
+        return 130
 
 
 def _main(args: argparse.Namespace) -> int:

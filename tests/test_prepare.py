@@ -351,11 +351,13 @@ def test_unreachable_sources_say_no_network_and_how_to_go_local(tmp_path: Path) 
         assert not list((tmp_path / "root").rglob("*.bin"))
 
 
+@pytest.mark.parametrize("val_tokens", ["10%", "50000"])
 def test_sigkill_mid_run_then_resume_is_byte_identical(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], val_tokens: str) -> None:
     docs = make_documents(1200, seed=10, max_words=900)
     corpus = write_txt_corpus(tmp_path / "c", docs)
-    common = [f"--dataset={corpus}", "--shard-size=20000", "--num-proc=2"]
+    common = [f"--dataset={corpus}", "--shard-size=20000", "--num-proc=2",
+              f"--val-tokens={val_tokens}"]
 
     assert run([*common, f"--data-root={tmp_path}/whole"], capsys)[0] == 0
     whole = shard_files(tmp_path / "whole" / "c")
