@@ -967,6 +967,10 @@ def _main(args: argparse.Namespace) -> int:
             remove_outputs(out_dir, source.name)
         raise
     print(_report(summary))
+    if "val" in splits and not summary.splits["val"].shards:
+        print(f"prepare_dataset.py: warning: {source.name} has no validation documents "
+              f"(rule: {source.rule.describe()}); pass --val-tokens=N to take the first N "
+              "tokens' documents", file=sys.stderr)
     return 0
 
 

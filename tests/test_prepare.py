@@ -156,6 +156,18 @@ def test_splits_train_only_keeps_validation_documents_out(
     assert documents_of(split_tokens(out_dir, "train")) == expected
 
 
+def test_too_few_documents_for_validation_warns(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    docs = make_documents(5, seed=11)  # 10% of 5 documents is none
+    corpus = write_txt_corpus(tmp_path / "c", docs)
+    code, _, err = run([f"--dataset={corpus}", f"--data-root={tmp_path}/r"], capsys)
+    assert code == 0
+    assert err.count("\n") == 1 and "no validation documents" in err and "--val-tokens" in err
+    out_dir = tmp_path / "r" / "c"
+    assert data.find_shards(out_dir, "val") == []
+    assert documents_of(split_tokens(out_dir, "train")) == [encode(d) for d in docs]
+
+
 def test_jsonl_and_parquet_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
