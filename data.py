@@ -524,10 +524,19 @@ class ShardLoader:
         return xy[0], xy[1]
 
 
+def _storage_users(tensor: torch.Tensor) -> int:
+    """How many tensors share `tensor`'s memory (-1 where torch cannot say)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return -1
+    return int(use_count(tensor.untyped_storage()._cdata))
+
+
 class _NativeRing:
     """The compiled backend: a C++ thread fills ring slots; this side hands them out."""
 
     SLOTS = 4
+    LENT_KEPT = 4
 
     def __init__(self, owner: ShardLoader) -> None:
         module = _native_module()
@@ -546,6 +555,8 @@ class _NativeRing:
         # CUDA: persistent pinned slots; CPU: each slot gets a fresh buffer when handed back,
         # so the tensors returned to the caller are never written again.
         self.slots = [self._new_buffer() for _ in range(self.SLOTS)]
+        self.lent: list[torch.Tensor] = []
+        self.idle_users = _storage_users(self.slots[0])
         for i, buf in enumerate(self.slots):
             self.native.set_buffer(i, buf, buf.data_ptr())
         self.pending: dict[int, torch.cuda.Event] = {}
@@ -555,6 +566,16 @@ class _NativeRing:
     def _new_buffer(self) -> torch.Tensor:
         return torch.empty((2, self.B, self.T), dtype=torch.int64, pin_memory=self.cuda)
 
+    def _spare_buffer(self) -> torch.Tensor:
+        # A buffer lent to the caller is reused only once no tensor (x, y or any view of
+        # them) refers to its memory any more; fresh memory costs page faults on every batch.
+        for i, buf in enumerate(self.lent):
+            if self.idle_users > 0 and _storage_users(buf) == self.idle_users:
+                return self.lent.pop(i)
+        if len(self.lent) >= self.LENT_KEPT:
+            self.lent.pop(0)
+        return self._new_buffer()
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         self._release_finished_copies()
         try:
@@ -563,7 +584,8 @@ class _NativeRing:
             raise ShardFormatError(str(exc)) from None
         buf = self.slots[slot]
         if not self.cuda:
-            fresh = self._new_buffer()
+            fresh = self._spare_buffer()
+            self.lent.append(buf)
             self.slots[slot] = fresh
             self.native.release(slot, fresh, fresh.data_ptr())
             return buf[0], buf[1]
