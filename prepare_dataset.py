@@ -943,14 +943,23 @@ def _main(args: argparse.Namespace) -> int:
                             or (isinstance(rule, EveryKth) and rule.num == 0)):
         raise PrepareError(f"--val-tokens={args.val_tokens} leaves nothing for "
                            "--splits=validation", exit_code=2)
+    dataset = args.dataset
+    if dataset not in BUILTIN_NAMES:
+        dataset = os.path.abspath(os.path.expanduser(dataset))
+    args_record = {"dataset": dataset, "subset": args.subset, "text_field": args.text_field,
+                   "splits": list(splits), "shard_size": args.shard_size,
+                   "val_tokens": args.val_tokens, "strict": args.strict}
     if is_prepared(data_root, source.name) and not args.force:
+        earlier = _read_json(data_root / source.name / MANIFEST_NAME).get("args")
+        if earlier != args_record:
+            changed = sorted(k for k in args_record if (earlier or {}).get(k) != args_record[k])
+            raise PrepareError(f"{data_root / source.name} already holds {source.name} prepared "
+                               f"with other {', '.join(changed)}; pass --force to redo it or "
+                               "--name=OTHER to keep both", exit_code=2)
         print(f"{source.name}: already prepared in {data_root / source.name} "
               "(--force redoes it)")
         return 0
     out_dir = prepare_output_dir(data_root, source.name)
-    args_record = {"dataset": args.dataset, "subset": args.subset, "text_field": args.text_field,
-                   "splits": list(splits), "shard_size": args.shard_size,
-                   "val_tokens": args.val_tokens, "strict": args.strict}
     if args.force:
         remove_outputs(out_dir, source.name)
     options = Options(args.shard_size, splits, args.num_proc,

@@ -260,6 +260,14 @@ def test_finished_dataset_is_skipped_and_force_redoes_it(
     assert code == 0 and "wrote" in out
     assert shard_files(out_dir) == first
 
+    # Another corpus or other arguments under the same name are refused, not skipped.
+    other = write_txt_corpus(tmp_path / "elsewhere" / "c", make_documents(3, seed=12))
+    code, _, err = run([f"--dataset={other}", *args[1:]], capsys)
+    assert_one_line_error(code, err, 2, "already holds c", "dataset", "--force", "--name")
+    code, _, err = run([*args[:2], "--shard-size=401", *args[3:]], capsys)
+    assert_one_line_error(code, err, 2, "shard_size")
+    assert shard_files(out_dir) == first
+
     # A lost shard or a manifest without the completion flag is not "prepared".
     manifest = json.loads((out_dir / "manifest.json").read_text())
     del manifest["complete"]
