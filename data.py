@@ -535,7 +535,7 @@ def _storage_users(tensor: torch.Tensor) -> int:
 class _NativeRing:
     """The compiled backend: a C++ thread fills ring slots; this side hands them out."""
 
-    SLOTS = 4
+    SLOTS = 8
     LENT_KEPT = 4
 
     def __init__(self, owner: ShardLoader) -> None:

@@ -63,8 +63,11 @@ class RawCopy:
 
     def __init__(self, paths: list[Path], B: int, T: int) -> None:
         self.maps = [data.read_shard(p) for p in paths]
-        for tokens in self.maps:
-            np.copyto(np.empty(tokens.shape, np.uint16), tokens)  # warm the page cache
+        scratch = np.empty(1 << 22, np.uint16)
+        for tokens in self.maps:  # warm the page cache; the map keeps what it touches resident
+            for start in range(0, len(tokens), scratch.size):
+                chunk = tokens[start:start + scratch.size]
+                np.copyto(scratch[:len(chunk)], chunk)
         self.B, self.T, self.shard, self.pos = B, T, 0, 0
         self.x = np.empty((B, T), np.int64)
         self.y = np.empty((B, T), np.int64)

@@ -207,3 +207,21 @@ def test_cuda_batches_match_cpu_and_slots_wait_for_their_copy(tmp_path):
                 ox, oy = kept.pop(0)
                 cx, cy = cpu.next_batch()
                 assert torch.equal(ox.cpu(), cx) and torch.equal(oy.cpu(), cy)
+
+
+def test_recycled_buffers_spare_any_view_the_caller_keeps(tmp_path):
+    paths = write_shards(tmp_path, [60_000])
+    with data.ShardLoader(paths, 4, 32, backend="native") as native, \
+            data.ShardLoader(paths, 4, 32, backend="numpy") as fallback:
+        kept = []
+        addresses = set()
+        for step in range(100):
+            x, y = native.next_batch()
+            addresses.add(x.data_ptr())
+            fx, fy = fallback.next_batch()
+            if step % 3 == 0:
+                kept.append((x[1:, 5:], fx[1:, 5:].clone()))  # only a view of x survives
+            del x, y
+        assert len(addresses) < 60  # dropped batches' memory was reused meanwhile
+        for view, expected in kept:
+            assert torch.equal(view, expected)
