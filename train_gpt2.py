@@ -63,6 +63,9 @@ QUICKSTART = dict(
     val_steps=4,
     hellaswag_interval=0,
     sample_interval=200,
+    sample_prompt="def ",  # the corpus is Python source
+    num_samples=2,
+    sample_length=64,
     checkpoint_interval=100,
 )
 
