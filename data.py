@@ -387,6 +387,12 @@ class ShardLoader:
     each batch is one non-blocking copy from a pinned host slot, and that slot is refilled
     only after the copy's CUDA event has completed.
     Token ids are checked against vocab_size for every batch as it is assembled.
+    Order and sharding are described at the top of this section: a global batch that runs
+    past the end of an epoch continues into the next epoch (nothing is dropped), and
+    state_dict() is the number of batches taken plus the settings it must be resumed with.
+    A fault in the native thread (a bad token, a shard truncated under it) is raised as
+    ShardFormatError by the next next_batch(), and by every call after it until reset() or
+    load_state_dict().
     """
 
     def __init__(self, files: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],

@@ -2,6 +2,7 @@
 
 Throughput (tokens/s) and peak RSS, for each batch size at T=1024, of
   raw     np.copyto of the same tokens from a warm memmap into int64 x/y buffers (the limit)
+  raw-ring  the same into a ring of 8 x/y buffers, as many as the native loader cycles
   native  data.ShardLoader(backend="native")
   numpy   data.ShardLoader(backend="numpy")
   whole   each shard read whole into a torch int64 tensor, then sliced sequentially
@@ -30,7 +31,7 @@ import torch
 
 import data
 
-THROUGHPUT_METHODS = ("raw", "native", "numpy", "whole", "random")
+THROUGHPUT_METHODS = ("raw", "raw-ring", "native", "numpy", "whole", "random")
 TRAIN_METHODS = ("native", "numpy", "whole")
 
 
@@ -59,9 +60,13 @@ def write_bench_shards(directory: Path, num_shards: int, shard_tokens: int) -> l
 # ------------------------------------------------------------------------ batch sources
 
 class RawCopy:
-    """The copy limit: B*T+1 consecutive tokens of a warm memmap into int64 x and y."""
+    """The copy limit: B*T+1 consecutive tokens of a warm memmap into int64 x and y.
 
-    def __init__(self, paths: list[Path], B: int, T: int) -> None:
+    With ring=1 the destination stays in the cache; ring=8 cycles through as many
+    destination buffers as the native loader's ring, so each batch is written to memory.
+    """
+
+    def __init__(self, paths: list[Path], B: int, T: int, ring: int = 1) -> None:
         self.maps = [data.read_shard(p) for p in paths]
         scratch = np.empty(1 << 22, np.uint16)
         for tokens in self.maps:  # warm the page cache; the map keeps what it touches resident
@@ -69,18 +74,20 @@ class RawCopy:
                 chunk = tokens[start:start + scratch.size]
                 np.copyto(scratch[:len(chunk)], chunk)
         self.B, self.T, self.shard, self.pos = B, T, 0, 0
-        self.x = np.empty((B, T), np.int64)
-        self.y = np.empty((B, T), np.int64)
+        self.buffers = [np.empty((2, B, T), np.int64) for _ in range(ring)]
+        self.turn = 0
 
     def next_batch(self) -> tuple[Any, Any]:
         n = self.B * self.T
         if self.pos + n + 1 > len(self.maps[self.shard]):
             self.shard, self.pos = (self.shard + 1) % len(self.maps), 0
         chunk = self.maps[self.shard][self.pos:self.pos + n + 1]
-        np.copyto(self.x, chunk[:-1].reshape(self.B, self.T))
-        np.copyto(self.y, chunk[1:].reshape(self.B, self.T))
+        xy = self.buffers[self.turn]
+        self.turn = (self.turn + 1) % len(self.buffers)
+        np.copyto(xy[0], chunk[:-1].reshape(self.B, self.T))
+        np.copyto(xy[1], chunk[1:].reshape(self.B, self.T))
         self.pos += n
-        return self.x, self.y
+        return xy[0], xy[1]
 
 
 class WholeShard:
@@ -125,6 +132,8 @@ class RandomOffsets:
 def make_source(method: str, paths: list[Path], B: int, T: int) -> Any:
     if method == "raw":
         return RawCopy(paths, B, T)
+    if method == "raw-ring":
+        return RawCopy(paths, B, T, ring=8)
     if method == "whole":
         return WholeShard(paths, B, T)
     if method == "random":
@@ -196,13 +205,16 @@ def print_throughput(rows: dict[tuple[str, int], dict[str, float]], batch_sizes:
                      base_rss: float) -> None:
     print(f"\nthroughput, T={1024}: tokens/s, ratio to raw copy, peak RSS "
           f"(imports alone: {base_rss:.0f} MB)")
-    print(f"{'method':8} {'B':>4} {'Mtok/s':>9} {'x raw':>7} {'peak RSS MB':>12}")
+    print(f"{'method':9} {'B':>4} {'Mtok/s':>9} {'x raw':>7} {'x raw-ring':>11} "
+          f"{'peak RSS MB':>12}")
     for B in batch_sizes:
         raw = rows[("raw", B)]["tokens_per_s"]
+        ring = rows[("raw-ring", B)]["tokens_per_s"]
         for method in THROUGHPUT_METHODS:
             r = rows[(method, B)]
-            print(f"{method:8} {B:>4} {r['tokens_per_s'] / 1e6:>9.1f} "
-                  f"{r['tokens_per_s'] / raw:>7.2f} {r['peak_rss_mb']:>12.0f}")
+            print(f"{method:9} {B:>4} {r['tokens_per_s'] / 1e6:>9.1f} "
+                  f"{r['tokens_per_s'] / raw:>7.2f} {r['tokens_per_s'] / ring:>11.2f} "
+                  f"{r['peak_rss_mb']:>12.0f}")
 
 
 def print_waits(rows: dict[str, dict[str, float]], B: int, work_ms: float) -> None:
