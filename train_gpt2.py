@@ -743,7 +743,8 @@ class Trainer:
             self.log.write(step, val_loss=val)
         if self.due(cfg.hellaswag_interval, step):
             self.run_hellaswag(step)
-        if self.due(cfg.sample_interval, step) and self.env.is_main:
+        # Samples from the untrained weights at step 0 would only show noise.
+        if step > 0 and self.due(cfg.sample_interval, step) and self.env.is_main:
             self.print_samples(step)
 
     def run_hellaswag(self, step: int) -> None:

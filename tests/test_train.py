@@ -133,6 +133,29 @@ def test_quickstart_keeps_explicit_flags(tmp_path: Path) -> None:
     assert resolved.dataset == "finewebedu" and not resolved.quickstart
 
 
+def test_quickstart_prepares_stdlib_trains_and_samples(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import sample
+
+    monkeypatch.setenv("NANO_GPT_DATA_ROOT", str(tmp_path / "root"))
+    monkeypatch.chdir(tmp_path)
+    # The quickstart's own model; a smaller batch than its default keeps the test quick.
+    assert train_gpt2.main(["--device=cpu", "--max-steps=1", "--val-steps=1",
+                            "--batch-size=2", "--seq-len=16", "--total-batch-size=32",
+                            "--sample-length=8"]) == 0
+    stdout = capsys.readouterr().out
+    assert "running the built-in quickstart" in stdout
+    assert "python prepare_dataset.py --dataset=finewebedu" in stdout
+    assert list((tmp_path / "root" / "stdlib").glob("stdlib_train_*.bin"))
+    log = read_log(tmp_path / "out")
+    assert [e["step"] for e in log if "val_loss" in e] == [0, 1]
+    assert [(e["step"], len(e["samples"])) for e in log if "samples" in e] == [(1, 2)]
+    assert "> def " in stdout
+    model = sample.load_model(None, str(tmp_path / "out" / "ckpt_0000001.pt"), "cpu")
+    assert model.config.n_layer == 4 and model.config.n_embd == 128  # gpt2-mini
+
+
 # ----------------------------------------------------------------------- training runs
 
 
@@ -285,9 +308,9 @@ def test_hellaswag_and_samples_during_training(tmp_path: Path,
     model = GPT.from_checkpoint(out / "ckpt_0000002.pt")
     reference = eval_hellaswag.evaluate(model, eval_hellaswag.load_examples(jsonl), "cpu")
     assert scored[-1]["hellaswag_acc_norm"] == reference.acc_norm
-    samples = [e["samples"] for e in log if "samples" in e]
-    assert len(samples) == 2 and all(len(s) == 2 and s[0].startswith("The cat")
-                                     for s in samples)
+    samples = [(e["step"], e["samples"]) for e in log if "samples" in e]
+    assert [step for step, _ in samples] == [2]  # none from the untrained weights
+    assert len(samples[0][1]) == 2 and all(s.startswith("The cat") for s in samples[0][1])
     stdout = capsys.readouterr().out
     assert "> The cat" in stdout and "HellaSwag acc_norm" in stdout
 
