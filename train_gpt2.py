@@ -12,8 +12,8 @@ gradient clipping at 1.0, vocab padded to 50304.
 Step numbering: `step` counts completed optimizer steps. The training line logged with
 step s is the update made from the weights after s updates; validation, HellaSwag and
 samples logged at step s measure those same weights; `ckpt_{s:07d}.pt` holds them.
-On --resume from step s, log.jsonl keeps only lines with step < s, so the log reads as if
-the run had never stopped.
+On --resume from step s, log.jsonl is cut back to the lines with step < s plus the line
+of checkpoint s, so the log reads as if the run had never stopped.
 """
 
 from __future__ import annotations
@@ -593,17 +593,21 @@ class JsonlLog:
             self.file.close()
 
 
-def truncate_log(path: Path, before_step: int) -> None:
-    """Keep only the log lines with step < before_step (atomically), for a resumed run."""
+def truncate_log(path: Path, resume_step: int) -> None:
+    """Cut the log back to the checkpoint a run resumes from (atomically): lines with
+    step < resume_step, plus that checkpoint's own line. The resumed run then writes the
+    rest, so the log reads as if the run had never stopped."""
     if not path.exists():
         return
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            if json.loads(line).get("step", 0) < before_step:
-                kept.append(line + "\n")
+            event = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line torn by a kill mid-write
+        step = event.get("step", 0)
+        if step < resume_step or (step == resume_step and "checkpoint" in event):
+            kept.append(line + "\n")
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.fchmod(fd, default_file_mode())
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -808,6 +812,13 @@ def start_fresh_out_dir(out_dir: Path, env: runtime.DistEnv) -> None:
         (out_dir / LOG_NAME).unlink(missing_ok=True)
 
 
+def remove_stale_temp_files(out_dir: Path) -> None:
+    """Temp files of a checkpoint or log rewrite that a kill interrupted."""
+    for pattern in (".ckpt_*.pt.*.tmp", f".{LOG_NAME}.*.tmp"):
+        for stale in out_dir.glob(pattern):
+            stale.unlink(missing_ok=True)
+
+
 def train(config: TrainConfig, explicit: set[str], argv: list[str]) -> int:
     """The recipe, top to bottom."""
     env = runtime.detect_distributed()
@@ -857,6 +868,7 @@ def train(config: TrainConfig, explicit: set[str], argv: list[str]) -> int:
         start_step = trainer.restore(resume_from)
         say(f"resumed from {resume_from} at step {start_step}")
         if env.is_main:
+            remove_stale_temp_files(out_dir)
             truncate_log(out_dir / LOG_NAME, start_step)
     else:
         start_fresh_out_dir(out_dir, env)
