@@ -444,10 +444,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    if grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    # An infinite max norm measures without clipping (--grad-clip=0).
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     scaler.step(optimizer)
     scaler.update()
     return StepResult(loss_sum, float(norm))
