@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import numpy as np
 import torch
@@ -138,9 +138,17 @@ class TrainConfig:
         return self.max_lr * 0.1 if self.min_lr is None else self.min_lr
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Flag errors as one line (argparse would print the whole usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         description="Train GPT-2 on token shards (single process or torchrun DDP).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
@@ -153,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="root of prepared datasets (default: $NANO_GPT_DATA_ROOT or "
                         "~/.cache/nano-gpt/data)")
     g.add_argument("--loader-backend", default=d.loader_backend,
-                   help="data.ShardLoader backend: auto, native or numpy")
+                   choices=("auto", "native", "numpy"),
+                   help="data.ShardLoader backend (auto: native when built)")
     g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=d.shuffle,
                    help="seeded shuffle of training shards and samples each epoch")
     g = p.add_argument_group("model")

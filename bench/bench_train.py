@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="untimed steps first (compilation, allocator; default 5 GPU, 1 CPU)")
     p.add_argument("--dtype", default="auto", choices=runtime.DTYPE_CHOICES)
     p.add_argument("--compile", action="store_true", help="torch.compile the training model")
-    p.add_argument("--loader-backend", default="auto", help="auto, native or numpy")
+    p.add_argument("--loader-backend", default="auto", choices=("auto", "native", "numpy"))
     return p.parse_args(argv)
 
 

@@ -371,6 +371,11 @@ def test_bad_inputs_fail_with_one_line(tmp_path: Path, capsys: pytest.CaptureFix
     assert train_gpt2.main(tiny_args(shards, out, "--seq-len=512",
                                      "--total-batch-size=2048")) == 2
     assert_one_error_line(capsys, "--seq-len=512", "256")
+    with pytest.raises(SystemExit) as exit_info:
+        train_gpt2.main(tiny_args(shards, out, "--batch-size=four"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--batch-size" in err and "'four'" in err
     assert not out.exists()  # nothing was written by any of these
 
     assert train_gpt2.main(tiny_args(shards, out, "--max-steps=1", "--eval-interval=0")) == 0
