@@ -798,7 +798,7 @@ class Trainer:
         self.log.write(step, samples=texts)
 
 
-def prepare_out_dir(config: TrainConfig, env: runtime.DistEnv) -> tuple[Path, Path | None]:
+def prepare_out_dir(config: TrainConfig) -> tuple[Path, Path | None]:
     """Check --out-dir against --resume/--overwrite before anything is written."""
     out_dir = Path(config.out_dir).expanduser()
     existing = list_checkpoints(out_dir) if out_dir.is_dir() else []
@@ -840,7 +840,7 @@ def train(config: TrainConfig, explicit: set[str], argv: list[str]) -> int:
     config = resolve_quickstart(config, explicit, say)
     validate(config)
     grad_accum = gradient_accumulation(config, env.world_size)
-    out_dir, resume_from = prepare_out_dir(config, env)
+    out_dir, resume_from = prepare_out_dir(config)
     if config.resume and resume_from is None:
         say(f"--resume: no checkpoint in {out_dir}; starting from scratch")
 
