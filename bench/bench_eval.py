@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import eval_hellaswag as hs  # noqa: E402
+import runtime  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 WORDS = ("the a man woman dog runs jumps into water kitchen knife cuts onion slowly then "
@@ -40,11 +41,11 @@ def synthetic_examples(count: int, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def timed(model: GPT, examples: list[dict[str, Any]], batch_size: int,
-          repeats: int) -> tuple[float, hs.HellaSwagScore]:
+          repeats: int, device: torch.device) -> tuple[float, hs.HellaSwagScore]:
     best, score = float("inf"), None
     for _ in range(repeats):
         start = time.perf_counter()
-        score = hs.evaluate(model, examples, "cpu", batch_size=batch_size)
+        score = hs.evaluate(model, examples, device, batch_size=batch_size)
         best = min(best, time.perf_counter() - start)
     assert score is not None
     return best, score
@@ -56,20 +57,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1, help="best of this many runs")
+    parser.add_argument("--device", default="cpu", help="auto, cuda, cuda:N, mps or cpu")
     args = parser.parse_args(argv)
+    device = runtime.resolve_device(args.device)
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_preset(args.preset)).eval()
+    model = GPT(GPTConfig.from_preset(args.preset)).eval().to(device)
     examples = synthetic_examples(args.examples)
     rows = [hs.render_example(e) for e in examples]
     tokens = sum(len(r.context) * 4 + sum(map(len, r.endings)) for r in rows)
     print(f"preset {args.preset}, {args.examples} examples ({tokens / args.examples:.0f} tokens "
-          f"per example over 4 rows), fp32, {torch.get_num_threads()} threads, "
+          f"per example over 4 rows), fp32, {device}, {torch.get_num_threads()} threads, "
           f"best of {args.repeats}")
-    hs.evaluate(model, examples[:2], "cpu", batch_size=2)  # warm-up
+    hs.evaluate(model, examples[:2], device, batch_size=2)  # warm-up
     results = {}
     for label, batch_size in (("one example per forward", 1),
                               (f"{args.batch_size} examples per forward", args.batch_size)):
-        results[label] = timed(model, examples, batch_size, args.repeats)
+        results[label] = timed(model, examples, batch_size, args.repeats, device)
     (base_s, base_score), (fast_s, fast_score) = results.values()
     if (base_score.correct, base_score.correct_norm) != (fast_score.correct,
                                                           fast_score.correct_norm):

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import runtime  # noqa: E402
 from data import get_tokenizer  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -34,6 +35,8 @@ def best_time(run: Callable[..., torch.Tensor], args: tuple[object, ...], repeat
     for _ in range(repeats):
         start = time.perf_counter()
         out = run(*args)
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)
         best = min(best, time.perf_counter() - start)
         if out.size(1) != expected_len:
             raise RuntimeError(f"generated {out.size(1)} positions, expected {expected_len}")
@@ -41,7 +44,7 @@ def best_time(run: Callable[..., torch.Tensor], args: tuple[object, ...], repeat
 
 
 def ours(model: GPT, idx: torch.Tensor, new_tokens: int, use_cache: bool) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=idx.device).manual_seed(0)
     return model.generate(idx, new_tokens, top_k=50, generator=generator, use_cache=use_cache)
 
 
@@ -62,23 +65,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uncached-batch-sizes", default="1",
                         help="batch sizes that also run without the KV cache")
     parser.add_argument("--repeats", type=int, default=2, help="best of this many runs")
+    parser.add_argument("--device", default="cpu", help="auto, cuda, cuda:N, mps or cpu")
     args = parser.parse_args(argv)
+    device = runtime.resolve_device(args.device)
     from transformers import GPT2LMHeadModel
 
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset(args.preset)).eval()
     with tempfile.TemporaryDirectory() as tmp:
         model.save_hf(tmp)
-        hf_model = GPT2LMHeadModel.from_pretrained(tmp).eval()
+        hf_model = GPT2LMHeadModel.from_pretrained(tmp).eval().to(device)
+    model.to(device)
     prompt = get_tokenizer().encode(PROMPT)
     total = len(prompt) + args.new_tokens
     uncached = {int(b) for b in args.uncached_batch_sizes.split(",") if b}
     print(f"preset {args.preset}, prompt {len(prompt)} tokens + {args.new_tokens} new, top-k 50, "
-          f"fp32, {torch.get_num_threads()} threads, best of {args.repeats}")
+          f"fp32, {device}, {torch.get_num_threads()} threads, best of {args.repeats}")
     print(f"{'batch':>5} {'method':<28} {'seconds':>8} {'tokens/s':>9} {'vs uncached':>11} "
           f"{'vs transformers':>15}")
     for batch in (int(b) for b in args.batch_sizes.split(",")):
-        idx = torch.tensor([prompt] * batch)
+        idx = torch.tensor([prompt] * batch, device=device)
         made = batch * args.new_tokens
         new = args.new_tokens
         times: dict[str, float] = {}
