@@ -9,6 +9,7 @@ are read as well. Shards are always memory-mapped, never read whole.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import glob as _glob
 import hashlib
@@ -17,9 +18,9 @@ import sys
 import tempfile
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import tiktoken
@@ -106,16 +107,30 @@ def write_shard(path: str | os.PathLike[str], tokens: np.ndarray | list[int]) ->
     if array.size and (array.min() < 0 or array.max() >= 2**16):
         raise ValueError(f"{path}: token ids must fit in uint16 (0..65535)")
     array = array.astype("<u2", copy=False)
+    with atomic_output(path) as f:
+        f.write(shard_header(array.size).tobytes())
+        array.tofile(f)  # straight from the array: no second copy of a large shard
+
+
+def default_file_mode() -> int:
+    """rw for whom the umask allows: mkstemp's own 0600 would hide files from the group."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """A binary file that appears at `path` only once complete (temp name in the same
+    folder, fsync, rename); on any error the temp file goes and `path` is untouched.
+    The file's `name` is the temp path, for checks that read it back before the rename."""
+    path = Path(path)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        # mkstemp makes the file 0600; a shard should get the usual umask-based mode so
-        # other users of a shared data root can read it.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(shard_header(array.size).tobytes())
-            array.tofile(f)  # straight from the array: no second copy of a large shard
+        os.fchmod(fd, default_file_mode())
+        os.close(fd)
+        with open(tmp_name, "wb") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
@@ -583,7 +598,8 @@ class _NativeRing:
         return self._new_buffer()
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        self._release_finished_copies()
+        if self.cuda:
+            self._release_finished_copies()
         try:
             slot = self.native.acquire()
         except self.module.ShardError as exc:
@@ -594,7 +610,8 @@ class _NativeRing:
             self.lent.append(buf)
             self.slots[slot] = fresh
             self.native.release(slot, fresh, fresh.data_ptr())
-            return buf[0], buf[1]
+            x, y = buf.unbind(0)
+            return x, y
         xy = buf.to(self.device, non_blocking=True)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))

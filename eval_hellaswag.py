@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import runtime
-from data import default_data_root, get_tokenizer
+from data import atomic_output, default_data_root, get_tokenizer
 from model import GPT, PretrainedNotFound
 from sample import UsageError, load_model, resolve_runtime
 
@@ -100,17 +99,10 @@ def ensure_validation_file(cache_dir: Path, url: str = HELLASWAG_VAL_URL,
     if target.is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=cache_dir, prefix=f".{target.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            _download(url, out)
-            out.flush()
-            os.fsync(out.fileno())
-        check_validation_file(tmp, expected_lines, url)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(target) as out:
+        _download(url, out)
+        out.flush()
+        check_validation_file(Path(out.name), expected_lines, url)
     return target
 
 

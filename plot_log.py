@@ -12,9 +12,10 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from data import atomic_output
 
 
 @dataclass
@@ -72,17 +73,10 @@ def plot(curves: Curves, output: Path, title: str) -> None:
         hs_ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    # Render to a temp name in the same folder, then rename: no half-written PNG.
-    fd, tmp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".png")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide the plot from the group
-    os.close(fd)
     try:
-        fig.savefig(tmp_name, dpi=120)
-        os.replace(tmp_name, output)
+        with atomic_output(output) as f:
+            fig.savefig(f, format="png", dpi=120)
     finally:
-        Path(tmp_name).unlink(missing_ok=True)
         plt.close(fig)
 
 

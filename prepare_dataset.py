@@ -235,24 +235,9 @@ def download_cached(url: str, path: Path) -> Path:
     return path
 
 
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _file_mode())  # mkstemp's 0600 would hide it from other users
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with data.atomic_output(path) as f:
+        f.write(payload)
 
 
 # ----------------------------------------------------------------------------- val rules
@@ -478,7 +463,7 @@ class SplitWriter:
             fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=f".{self._file_name()}.",
                                        suffix=".tmp")
             self.tmp_path = Path(tmp)
-            os.fchmod(fd, _file_mode())
+            os.fchmod(fd, data.default_file_mode())
             self.file = os.fdopen(fd, "wb")
             header = data.shard_header(self.shard_size).tobytes()  # patched if the shard ends short
             self.file.write(header)

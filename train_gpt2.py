@@ -23,11 +23,9 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -528,26 +526,10 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def default_file_mode() -> int:
-    """rw for whom the umask allows (mkstemp's own 0600 would hide files from the group)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save to a temp name in the same folder, fsync, then rename over `path`."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, default_file_mode())
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    """torch.save that never leaves a half-written checkpoint under `path`."""
+    with data.atomic_output(path) as f:
+        torch.save(state, f)
 
 
 def prune_checkpoints(out_dir: Path, keep: int) -> None:
@@ -615,13 +597,8 @@ def truncate_log(path: Path, resume_step: int) -> None:
         step = event.get("step", 0)
         if step < resume_step or (step == resume_step and "checkpoint" in event):
             kept.append(line + "\n")
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, default_file_mode())
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_name, path)
+    with data.atomic_output(path) as f:
+        f.write("".join(kept).encode("utf-8"))
 
 
 def format_step(step: int, max_steps: int, loss: float, lr: float, norm: float, dt: float,

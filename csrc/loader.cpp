@@ -24,6 +24,10 @@
 // the GIL released. A slot cycles free -> filling -> ready -> in use -> free (release()).
 // An exception in the producer is stored and rethrown by the next acquire(). close() stops
 // the producer between two samples and joins it, so it returns promptly even mid-fill.
+// Wake-ups. Waking a sleeping thread costs a futex call and a cross-CPU interrupt (tens of
+// microseconds on a VM), so once the ring is full the producer sleeps until half of it is
+// free (or the consumer is down to its last few batches) and then refills in one go:
+// most release() calls wake nobody.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -357,21 +361,27 @@ class BatchLoader {
       throw std::runtime_error(error_);
     }
     slot->state = State::kInUse;
-    return consume_step_++ % num_slots();
+    const int64_t taken = consume_step_++ % num_slots();
+    const bool wake = producer_waiting_ && may_produce_locked();
+    lock.unlock();
+    if (wake) cv_.notify_all();
+    return taken;
   }
 
   // Hand slot `i` back to the producer, with a new buffer (CPU) or the same one (CUDA).
   void release(int64_t i, py::object owner, uintptr_t address) {
     Slot& slot = slot_at(i);
+    bool wake = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (slot.state != State::kInUse) throw std::logic_error("BatchLoader: release() of a slot not in use");
       slot.data = reinterpret_cast<int64_t*>(address);
       slot.state = State::kFree;
+      wake = producer_waiting_ && may_produce_locked();
     }
     // Dropping the old owner may free its memory; the producer no longer points at it.
     std::swap(slot.owner, owner);
-    cv_.notify_all();
+    if (wake) cv_.notify_all();
   }
 
   // The slot the next acquire() returns.
@@ -405,6 +415,17 @@ class BatchLoader {
     py::object owner;
   };
 
+  // Whether a sleeping producer should start refilling (mu_ held): its next slot is free and
+  // either half the ring ahead of it is free too or the consumer has few batches left.
+  bool may_produce_locked() {
+    const int64_t n = num_slots();
+    const int64_t refill = std::max<int64_t>(1, n / 2);
+    const Slot& next = slots_[static_cast<size_t>(produce_step_ % n)];
+    const Slot& last = slots_[static_cast<size_t>((produce_step_ + refill - 1) % n)];
+    return next.state == State::kFree &&
+           (last.state == State::kFree || produce_step_ - consume_step_ < refill);
+  }
+
   Slot& slot_at(int64_t i) {
     if (i < 0 || i >= num_slots()) throw std::out_of_range("BatchLoader: slot index");
     return slots_[static_cast<size_t>(i)];
@@ -422,6 +443,7 @@ class BatchLoader {
 
   void produce() {
     try {
+      bool refilling = true;  // keep going while free slots last; once asleep, wait for many
       while (true) {
         int64_t step = 0;
         int64_t* out = nullptr;
@@ -430,7 +452,11 @@ class BatchLoader {
           std::unique_lock<std::mutex> lock(mu_);
           cv_.wait(lock, [&] {
             slot = &slots_[static_cast<size_t>(produce_step_ % num_slots())];
-            return stop_.load() || slot->state == State::kFree;
+            const bool go = stop_.load() ||
+                            (slot->state == State::kFree && (refilling || may_produce_locked()));
+            refilling = go;
+            producer_waiting_ = !go;
+            return go;
           });
           if (stop_) return;
           step = produce_step_;
@@ -577,6 +603,7 @@ class BatchLoader {
   int64_t produce_step_ = 0;
   int64_t consume_step_ = 0;
   std::atomic<bool> stop_{false};
+  bool producer_waiting_ = false;
   bool closed_ = false;
   bool failed_ = false;
   bool error_is_shard_ = false;
