@@ -144,11 +144,21 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Append a flag's default unless its help already explains it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default" in text or action.default in (None, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = OneLineParser(
         description="Train GPT-2 on token shards (single process or torchrun DDP).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelp)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=d.dataset,
                    help="prepared dataset NAME under the data root (default: finewebedu if "
