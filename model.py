@@ -380,9 +380,11 @@ def _nucleus_candidates(logits: torch.Tensor, p: float,
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One index per row with the given probabilities, by inverting the cumulative sum
     (torch.multinomial over a 50257-wide row is slow on CPU)."""
-    cdf = probs.double().cumsum(dim=-1)
+    # float64 keeps the tail of a 50257-token cumsum exact; MPS has no float64.
+    dtype = torch.float32 if probs.device.type == "mps" else torch.float64
+    cdf = probs.to(dtype).cumsum(dim=-1)
     u = torch.rand((probs.size(0), 1), generator=generator, device=probs.device,
-                   dtype=torch.float64) * cdf[:, -1:]
+                   dtype=dtype) * cdf[:, -1:]
     choice = torch.searchsorted(cdf, u, right=True)
     # Guard against u rounding up to the total: never step past the last possible token.
     last = probs.size(-1) - 1 - (probs > 0).flip(-1).int().argmax(dim=-1, keepdim=True)

@@ -6,11 +6,13 @@
     python prepare_dataset.py --dataset='notes/**/*.md' --name=notes
 
 Every source becomes one stream of documents (strings, in a fixed order). The stream is cut
-into chunks of about 256K characters; worker processes turn a chunk into one uint16
-array (each document preceded by <|endoftext|>) plus the per-document token counts, and
-the main process receives the chunks in order, assigns whole documents to train or val,
-and copies tokens into a fixed shard buffer that is written out (atomically) whenever it
-is full. Memory is therefore one shard buffer plus a few chunks, whatever the corpus size.
+into chunks of about 256K characters; a pool of threads turns each chunk into one uint16
+array (each document preceded by <|endoftext|>) plus the per-document token counts
+(tiktoken releases the GIL while it encodes, so threads use every core with no pickling of
+text or tokens between processes), and the main thread receives the chunks in order,
+assigns whole documents to train or val, and streams tokens into the open shard's
+temporary file, which gets its final name once full and fsynced. Memory is therefore a
+few chunks, whatever the corpus or shard size.
 
 Validation documents (deterministic, document-level, never in train):
 - `--val-tokens=N` (default 10M for the FineWeb sets): the first documents of the stream
@@ -31,11 +33,11 @@ unless `--force`.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import glob
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import re
 import sys
@@ -66,8 +68,8 @@ PROGRESS_NAME = "progress.json"
 DEFAULT_SHARD_SIZE = 100_000_000
 HUB_VAL_TOKENS = "10000000"
 SMALL_VAL_FRACTION = "10%"
-# Text per worker task: big enough that pickling and IPC are noise (a task is tens of ms),
-# small enough that the last tasks leave no core idle for long.
+# Text per task: big enough that scheduling is noise (a task is tens of ms), small enough
+# that the last tasks leave no core idle for long.
 CHUNK_CHARS = 1 << 18
 EOT = np.array([data.EOT_TOKEN], dtype=np.uint16)
 
@@ -322,7 +324,7 @@ _ENCODER: Any = None
 
 def encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """One uint16 array of `EOT doc0 EOT doc1 ...` and each document's token count (EOT
-    included). Runs in the worker processes; no per-token Python objects are made."""
+    included). Runs in the pool's threads; no per-token Python objects are made."""
     global _ENCODER
     if _ENCODER is None:
         _ENCODER = data.get_tokenizer()
@@ -357,21 +359,21 @@ def document_chunks(documents: Iterable[str], chunk_chars: int) -> Iterator[list
 def tokenized_chunks(chunks: Iterable[list[str]], num_proc: int,
                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """encode_documents over chunks, results in input order, at most a few chunks in
-    flight (Pool.imap would read the whole corpus ahead into its task queue)."""
+    flight (Executor.map would read the whole corpus ahead into its task queue)."""
     global _ENCODER
-    if _ENCODER is None:  # loaded once here, so forked workers inherit it ready-made
+    if _ENCODER is None:  # built once here, before the threads share it
         _ENCODER = data.get_tokenizer()
     if num_proc <= 1:
         yield from map(encode_documents, chunks)
         return
-    with multiprocessing.Pool(num_proc) as pool:
+    with concurrent.futures.ThreadPoolExecutor(num_proc) as pool:
         pending: deque[Any] = deque()
         for chunk in chunks:
-            pending.append(pool.apply_async(encode_documents, (chunk,)))
+            pending.append(pool.submit(encode_documents, chunk))
             if len(pending) > 2 * num_proc:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
 
 
 # ---------------------------------------------------------------------------- shard output
@@ -742,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE,
                    help="tokens per shard, e.g. 100M (default: 100M)")
     p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1,
-                   help="tokenizer worker processes (default: all CPU cores)")
+                   help="tokenizer threads (default: all CPU cores)")
     p.add_argument("--val-tokens", default=None,
                    help="validation size: N tokens taken from the start of the stream, or P%% "
                         "of the documents spread evenly (default: 10M for finewebedu/fineweb, "
