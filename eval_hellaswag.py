@@ -326,20 +326,9 @@ def _fetch_once(env: runtime.DistEnv, cache_dir: Path | None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except UsageError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (HellaSwagDataError, PretrainedNotFound, FileNotFoundError, ValueError,
-            RuntimeError) as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return runtime.cli_exit_code(
+        lambda: run(args), args.debug, (UsageError,),
+        (HellaSwagDataError, PretrainedNotFound, FileNotFoundError, ValueError, RuntimeError))
 
 
 if __name__ == "__main__":

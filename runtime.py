@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -195,6 +196,21 @@ def gpu_peak_flops(device: torch.device) -> float | None:
         if key in name:
             return flops
     return None
+
+
+def cli_exit_code(run: Callable[[], None], debug: bool,
+                  usage_errors: tuple[type[BaseException], ...],
+                  runtime_errors: tuple[type[BaseException], ...]) -> int:
+    """Run a script's body: a usage error is one stderr line and exit 2, a runtime error
+    one line and exit 1; --debug re-raises for the traceback."""
+    try:
+        run()
+    except usage_errors + runtime_errors as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, usage_errors) else 1
+    return 0
 
 
 def print0(*args: object, env: DistEnv | None = None) -> None:

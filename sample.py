@@ -190,19 +190,9 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except UsageError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (PretrainedNotFound, FileNotFoundError, ValueError, RuntimeError) as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return runtime.cli_exit_code(
+        lambda: run(args), args.debug, (UsageError,),
+        (PretrainedNotFound, FileNotFoundError, ValueError, RuntimeError))
 
 
 if __name__ == "__main__":
