@@ -35,7 +35,13 @@ from tqdm import tqdm
 import runtime
 from data import atomic_output, default_data_root, get_tokenizer
 from model import GPT, PretrainedNotFound
-from sample import UsageError, load_model, resolve_runtime
+from sample import (
+    UsageError,
+    add_model_arguments,
+    add_runtime_arguments,
+    load_model,
+    resolve_runtime,
+)
 
 HELLASWAG_VAL_URL = ("https://raw.githubusercontent.com/rowanz/hellaswag/master/data/"
                      "hellaswag_val.jsonl")
@@ -270,12 +276,7 @@ def _all_reduce_sum(values: list[int], device: torch.device) -> list[int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--pretrained", default="gpt2",
-                        help="hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local "
-                             "Hugging Face directory (default gpt2)")
-    source.add_argument("--checkpoint", default=None,
-                        help="a train_gpt2.py checkpoint file (overrides --pretrained)")
+    add_model_arguments(parser)
     parser.add_argument("--data", default=None,
                         help="a local HellaSwag jsonl (default: the validation file, "
                              "downloaded once into --cache-dir)")
@@ -285,10 +286,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, help="score the first N examples")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="examples per forward pass (4 rows each)")
-    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
-    parser.add_argument("--dtype", default="auto", choices=runtime.DTYPE_CHOICES,
-                        help="autocast dtype (auto: bf16/fp16 on GPU, fp32 on CPU)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    add_runtime_arguments(parser)
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit={args.limit}: must be at least 1")

@@ -122,14 +122,27 @@ class TokenPrinter:
         self._write(self._decoder.decode(b"", final=True))
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--pretrained / --checkpoint: where the model comes from (sample and eval scripts)."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--pretrained", default="gpt2",
                         help="hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local "
                              "Hugging Face directory (default gpt2)")
     source.add_argument("--checkpoint", default=None,
                         help="a train_gpt2.py checkpoint file (overrides --pretrained)")
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device, --dtype and --debug, as every model-running script takes them."""
+    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    parser.add_argument("--dtype", default="auto", choices=runtime.DTYPE_CHOICES,
+                        help="autocast dtype (auto: bf16/fp16 on GPU, fp32 on CPU)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
     parser.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT,
                         help=f"text to continue (default {DEFAULT_PROMPT!r})")
     parser.add_argument("--num-samples", type=int, default=5, help="samples, drawn in one batch")
@@ -144,10 +157,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42, help="sampling seed")
     parser.add_argument("--stream", action="store_true",
                         help="print sample 0 token by token as it is generated")
-    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
-    parser.add_argument("--dtype", default="auto", choices=runtime.DTYPE_CHOICES,
-                        help="autocast dtype (auto: bf16/fp16 on GPU, fp32 on CPU)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    add_runtime_arguments(parser)
     args = parser.parse_args(argv)
     if args.num_samples < 1:
         parser.error(f"--num-samples={args.num_samples}: must be at least 1")
