@@ -83,6 +83,17 @@ def test_failed_write_leaves_old_shard_and_no_temp_file(tmp_path: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
+def shard_error(path: Path, expected: list[str]) -> str:
+    """read_shard's error for `path`: it must name the file and contain each expected piece."""
+    with pytest.raises(data.ShardFormatError) as info:
+        data.read_shard(path)
+    message = str(info.value)
+    assert str(path) in message
+    for piece in expected:
+        assert piece in message
+    return message
+
+
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
@@ -101,12 +112,7 @@ def test_bin_header_corruption_errors(tmp_path: Path, content: bytes,
                                       expected: list[str]) -> None:
     path = tmp_path / "bad_train_000000.bin"
     path.write_bytes(content)
-    with pytest.raises(data.ShardFormatError) as info:
-        data.read_shard(path)
-    message = str(info.value)
-    assert str(path) in message
-    for piece in expected:
-        assert piece in message
+    message = shard_error(path, expected)
     assert "\n" not in message
 
 
@@ -146,12 +152,7 @@ def save_truncated(path: Path, cut: int) -> None:
 def test_npy_corruption_errors(tmp_path: Path, make: object, expected: list[str]) -> None:
     path = tmp_path / "bad_val_000000.npy"
     make(path)  # type: ignore[operator]
-    with pytest.raises(data.ShardFormatError) as info:
-        data.read_shard(path)
-    message = str(info.value)
-    assert str(path) in message
-    for piece in expected:
-        assert piece in message
+    shard_error(path, expected)
 
 
 def test_find_shards_picks_split_and_formats_in_order(tmp_path: Path) -> None:
