@@ -66,10 +66,6 @@ def get_tokenizer() -> tiktoken.Encoding:
     )
 
 
-def tokenizer_sha256() -> str:
-    return GPT2_RANKS_SHA256
-
-
 # ------------------------------------------------------------------------------ shard I/O
 
 DATA_ROOT_ENV = "NANO_GPT_DATA_ROOT"
