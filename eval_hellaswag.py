@@ -2,11 +2,14 @@
 
     python eval_hellaswag.py --pretrained=gpt2          # acc_norm 0.2955, acc 0.2859
 
-Each example becomes four rows, `encode(ctx) + encode(" " + ending)` (the two parts are
-encoded separately and then joined). An ending is scored by the cross-entropy of its own
+An example is scored as four rows, `encode(ctx) + encode(" " + ending)` (the two parts
+are encoded separately and then joined), and an ending by the cross-entropy of its own
 tokens only: `acc` picks the ending with the lowest sum, `acc_norm` the lowest mean.
-Several examples go through the model per forward pass; rows are right-padded and the
-padding never enters a score (causal attention keeps it out of every real position).
+The four rows share their context, so the model sees it once: one packed row per example
+holds the context and then the endings, each ending attending to the context and to
+itself with the positions it would have in a row of its own (same scores, about half the
+tokens). The output head runs only where an ending token is predicted. Several examples
+go through the model per forward pass, right-padded; padding is masked out.
 Under torchrun each rank scores `examples[rank::world_size]` and the three totals are
 all-reduced once.
 
@@ -164,50 +167,109 @@ def _unwrap(model: nn.Module) -> GPT:
     return inner
 
 
+@dataclass
+class PackedExample:
+    """One example as a single model row: each context once, then every ending but its last
+    token. `segment` and `branch` say what a token may attend to (its segment's context,
+    branch 0, and earlier tokens of its own branch); `positions` restart after the context
+    for each ending, so every ending sees exactly the positions it would in a row of its own.
+    `predicts[j]` lists the row offsets whose outputs predict ending j's tokens."""
+    tokens: list[int]
+    positions: list[int]
+    segment: list[int]
+    branch: list[int]
+    predicts: list[list[int]]
+
+    def add(self, tokens: Sequence[int], first_position: int, segment: int,
+            branch: int) -> range:
+        offsets = range(len(self.tokens), len(self.tokens) + len(tokens))
+        self.tokens.extend(tokens)
+        self.positions.extend(range(first_position, first_position + len(tokens)))
+        self.segment.extend([segment] * len(tokens))
+        self.branch.extend([branch] * len(tokens))
+        return offsets
+
+
+def pack_example(example: RenderedExample, block_size: int) -> PackedExample:
+    """The example's row for score_batch. A context plus ending longer than block_size + 1
+    tokens keeps its last block_size + 1 (the input drops the final one); such an example
+    gets one context copy per ending, since each ending then keeps a different share of it."""
+    if not example.context:
+        raise ValueError("a HellaSwag example needs at least one context token")
+    cuts = []
+    for ending in example.endings:
+        if len(ending) > block_size:
+            raise ValueError(f"an ending of {len(ending)} tokens does not fit the model's "
+                             f"block_size {block_size}")
+        cuts.append(max(0, len(example.context) + len(ending) - (block_size + 1)))
+    endings = list(enumerate(example.endings))
+    if any(cuts):
+        segments = [(example.context[cut:], [pair]) for cut, pair in zip(cuts, endings,
+                                                                          strict=True)]
+    else:
+        segments = [(example.context, endings)]
+    packed = PackedExample([], [], [], [], [[] for _ in example.endings])
+    for segment, (context, members) in enumerate(segments):
+        last_context = packed.add(context, 0, segment, branch=0)[-1]
+        for j, ending in members:
+            inputs = packed.add(ending[:-1], len(context), segment, branch=j + 1)
+            packed.predicts[j] = [last_context, *inputs]
+    return packed
+
+
 @torch.no_grad()
 def score_batch(model: nn.Module, batch: Sequence[RenderedExample],
                 device: torch.device | str,
                 precision: runtime.Precision | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum and mean of each ending's token cross-entropies, both (len(batch), 4) float32 on
-    CPU, from one forward pass over all 4 * len(batch) rows."""
+    CPU, from one forward pass with one row per example (see PackedExample)."""
     gpt = _unwrap(model)
     device = torch.device(device)
-    rows, starts = _rows(batch, gpt.config.block_size)
-    width = max(len(r) for r in rows)
-    idx = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-    # scored[r, p]: position p of row r predicts an ending token (token p + 1).
-    scored = torch.zeros((len(rows), width - 1), dtype=torch.bool)
-    for r, (row, start) in enumerate(zip(rows, starts, strict=True)):
-        idx[r, :len(row)] = torch.tensor(row)
-        scored[r, start - 1:len(row) - 1] = True
-    idx, scored = idx.to(device), scored.to(device)
+    packed = [pack_example(example, gpt.config.block_size) for example in batch]
+    idx, positions, mask = _packed_inputs(packed)
+    # Which output predicts which ending token, flattened over the batch.
+    rows, offsets, targets, endings = [], [], [], []
+    for r, (example, row) in enumerate(zip(batch, packed, strict=True)):
+        for j, (ending, predicts) in enumerate(zip(example.endings, row.predicts,
+                                                   strict=True)):
+            rows.extend([r] * len(ending))
+            offsets.extend(predicts)
+            targets.extend(ending)
+            endings.extend([r * NUM_ENDINGS + j] * len(ending))
     autocast = precision.autocast(device) if precision is not None else torch.autocast(
         device.type, enabled=False)
     with autocast:
-        hidden = gpt.hidden_states(idx[:, :-1])[scored]
-        # The output head only at scored positions: most of a row is context.
-        logits = gpt.lm_head(hidden).float()
-    losses = F.cross_entropy(logits, idx[:, 1:][scored], reduction="none")
-    row_of = torch.arange(len(rows), device=device)[:, None].expand_as(scored)[scored]
-    sums = torch.zeros(len(rows), device=device).index_add_(0, row_of, losses)
-    means = sums / scored.sum(dim=1)
-    return sums.view(-1, NUM_ENDINGS).cpu(), means.view(-1, NUM_ENDINGS).cpu()
+        hidden = gpt.hidden_states(idx.to(device), positions=positions.to(device),
+                                   attn_mask=mask.to(device))
+        # The output head only where an ending token is predicted: most outputs are not.
+        logits = gpt.lm_head(hidden[torch.tensor(rows, device=device),
+                                    torch.tensor(offsets, device=device)]).float()
+    losses = F.cross_entropy(logits, torch.tensor(targets, device=device), reduction="none")
+    sums = torch.zeros(len(batch) * NUM_ENDINGS, device=device).index_add_(
+        0, torch.tensor(endings, device=device), losses).cpu()
+    lengths = torch.tensor([len(e) for example in batch for e in example.endings])
+    means = sums / lengths
+    return sums.view(-1, NUM_ENDINGS), means.view(-1, NUM_ENDINGS)
 
 
-def _rows(batch: Sequence[RenderedExample], block_size: int) -> tuple[list[list[int]], list[int]]:
-    """Token rows (context + ending) and where each ending starts; a row longer than the
-    model's context keeps its last block_size + 1 tokens (the input drops the final one)."""
-    rows, starts = [], []
-    for example in batch:
-        for ending in example.endings:
-            row = example.context + ending
-            cut = max(0, len(row) - (block_size + 1))
-            if len(ending) > block_size:
-                raise ValueError(f"an ending of {len(ending)} tokens does not fit the model's "
-                                 f"block_size {block_size}")
-            rows.append(row[cut:])
-            starts.append(len(example.context) - cut)
-    return rows, starts
+def _packed_inputs(packed: Sequence[PackedExample]) -> tuple[torch.Tensor, ...]:
+    """Token ids, position ids (B, W) and the attention mask (B, 1, W, W) of right-padded
+    rows. A padding token attends only to padding, and no real token attends to padding."""
+    width = max(len(p.tokens) for p in packed)
+    idx = torch.full((len(packed), width), PAD_ID, dtype=torch.long)
+    positions = torch.zeros((len(packed), width), dtype=torch.long)
+    segment = torch.full((len(packed), width), -1, dtype=torch.long)
+    branch = torch.full((len(packed), width), -1, dtype=torch.long)
+    for r, p in enumerate(packed):
+        n = len(p.tokens)
+        idx[r, :n] = torch.tensor(p.tokens)
+        positions[r, :n] = torch.tensor(p.positions)
+        segment[r, :n] = torch.tensor(p.segment)
+        branch[r, :n] = torch.tensor(p.branch)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    same_segment = segment[:, :, None] == segment[:, None, :]
+    visible_branch = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+    return idx, positions, (causal & same_segment & visible_branch).unsqueeze(1)
 
 
 def predictions(sums: torch.Tensor, means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,7 +303,7 @@ def evaluate(model: nn.Module, examples: Sequence[dict[str, Any]], device: torch
     mine = [render_example(e) for e in examples[rank::world_size]]
     # Similar lengths side by side waste less compute on padding; totals do not depend on
     # the order.
-    mine.sort(key=lambda r: len(r.context) + max(map(len, r.endings)))
+    mine.sort(key=lambda r: len(r.context) + sum(map(len, r.endings)))
     was_training = model.training
     model.eval()
     correct = correct_norm = 0

@@ -84,15 +84,17 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = True  # type: ignore[assignment]
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         past = 0 if cache is None else cache.length
         if cache is not None:
             k, v = cache.append(layer, k, v)
-        if past == 0:
+        if attn_mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif T == 1:
             y = F.scaled_dot_product_attention(q, k, v)  # one new query sees the whole past
@@ -123,9 +125,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -178,19 +180,31 @@ class GPT(nn.Module):
                                    ignore_index=-1)
         return logits, loss
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-layer-norm output for every position of `idx` (B, T)."""
-        T = idx.size(1)
-        past = 0 if cache is None else cache.length
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens exceeds block_size "
-                             f"{self.config.block_size}")
-        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
+                      positions: torch.Tensor | None = None,
+                      attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-layer-norm output for every position of `idx` (B, T).
+
+        By default position t attends to positions <= t and has position id t (after any
+        cached prefix). Several sequences can share one row instead: `positions` (B, T)
+        gives each token its position id (each below block_size) and `attn_mask`
+        (B, 1, T, T) bool says which tokens each token attends to (at least itself)."""
+        if (positions is None) != (attn_mask is None):
+            raise ValueError("positions and attn_mask go together")
+        if positions is None:
+            T = idx.size(1)
+            past = 0 if cache is None else cache.length
+            if past + T > self.config.block_size:
+                raise ValueError(f"sequence of {past + T} tokens exceeds block_size "
+                                 f"{self.config.block_size}")
+            positions = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        elif cache is not None:
+            raise ValueError("a KV cache cannot be combined with an explicit attn_mask")
+        x = self.transformer.wte(idx) + self.transformer.wpe(positions)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer)
+            x = block(x, cache, layer, attn_mask)
         if cache is not None:
-            cache.length += T
+            cache.length += idx.size(1)
         return self.transformer.ln_f(x)
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float,

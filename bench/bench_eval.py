@@ -1,11 +1,18 @@
-"""HellaSwag scoring speed: examples/s with several examples per forward pass against one
-example (its 4 rows) per forward pass, same model, same code path.
+"""HellaSwag scoring speed, same model, three ways, in examples/s:
+
+1. per-example baseline: one example per forward pass as 4 right-padded rows (context +
+   ending), logits at every position, cross-entropy over the ending tokens;
+2. eval_hellaswag.score_batch with one example per forward pass (context once, output
+   head only at scored positions);
+3. eval_hellaswag.score_batch with --batch-size examples per forward pass.
 
     python bench/bench_eval.py --examples=48 --batch-size=16
 
+Ratios are printed against (1); "vs 1 per forward" isolates what batching alone gives.
+
 Random 124M-shape weights and synthetic examples whose lengths follow the real file
 (context about 20-60 words, endings about 10-30 words) are enough: speed does not depend
-on the text. Both settings must agree on every prediction; the script checks that.
+on the text. All three must agree on every prediction; the script checks that.
 """
 
 from __future__ import annotations
@@ -14,10 +21,12 @@ import argparse
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -40,12 +49,35 @@ def synthetic_examples(count: int, seed: int = 0) -> list[dict[str, Any]]:
              "label": rng.randint(0, 3)} for _ in range(count)]
 
 
-def timed(model: GPT, examples: list[dict[str, Any]], batch_size: int,
-          repeats: int, device: torch.device) -> tuple[float, hs.HellaSwagScore]:
+@torch.no_grad()
+def per_example_baseline(model: GPT, examples: list[dict[str, Any]],
+                         device: torch.device) -> hs.HellaSwagScore:
+    """One example (4 rows) per forward pass, the whole logits tensor computed."""
+    correct = correct_norm = 0
+    for rendered in map(hs.render_example, examples):
+        rows = [rendered.context + ending for ending in rendered.endings]
+        width = max(map(len, rows))
+        idx = torch.zeros((len(rows), width), dtype=torch.long)
+        scored = torch.zeros((len(rows), width), dtype=torch.bool)
+        for r, row in enumerate(rows):
+            idx[r, :len(row)] = torch.tensor(row)
+            scored[r, len(rendered.context):len(row)] = True
+        idx, scored = idx.to(device), scored.to(device)
+        logits, _ = model(idx)
+        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), idx[:, 1:], reduction="none")
+        losses = losses * scored[:, 1:]
+        sums = losses.sum(dim=1)
+        means = sums / scored.sum(dim=1)
+        correct += int(sums.argmin()) == rendered.label
+        correct_norm += int(means.argmin()) == rendered.label
+    return hs.HellaSwagScore(correct, correct_norm, len(examples))
+
+
+def timed(run: Callable[[], hs.HellaSwagScore], repeats: int) -> tuple[float, hs.HellaSwagScore]:
     best, score = float("inf"), None
     for _ in range(repeats):
         start = time.perf_counter()
-        score = hs.evaluate(model, examples, device, batch_size=batch_size)
+        score = run()
         best = min(best, time.perf_counter() - start)
     assert score is not None
     return best, score
@@ -69,18 +101,25 @@ def main(argv: list[str] | None = None) -> int:
           f"per example over 4 rows), fp32, {device}, {torch.get_num_threads()} threads, "
           f"best of {args.repeats}")
     hs.evaluate(model, examples[:2], device, batch_size=2)  # warm-up
-    results = {}
-    for label, batch_size in (("one example per forward", 1),
-                              (f"{args.batch_size} examples per forward", args.batch_size)):
-        results[label] = timed(model, examples, batch_size, args.repeats, device)
-    (base_s, base_score), (fast_s, fast_score) = results.values()
-    if (base_score.correct, base_score.correct_norm) != (fast_score.correct,
-                                                          fast_score.correct_norm):
-        raise RuntimeError("batched and per-example scoring disagree")
-    print(f"{'method':<28} {'seconds':>8} {'examples/s':>11} {'vs per-example':>15}")
+    per_example_baseline(model, examples[:2], device)
+    methods: dict[str, Callable[[], hs.HellaSwagScore]] = {
+        "per-example baseline": lambda: per_example_baseline(model, examples, device),
+        "score_batch, 1 per forward": lambda: hs.evaluate(model, examples, device,
+                                                          batch_size=1),
+        f"score_batch, {args.batch_size} per forward": lambda: hs.evaluate(
+            model, examples, device, batch_size=args.batch_size),
+    }
+    results = {label: timed(run, args.repeats) for label, run in methods.items()}
+    counts = {(score.correct, score.correct_norm) for _, score in results.values()}
+    if len(counts) != 1:
+        raise RuntimeError(f"the methods disagree on the predictions: {counts}")
+    base_s = results["per-example baseline"][0]
+    one_s = results["score_batch, 1 per forward"][0]
+    print(f"{'method':<30} {'seconds':>8} {'examples/s':>11} {'vs baseline':>12} "
+          f"{'vs 1 per forward':>17}")
     for label, (seconds, _) in results.items():
-        print(f"{label:<28} {seconds:>8.2f} {args.examples / seconds:>11.2f} "
-              f"{base_s / seconds:>14.2f}x")
+        print(f"{label:<30} {seconds:>8.2f} {args.examples / seconds:>11.2f} "
+              f"{base_s / seconds:>11.2f}x {one_s / seconds:>16.2f}x")
     return 0
 
 

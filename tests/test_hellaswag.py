@@ -156,18 +156,42 @@ def test_evaluate_restores_training_mode(tiny, examples):
         tiny.eval()
 
 
-def test_long_context_keeps_its_last_tokens(examples):
+def test_context_is_packed_once_per_example(examples):
+    for example in map(hs.render_example, examples):
+        packed = hs.pack_example(example, block_size=1024)
+        assert len(packed.tokens) == len(example.context) + sum(len(e) - 1
+                                                                for e in example.endings)
+        assert packed.tokens[:len(example.context)] == example.context
+
+
+@pytest.mark.parametrize("block_size", [32, 70])
+def test_long_context_keeps_its_last_tokens(examples, block_size):
+    """block_size 32: every ending cuts the context; 70: only the longer endings do."""
     torch.manual_seed(1)
-    model = GPT(GPTConfig.from_preset("gpt2-tiny", block_size=32)).eval()
-    example = dict(examples[0], ctx=examples[0]["ctx"] * 8)  # longer than block_size
+    model = GPT(GPTConfig.from_preset("gpt2-tiny", block_size=block_size)).eval()
+    example = dict(examples[0], ctx=" ".join(examples[0]["ctx"].split()[:30]) * 2,
+                   endings=["ran.", "the dog runs into the water and gets the ball slowly.",
+                            "a man", "his bike rope grass paints wall smiles at people."])
     rendered = hs.render_example(example)
+    lengths = [len(rendered.context) + len(e) for e in rendered.endings]
+    if block_size == 70:
+        assert min(lengths) <= block_size + 1 < max(lengths)
     sums, _ = hs.score_batch(model, [rendered], "cpu")
     for j, ending in enumerate(rendered.endings):
-        row = (rendered.context + ending)[-33:]
+        row = (rendered.context + ending)[-(block_size + 1):]
         with torch.no_grad():
             logits, _ = model(torch.tensor([row[:-1]]))
         ref = F.cross_entropy(logits[0, -len(ending):], torch.tensor(ending), reduction="sum")
         torch.testing.assert_close(sums[0, j], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_one_token_endings_match_reference(tiny, examples):
+    example = dict(examples[2], endings=["a", "dog", "b.", "the man runs."])
+    assert [len(e) for e in hs.render_example(example).endings][:2] == [1, 1]
+    sums, means = hs.score_batch(tiny, [hs.render_example(example)], "cpu")
+    ref_sums, ref_means = reference_scores(tiny, example)
+    torch.testing.assert_close(sums[0], torch.tensor(ref_sums), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(means[0], torch.tensor(ref_means), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------- distributed

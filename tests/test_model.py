@@ -157,6 +157,22 @@ def test_kv_cache_multi_token_chunk_after_prefix():
     assert (chunk - full).abs().max().item() <= 1e-5
 
 
+def test_packed_row_with_mask_equals_separate_forwards():
+    """Two sequences in one row, each attending only to itself with its own positions."""
+    model = tiny_model(4)
+    a, b = torch.randint(0, 50257, (1, 9)), torch.randint(0, 50257, (1, 6))
+    row = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(9), torch.arange(6)])[None]
+    owner = torch.tensor([0] * 9 + [1] * 6)
+    mask = (owner[:, None] == owner[None, :]) & torch.ones(15, 15, dtype=torch.bool).tril()
+    with torch.no_grad():
+        packed = model.hidden_states(row, positions=positions, attn_mask=mask[None, None])
+        torch.testing.assert_close(packed[:, :9], model.hidden_states(a), rtol=0, atol=1e-5)
+        torch.testing.assert_close(packed[:, 9:], model.hidden_states(b), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="go together"):
+        model.hidden_states(row, positions=positions)
+
+
 def test_greedy_decoding_same_with_and_without_cache():
     model = tiny_model(2)
     idx = torch.randint(0, 50257, (3, 5))
