@@ -9,6 +9,7 @@ are read as well. Shards are always memory-mapped, never read whole.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import functools
 import glob as _glob
@@ -553,7 +554,11 @@ class _NativeRing:
     """The compiled backend: a C++ thread fills ring slots; this side hands them out."""
 
     SLOTS = 8
-    LENT_KEPT = 4
+    # On CPU one C++ call takes up to half the ring (the producer refills half at a time):
+    # the call and the first tensor operations after the caller's own work are slow with
+    # cold caches, so doing them once per group keeps most next_batch() calls trivial.
+    GROUP = SLOTS // 2
+    LENT_KEPT = 2 * GROUP
 
     def __init__(self, owner: ShardLoader) -> None:
         module = _native_module()
@@ -577,6 +582,7 @@ class _NativeRing:
         for i, buf in enumerate(self.slots):
             self.native.set_buffer(i, buf, buf.data_ptr())
         self.pending: dict[int, torch.cuda.Event] = {}
+        self.ready: collections.deque[tuple[torch.Tensor, torch.Tensor]] = collections.deque()
         self.native.start(0)
         self._finalizer = weakref.finalize(self, self.native.close)
 
@@ -594,26 +600,38 @@ class _NativeRing:
         return self._new_buffer()
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cuda:
-            self._release_finished_copies()
-        try:
-            slot = self.native.acquire()
-        except self.module.ShardError as exc:
-            raise ShardFormatError(str(exc)) from None
-        buf = self.slots[slot]
         if not self.cuda:
-            fresh = self._spare_buffer()
-            self.lent.append(buf)
-            self.slots[slot] = fresh
-            self.native.release(slot, fresh, fresh.data_ptr())
-            x, y = buf.unbind(0)
-            return x, y
-        xy = buf.to(self.device, non_blocking=True)
+            if not self.ready:
+                self._take_ready_batches()
+            return self.ready.popleft()
+        self._release_finished_copies()
+        slot = self._call(self.native.acquire)
+        xy = self.slots[slot].to(self.device, non_blocking=True)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
         self.pending[slot] = event
         self._release_finished_copies()
         return xy[0], xy[1]
+
+    def _take_ready_batches(self) -> None:
+        # Each taken slot gets a spare buffer at once, so the producer can refill it while
+        # the caller still works through this group; one release call wakes it at most once.
+        handbacks = []
+        for slot in self._call(self.native.acquire_ready, self.GROUP):
+            buf = self.slots[slot]
+            x, y = buf.unbind(0)
+            self.ready.append((x, y))
+            fresh = self._spare_buffer()
+            self.lent.append(buf)
+            self.slots[slot] = fresh
+            handbacks.append((slot, fresh, fresh.data_ptr()))
+        self.native.release_many(handbacks)
+
+    def _call(self, method: Any, *args: Any) -> Any:
+        try:
+            return method(*args)
+        except self.module.ShardError as exc:
+            raise ShardFormatError(str(exc)) from None
 
     def _release_finished_copies(self) -> None:
         # A pinned slot goes back to the producer only once its copy to the GPU has finished.
@@ -631,11 +649,13 @@ class _NativeRing:
         for event in self.pending.values():
             event.synchronize()
         self.pending.clear()
+        self.ready.clear()
         self.native.seek(step)
 
     def close(self) -> None:
         for event in self.pending.values():
             event.synchronize()
         self.pending.clear()
+        self.ready.clear()
         self._finalizer()
 

@@ -22,6 +22,8 @@
 // this class keeps alive until the slot is handed a new buffer or the loader is destroyed.
 // The producer never touches Python objects, so it runs without the GIL; acquire() waits with
 // the GIL released. A slot cycles free -> filling -> ready -> in use -> free (release()).
+// On CPU, Python takes every ready batch (up to half the ring) per acquire_ready() call and
+// hands them out one by one, so most next_batch() calls do not cross into C++ at all.
 // An exception in the producer is stored and rethrown by the next acquire(). close() stops
 // the producer between two samples and joins it, so it returns promptly even mid-fill.
 // Wake-ups. Waking a sleeping thread costs a futex call and a cross-CPU interrupt (tens of
@@ -348,39 +350,66 @@ class BatchLoader {
   }
 
   // Wait (GIL released by the binding) for the next batch; returns its slot index.
-  int64_t acquire() {
+  int64_t acquire() { return acquire_ready(1).front(); }
+
+  // Wait (GIL released by the binding) for the next batch, then take it and the batches
+  // ready right behind it, up to `max_count` in all; returns their slot indices in order.
+  // Taking several per call spreads the call's fixed cost over several batches.
+  std::vector<int64_t> acquire_ready(int64_t max_count) {
+    if (max_count < 1) throw std::invalid_argument("BatchLoader: acquire_ready needs max_count >= 1");
     std::unique_lock<std::mutex> lock(mu_);
-    Slot* slot = nullptr;
-    cv_.wait(lock, [&] {
-      slot = &slots_[static_cast<size_t>(consume_step_ % num_slots())];
-      return closed_ || failed_ || (slot->state == State::kReady && slot->step == consume_step_);
-    });
+    cv_.wait(lock, [&] { return closed_ || failed_ || consumable_locked(); });
     if (closed_) throw std::runtime_error("BatchLoader: next_batch() after close()");
     if (failed_) {
       if (error_is_shard_) throw ShardError(error_);
       throw std::runtime_error(error_);
     }
-    slot->state = State::kInUse;
-    const int64_t taken = consume_step_++ % num_slots();
+    std::vector<int64_t> taken;
+    while (static_cast<int64_t>(taken.size()) < max_count && consumable_locked()) {
+      const int64_t i = consume_step_++ % num_slots();
+      slots_[static_cast<size_t>(i)].state = State::kInUse;
+      taken.push_back(i);
+    }
     const bool wake = producer_waiting_ && may_produce_locked();
     lock.unlock();
     if (wake) cv_.notify_all();
     return taken;
   }
 
+  // A slot handed back to the producer with the buffer it fills next.
+  struct Handback {
+    int64_t slot;
+    py::object owner;
+    uintptr_t address;
+  };
+
   // Hand slot `i` back to the producer, with a new buffer (CPU) or the same one (CUDA).
   void release(int64_t i, py::object owner, uintptr_t address) {
-    Slot& slot = slot_at(i);
+    std::vector<Handback> one;
+    one.push_back({i, std::move(owner), address});
+    release_many(std::move(one));
+  }
+
+  // release() for several slots under one lock, waking the producer at most once.
+  void release_many(std::vector<Handback> handbacks) {
+    for (const Handback& h : handbacks) slot_at(h.slot);  // range-check before changing any
     bool wake = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (slot.state != State::kInUse) throw std::logic_error("BatchLoader: release() of a slot not in use");
-      slot.data = reinterpret_cast<int64_t*>(address);
-      slot.state = State::kFree;
+      for (const Handback& h : handbacks) {
+        if (slots_[static_cast<size_t>(h.slot)].state != State::kInUse) {
+          throw std::logic_error("BatchLoader: release() of a slot not in use");
+        }
+      }
+      for (const Handback& h : handbacks) {
+        Slot& slot = slots_[static_cast<size_t>(h.slot)];
+        slot.data = reinterpret_cast<int64_t*>(h.address);
+        slot.state = State::kFree;
+      }
       wake = producer_waiting_ && may_produce_locked();
     }
-    // Dropping the old owner may free its memory; the producer no longer points at it.
-    std::swap(slot.owner, owner);
+    // Dropping the old owners may free their memory; the producer no longer points at it.
+    for (Handback& h : handbacks) std::swap(slots_[static_cast<size_t>(h.slot)].owner, h.owner);
     if (wake) cv_.notify_all();
   }
 
@@ -414,6 +443,12 @@ class BatchLoader {
     int64_t* data = nullptr;
     py::object owner;
   };
+
+  // Whether the batch the consumer needs next is ready (mu_ held).
+  bool consumable_locked() const {
+    const Slot& slot = slots_[static_cast<size_t>(consume_step_ % num_slots())];
+    return slot.state == State::kReady && slot.step == consume_step_;
+  }
 
   // Whether a sleeping producer should start refilling (mu_ held): its next slot is free and
   // either half the ring ahead of it is free too or the consumer has few batches left.
@@ -635,7 +670,18 @@ PYBIND11_MODULE(_loader, m) {
       .def("set_buffer", &BatchLoader::set_buffer, py::arg("slot"), py::arg("owner"), py::arg("address"))
       .def("start", &BatchLoader::start, py::arg("step"), py::call_guard<py::gil_scoped_release>())
       .def("acquire", &BatchLoader::acquire, py::call_guard<py::gil_scoped_release>())
+      .def("acquire_ready", &BatchLoader::acquire_ready, py::arg("max_count"),
+           py::call_guard<py::gil_scoped_release>())
       .def("release", &BatchLoader::release, py::arg("slot"), py::arg("owner"), py::arg("address"))
+      .def("release_many", [](BatchLoader& self, const std::vector<py::tuple>& items) {
+             std::vector<BatchLoader::Handback> handbacks;
+             handbacks.reserve(items.size());
+             for (const py::tuple& item : items) {
+               if (item.size() != 3) throw std::invalid_argument("release_many: (slot, owner, address) tuples");
+               handbacks.push_back({item[0].cast<int64_t>(), item[1], item[2].cast<uintptr_t>()});
+             }
+             self.release_many(std::move(handbacks));
+           }, py::arg("items"))
       .def("next_slot", &BatchLoader::next_slot)
       .def("seek", &BatchLoader::seek, py::arg("step"), py::call_guard<py::gil_scoped_release>())
       .def("close", &BatchLoader::close, py::call_guard<py::gil_scoped_release>());

@@ -225,3 +225,38 @@ def test_recycled_buffers_spare_any_view_the_caller_keeps(tmp_path):
         assert len(addresses) < 60  # dropped batches' memory was reused meanwhile
         for view, expected in kept:
             assert torch.equal(view, expected)
+
+
+def test_acquire_ready_takes_consecutive_ready_slots_and_release_checks_them(tmp_path):
+    paths = write_shards(tmp_path, [20_000])
+    B, T, slots = 2, 16, 8
+    assert _loader is not None
+    native = _loader.BatchLoader([str(p) for p in paths], B, T, 0, 1, False, 0, 50257, slots)
+    buffers = [torch.zeros((2, B, T), dtype=torch.int64) for _ in range(slots)]
+    for i, buf in enumerate(buffers):
+        native.set_buffer(i, buf, buf.data_ptr())
+    native.start(0)
+    try:
+        deadline = time.monotonic() + 10
+        time.sleep(0.05)
+        taken = native.acquire_ready(4)
+        while len(taken) < 4 and time.monotonic() < deadline:  # a slow machine: start over
+            native.seek(0)
+            time.sleep(0.2)
+            taken = native.acquire_ready(4)
+        assert taken == [0, 1, 2, 3]  # the first four steps, in order, never more than asked
+        tokens = data.read_shard(paths[0]).astype(np.int64)
+        for step, slot in enumerate(taken):
+            first_sample = torch.from_numpy(tokens[step * B * T:step * B * T + T + 1])
+            assert torch.equal(buffers[slot][0, 0], first_sample[:-1])
+            assert torch.equal(buffers[slot][1, 0], first_sample[1:])
+        # One bad slot fails the whole call before any slot changes hands.
+        with pytest.raises(RuntimeError, match="not in use"):
+            native.release_many([(0, buffers[0], buffers[0].data_ptr()),
+                                 (4, buffers[4], buffers[4].data_ptr())])
+        native.release_many([(s, buffers[s], buffers[s].data_ptr()) for s in taken])
+        assert native.acquire_ready(1) == [4]
+        with pytest.raises(ValueError, match="max_count"):
+            native.acquire_ready(0)
+    finally:
+        native.close()
