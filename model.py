@@ -442,17 +442,28 @@ def resolve_pretrained_dir(name_or_dir: str) -> Path:
 
 
 def _download_from_hub(repo: str, name: str) -> Path:
-    from huggingface_hub import hf_hub_download
-
     try:
-        for filename in ("config.json", "model.safetensors"):
-            weights = hf_hub_download(repo, filename)
+        # Released weights never change: a cached copy is used without a request to the hub
+        # (the client otherwise checks each file's etag online first).
+        return _hub_files(repo, local_files_only=True)
+    except Exception:  # not cached yet (LocalEntryNotFoundError), or only partly
+        pass
+    try:
+        return _hub_files(repo, local_files_only=False)
     except Exception as exc:  # the hub raises many types for offline / DNS / HTTP failures
         raise PretrainedNotFound(
             f"could not download '{name}' from the Hugging Face hub ({type(exc).__name__}; "
             "no network?): pass a local directory with model.safetensors and config.json "
             "instead, e.g. --pretrained=/path/to/gpt2") from exc
-    return Path(weights).parent
+
+
+def _hub_files(repo: str, local_files_only: bool) -> Path:
+    """The snapshot folder holding the repo's config.json and model.safetensors."""
+    from huggingface_hub import hf_hub_download
+
+    paths = [hf_hub_download(repo, filename, local_files_only=local_files_only)
+             for filename in ("config.json", "model.safetensors")]
+    return Path(paths[-1]).parent
 
 
 def config_from_hf_json(path: Path) -> GPTConfig:

@@ -120,6 +120,27 @@ def test_hub_name_offline_fails_with_one_line(tmp_path: Path):
     assert "local directory" in last and "gpt2" in last
 
 
+def test_hub_name_loads_from_the_local_hub_cache_without_network(tmp_path: Path):
+    hf = random_hf_model("2-layer")
+    snapshot = tmp_path / "hub" / "models--openai-community--gpt2" / "snapshots" / ("0" * 40)
+    save_pretrained_layout(hf, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    out = tmp_path / "state.pt"
+    code = ("import sys, torch, model; "
+            "torch.save(model.GPT.from_pretrained('gpt2').state_dict(), sys.argv[1])")
+    env = {**os.environ, "HF_HOME": str(tmp_path)}
+    env.pop("HF_HUB_OFFLINE", None)
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    expected = GPT.from_pretrained(str(snapshot)).state_dict()
+    loaded = torch.load(out, weights_only=True)
+    assert loaded.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(loaded[key], tensor), key
+
+
 def test_unknown_name_is_not_sent_to_the_hub():
     with pytest.raises(PretrainedNotFound, match="neither a local directory"):
         GPT.from_pretrained("definitely-not-a-model")
