@@ -26,10 +26,12 @@
 // hands them out one by one, so most next_batch() calls do not cross into C++ at all.
 // An exception in the producer is stored and rethrown by the next acquire(). close() stops
 // the producer between two samples and joins it, so it returns promptly even mid-fill.
-// Wake-ups. Waking a sleeping thread costs a futex call and a cross-CPU interrupt (tens of
-// microseconds on a VM), so once the ring is full the producer sleeps until half of it is
-// free (or the consumer is down to its last few batches) and then refills in one go:
-// most release() calls wake nobody.
+// Wake-ups. Waking a sleeping thread costs a futex call and a cross-CPU interrupt (tens to
+// hundreds of microseconds on a VM), paid by the caller of next_batch(). So once the ring is
+// full the producer sleeps until half of it is free and then refills in one go, and it
+// notices that by itself: it rechecks every millisecond. The consumer wakes it only when
+// fewer than half a ring of ready batches is left, so a consumer slower than the producer
+// never pays for a wake-up.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -44,6 +46,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -68,6 +71,8 @@ constexpr int64_t kHeaderBytes = kHeaderInts * sizeof(int32_t);
 // add 2 MB to the resident set. The maps' pages are dropped (they stay in the page cache)
 // once the 2 MB granules touched since the last drop could add up to kMapBudgetBytes, which
 // keeps the resident set flat in shard size even under shuffled access.
+// How often a sleeping producer checks for free slots on its own (see "Wake-ups").
+constexpr auto kProducerPoll = std::chrono::milliseconds(1);
 constexpr int64_t kGranuleBytes = int64_t{2} << 20;
 constexpr int64_t kMapBudgetBytes = int64_t{32} << 20;
 
@@ -358,6 +363,7 @@ class BatchLoader {
   std::vector<int64_t> acquire_ready(int64_t max_count) {
     if (max_count < 1) throw std::invalid_argument("BatchLoader: acquire_ready needs max_count >= 1");
     std::unique_lock<std::mutex> lock(mu_);
+    if (!consumable_locked() && running_low_locked()) cv_.notify_all();  // about to wait
     cv_.wait(lock, [&] { return closed_ || failed_ || consumable_locked(); });
     if (closed_) throw std::runtime_error("BatchLoader: next_batch() after close()");
     if (failed_) {
@@ -370,7 +376,7 @@ class BatchLoader {
       slots_[static_cast<size_t>(i)].state = State::kInUse;
       taken.push_back(i);
     }
-    const bool wake = producer_waiting_ && may_produce_locked();
+    const bool wake = running_low_locked();
     lock.unlock();
     if (wake) cv_.notify_all();
     return taken;
@@ -406,7 +412,7 @@ class BatchLoader {
         slot.data = reinterpret_cast<int64_t*>(h.address);
         slot.state = State::kFree;
       }
-      wake = producer_waiting_ && may_produce_locked();
+      wake = running_low_locked();
     }
     // Dropping the old owners may free their memory; the producer no longer points at it.
     for (Handback& h : handbacks) std::swap(slots_[static_cast<size_t>(h.slot)].owner, h.owner);
@@ -461,6 +467,13 @@ class BatchLoader {
            (last.state == State::kFree || produce_step_ - consume_step_ < refill);
   }
 
+  // Whether the consumer should wake the sleeping producer (mu_ held): it could refill and
+  // fewer than half a ring of batches is ready ahead of the consumer.
+  bool running_low_locked() {
+    const int64_t refill = std::max<int64_t>(1, num_slots() / 2);
+    return producer_waiting_ && may_produce_locked() && produce_step_ - consume_step_ < refill;
+  }
+
   Slot& slot_at(int64_t i) {
     if (i < 0 || i >= num_slots()) throw std::out_of_range("BatchLoader: slot index");
     return slots_[static_cast<size_t>(i)];
@@ -485,14 +498,16 @@ class BatchLoader {
         Slot* slot = nullptr;
         {
           std::unique_lock<std::mutex> lock(mu_);
-          cv_.wait(lock, [&] {
+          const auto ready_to_go = [&] {
             slot = &slots_[static_cast<size_t>(produce_step_ % num_slots())];
             const bool go = stop_.load() ||
                             (slot->state == State::kFree && (refilling || may_produce_locked()));
             refilling = go;
             producer_waiting_ = !go;
             return go;
-          });
+          };
+          while (!cv_.wait_for(lock, kProducerPoll, ready_to_go)) {
+          }
           if (stop_) return;
           step = produce_step_;
           out = slot->data;
