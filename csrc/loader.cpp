@@ -71,10 +71,10 @@ constexpr int64_t kHeaderBytes = kHeaderInts * sizeof(int32_t);
 // add 2 MB to the resident set. The maps' pages are dropped (they stay in the page cache)
 // once the 2 MB granules touched since the last drop could add up to kMapBudgetBytes, which
 // keeps the resident set flat in shard size even under shuffled access.
-// How often a sleeping producer checks for free slots on its own (see "Wake-ups").
-constexpr auto kProducerPoll = std::chrono::milliseconds(1);
 constexpr int64_t kGranuleBytes = int64_t{2} << 20;
 constexpr int64_t kMapBudgetBytes = int64_t{32} << 20;
+// How often a sleeping producer checks for free slots on its own (see "Wake-ups").
+constexpr auto kProducerPoll = std::chrono::milliseconds(1);
 
 // A bad shard; Python sees it as _loader.ShardError (a ValueError).
 class ShardError : public std::runtime_error {
