@@ -615,7 +615,7 @@ class _NativeRing:
 
     def _take_ready_batches(self) -> None:
         # Each taken slot gets a spare buffer at once, so the producer can refill it while
-        # the caller still works through this group; one release call wakes it at most once.
+        # the caller still works through this group; one call hands all of them back.
         handbacks = []
         for slot in self._call(self.native.acquire_ready, self.GROUP):
             buf = self.slots[slot]
