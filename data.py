@@ -18,14 +18,17 @@ import os
 import sys
 import tempfile
 import threading
+import urllib.request
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
-import tiktoken
-import torch
+
+if TYPE_CHECKING:  # imported where used, so plot_log.py needs neither torch nor tiktoken
+    import tiktoken
+    import torch
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 GPT2_RANKS_FILE = ASSETS_DIR / "gpt2.tiktoken"
@@ -48,6 +51,8 @@ class ShardFormatError(ValueError):
 @functools.lru_cache(maxsize=1)
 def get_tokenizer() -> tiktoken.Encoding:
     """The GPT-2 BPE from the ranks file in `assets/`, checked against its sha256."""
+    import tiktoken
+
     raw = GPT2_RANKS_FILE.read_bytes()
     digest = hashlib.sha256(raw).hexdigest()
     if digest != GPT2_RANKS_SHA256:
@@ -134,6 +139,33 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def download(url: str, path: Path, check: Callable[[Path], None] | None = None,
+             timeout: float = 60) -> Path:
+    """`url` saved at `path` once: later calls find the file and return at once. The body
+    streams into a temp file that `check` (if given) validates before it is renamed into
+    place, so `path` never holds a partial or bad download."""
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as out:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+        except OSError as exc:  # URLError, timeouts and resets are all OSErrors
+            reason = getattr(exc, "reason", exc)
+            raise DownloadError(f"cannot download {url} ({reason}; no network?): save that "
+                                f"file as {path} and rerun") from None
+        out.flush()
+        if check is not None:
+            check(Path(out.name))
+    return path
+
+
+class DownloadError(RuntimeError):
+    """A download that failed; the message says where to put a copy made elsewhere."""
 
 
 def read_shard(path: str | os.PathLike[str]) -> np.ndarray:
@@ -430,6 +462,8 @@ class ShardLoader:
         self.batch_size, self.seq_len = batch_size, seq_len
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.seed, self.vocab_size = bool(shuffle), int(seed), vocab_size
+        import torch
+
         self.device = torch.device(device)
         self.step = 0
         self.backend = self._pick_backend(backend)
@@ -531,6 +565,8 @@ class ShardLoader:
         return backend
 
     def _numpy_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         assert self._numpy is not None
         tokens = self._numpy.batch(self.step)
         xy = torch.empty((2, self.batch_size, self.seq_len), dtype=torch.int64)
@@ -544,6 +580,8 @@ class ShardLoader:
 
 def _storage_users(tensor: torch.Tensor) -> int:
     """How many tensors share `tensor`'s memory (-1 where torch cannot say)."""
+    import torch
+
     use_count = getattr(torch._C, "_storage_Use_Count", None)
     if use_count is None:
         return -1
@@ -587,6 +625,8 @@ class _NativeRing:
         self._finalizer = weakref.finalize(self, self.native.close)
 
     def _new_buffer(self) -> torch.Tensor:
+        import torch
+
         return torch.empty((2, self.B, self.T), dtype=torch.int64, pin_memory=self.cuda)
 
     def _spare_buffer(self) -> torch.Tensor:
@@ -604,6 +644,8 @@ class _NativeRing:
             if not self.ready:
                 self._take_ready_batches()
             return self.ready.popleft()
+        import torch
+
         self._release_finished_copies()
         slot = self._call(self.native.acquire)
         xy = self.slots[slot].to(self.device, non_blocking=True)

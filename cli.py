@@ -1,0 +1,117 @@
+"""What every script's command line shares, and the `nano-gpt` console command.
+
+    nano-gpt train --device=cuda            # the same as: python train_gpt2.py --device=cuda
+    nano-gpt sample --pretrained=gpt2       # python sample.py --pretrained=gpt2
+    nano-gpt eval --pretrained=gpt2         # python eval_hellaswag.py --pretrained=gpt2
+    nano-gpt prepare_dataset --dataset=stdlib
+
+Error policy: bad input ends as one line on stderr naming the flag or file and the fix;
+a UsageError (a bad flag) exits 2, a runtime failure (a missing or unreadable file, an
+OSError such as a full disk, a bad value in a data file) exits 1. `--debug` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    import torch
+
+    import runtime
+    from model import GPT
+
+COMMANDS = {"train": "train_gpt2", "sample": "sample", "eval": "eval_hellaswag",
+            "prepare_dataset": "prepare_dataset"}
+
+
+class UsageError(ValueError):
+    """Bad command-line input: one line on stderr, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with flag errors as one line (argparse prints the whole usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_script(body: Callable[[], int | None], debug: bool, prog: str) -> int:
+    """A script's exit status under the error policy above."""
+    try:
+        return body() or 0
+    except (OSError, ValueError, RuntimeError) as exc:
+        if debug:
+            raise
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"{prog}: error: {text}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--pretrained / --checkpoint: where the model comes from."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--pretrained", default="gpt2",
+                        help="hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local "
+                             "Hugging Face directory (default gpt2)")
+    source.add_argument("--checkpoint", default=None,
+                        help="a train_gpt2.py checkpoint file (overrides --pretrained)")
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device, --dtype and --debug, as every model-running script takes them."""
+    import runtime
+
+    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    parser.add_argument("--dtype", default="auto", choices=runtime.DTYPE_CHOICES,
+                        help="autocast dtype (auto: bf16/fp16 on GPU, fp32 on CPU)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def resolve_runtime(device_name: str, dtype: str) -> tuple[torch.device, runtime.Precision]:
+    """Device and precision from the flags; a device that is not there is a usage error."""
+    import runtime
+
+    try:
+        device = runtime.resolve_device(device_name)
+        return device, runtime.resolve_precision(device, dtype)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def load_model(pretrained: str | None, checkpoint: str | None,
+               device: torch.device | str) -> GPT:
+    """A GPT from a train_gpt2.py checkpoint (preferred when given) or from pretrained
+    weights (hub name or local Hugging Face directory), in eval mode on `device`."""
+    from model import GPT
+
+    if checkpoint is not None:
+        model = GPT.from_checkpoint(checkpoint)
+    elif pretrained is not None:
+        model = GPT.from_pretrained(pretrained)
+    else:
+        raise UsageError("pass --pretrained=NAME|DIR or --checkpoint=PATH")
+    return model.to(device).eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`nano-gpt COMMAND [FLAGS]`: runs the main() of the script COMMAND names."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        given = f"unknown command {argv[0]!r}; " if argv and argv[0] not in ("-h", "--help") \
+            else ""
+        print(f"nano-gpt: {given}usage: nano-gpt {{{','.join(COMMANDS)}}} [FLAGS] "
+              "(each command's --help lists its flags)", file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    script = importlib.import_module(COMMANDS[argv[0]])
+    sys.argv[0] = f"nano-gpt {argv[0]}"
+    return int(script.main(argv[1:]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
