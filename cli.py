@@ -41,7 +41,7 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def run_script(body: Callable[[], int | None], debug: bool, prog: str) -> int:
+def run_script(body: Callable[[], int | None], debug: bool) -> int:
     """A script's exit status under the error policy above."""
     try:
         return body() or 0
@@ -49,7 +49,7 @@ def run_script(body: Callable[[], int | None], debug: bool, prog: str) -> int:
         if debug:
             raise
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"{prog}: error: {text}", file=sys.stderr)
+        print(f"error: {text}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
 
 

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import sys
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,16 +34,10 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+import cli
 import runtime
-from data import atomic_output, default_data_root, get_tokenizer
-from model import GPT, PretrainedNotFound
-from sample import (
-    UsageError,
-    add_model_arguments,
-    add_runtime_arguments,
-    load_model,
-    resolve_runtime,
-)
+from data import DownloadError, default_data_root, download, get_tokenizer
+from model import GPT
 
 HELLASWAG_VAL_URL = ("https://raw.githubusercontent.com/rowanz/hellaswag/master/data/"
                      "hellaswag_val.jsonl")
@@ -104,26 +97,11 @@ def parse_example(line: str, where: str) -> dict[str, Any]:
 def ensure_validation_file(cache_dir: Path, url: str = HELLASWAG_VAL_URL,
                            expected_lines: int = HELLASWAG_VAL_EXAMPLES) -> Path:
     """The cached validation file, downloaded first if it is not there yet."""
-    target = cache_dir / HELLASWAG_VAL_FILE
-    if target.is_file():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_output(target) as out:
-        _download(url, out)
-        out.flush()
-        check_validation_file(Path(out.name), expected_lines, url)
-    return target
-
-
-def _download(url: str, out: Any) -> None:
     try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-    except OSError as exc:  # URLError, timeouts and resets are all OSErrors
-        reason = getattr(exc, "reason", exc)
-        raise HellaSwagDataError(f"could not download {url} ({reason}; no network?): pass "
-                                 "--data=JSONL with a local copy of hellaswag_val.jsonl") from None
+        return download(url, cache_dir / HELLASWAG_VAL_FILE,
+                        check=lambda path: check_validation_file(path, expected_lines, url))
+    except DownloadError as exc:
+        raise HellaSwagDataError(f"{exc}, or pass --data=JSONL with a local copy") from None
 
 
 def check_validation_file(path: Path, expected_lines: int, source: str) -> None:
@@ -337,8 +315,8 @@ def _all_reduce_sum(values: list[int], device: torch.device) -> list[int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_model_arguments(parser)
+    parser = cli.Parser(description=__doc__.split("\n\n")[0])
+    cli.add_model_arguments(parser)
     parser.add_argument("--data", default=None,
                         help="a local HellaSwag jsonl (default: the validation file, "
                              "downloaded once into --cache-dir)")
@@ -348,7 +326,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, help="score the first N examples")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="examples per forward pass (4 rows each)")
-    add_runtime_arguments(parser)
+    cli.add_runtime_arguments(parser)
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit={args.limit}: must be at least 1")
@@ -359,14 +337,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     env = runtime.detect_distributed()
-    device, precision = resolve_runtime(args.device, args.dtype)
+    device, precision = cli.resolve_runtime(args.device, args.dtype)
     device = runtime.distributed_device(env, device)
     with runtime.distributed(env, device):
         data = args.data
         if data is None:
             data = _fetch_once(env, Path(args.cache_dir) if args.cache_dir else None)
         examples = load_examples(data, args.limit)
-        model = load_model(None if args.checkpoint else args.pretrained, args.checkpoint, device)
+        model = cli.load_model(None if args.checkpoint else args.pretrained, args.checkpoint,
+                               device)
         score = evaluate(model, examples, device, args.batch_size, precision, env.rank,
                          env.world_size, progress=env.is_main)
         runtime.print0(f"acc: {score.correct}/{score.total} = {score.acc:.4f}", env=env)
@@ -386,9 +365,7 @@ def _fetch_once(env: runtime.DistEnv, cache_dir: Path | None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return runtime.cli_exit_code(
-        lambda: run(args), args.debug, (UsageError,),
-        (HellaSwagDataError, PretrainedNotFound, FileNotFoundError, ValueError, RuntimeError))
+    return cli.run_script(lambda: run(args), args.debug)
 
 
 if __name__ == "__main__":

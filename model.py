@@ -1,15 +1,14 @@
 """GPT-2 in one file: config presets, the model, KV-cache generation, HF weight import/export.
 
 Only torch is imported at module level so this file can be pasted into a notebook cell;
-`huggingface_hub` and `safetensors` are imported inside the functions that read or write
-Hugging Face checkpoints.
+`huggingface_hub`, `safetensors` and the project's atomic file writer (data.py) are imported
+inside the functions that read or write Hugging Face checkpoints.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,39 +231,30 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Append `max_new_tokens` sampled tokens to `idx` (B, T); temperature 0 is greedy."""
-        steps = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
-                                     generator, use_cache)
+        steps = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator)
         return torch.cat([idx, *steps], dim=1)
 
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None,
-                        generator: torch.Generator | None = None,
-                        use_cache: bool = True) -> Iterator[torch.Tensor]:
-        """Yield each new (B, 1) token as soon as it is sampled."""
+                        generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Yield each new (B, 1) token as soon as it is sampled (KV cache: each step runs
+        the model on the newest token only)."""
         if idx.size(1) + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt ({idx.size(1)}) + new tokens ({max_new_tokens}) exceed "
                              f"block_size {self.config.block_size}")
-        if max_new_tokens <= 0:
-            return
-        cache = None
-        if use_cache:
-            dtype = self.transformer.wte.weight.dtype
-            if torch.is_autocast_enabled(idx.device.type):
-                dtype = torch.get_autocast_dtype(idx.device.type)
-            cache = KVCache(self.config, idx.size(0), idx.size(1) + max_new_tokens,
-                            idx.device, dtype)
-        seq, fresh = idx, idx
+        dtype = self.transformer.wte.weight.dtype
+        if torch.is_autocast_enabled(idx.device.type):
+            dtype = torch.get_autocast_dtype(idx.device.type)
+        cache = KVCache(self.config, idx.size(0), idx.size(1) + max_new_tokens, idx.device,
+                        dtype)
+        token = idx
         for _ in range(max_new_tokens):
-            x = self.hidden_states(fresh if use_cache else seq, cache)
-            logits = self.lm_head(x[:, -1, :]).float()
+            logits = self.lm_head(self.hidden_states(token, cache)[:, -1, :])
             token = sample_next_token(logits, temperature, top_k, top_p, generator)
             yield token
-            fresh = token
-            if not use_cache:
-                seq = torch.cat([seq, token], dim=1)
 
     # ------------------------------------------------------------------ Hugging Face weights
 
@@ -281,13 +271,9 @@ class GPT(nn.Module):
         return model
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike[str],
-                        map_location: str | torch.device = "cpu") -> GPT:
-        """The model of a train_gpt2.py checkpoint (keys `model_config` and `model`)."""
-        state = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(state, dict) or "model_config" not in state or "model" not in state:
-            raise ValueError(f"{path}: not a nano-gpt checkpoint (needs 'model_config' and "
-                             "'model' entries)")
+    def from_checkpoint(cls, checkpoint: str | os.PathLike[str] | dict[str, Any]) -> GPT:
+        """The model of a train_gpt2.py checkpoint: its path, or its load_checkpoint() dict."""
+        state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
         model = cls(GPTConfig(**state["model_config"]))
         model.load_state_dict(state["model"])
         return model
@@ -319,7 +305,9 @@ class GPT(nn.Module):
 
     def save_hf(self, directory: str | os.PathLike[str]) -> None:
         """Write `model.safetensors` + `config.json` that `GPT2LMHeadModel` loads."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from data import atomic_output
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
@@ -334,10 +322,30 @@ class GPT(nn.Module):
                 tensor = tensor.t()
             tensors[key] = tensor.detach().to("cpu", torch.float32).contiguous()
         hf_config = hf_config_dict(self.config, vocab)
-        _atomic_write(out / "model.safetensors", lambda p: save_file(tensors, str(p),
-                                                                     metadata={"format": "pt"}))
-        _atomic_write(out / "config.json",
-                      lambda p: p.write_text(json.dumps(hf_config, indent=2) + "\n"))
+        with atomic_output(out / "model.safetensors") as f:
+            f.write(save(tensors, metadata={"format": "pt"}))
+        with atomic_output(out / "config.json") as f:
+            f.write((json.dumps(hf_config, indent=2) + "\n").encode())
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A train_gpt2.py checkpoint as saved, on CPU. weights_only loading runs no code from
+    the file; anything that is not such a checkpoint is one ValueError naming the file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: checkpoint file not found; pass the path of a "
+                                "ckpt_*.pt file written by train_gpt2.py")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling fails in many types
+        raise ValueError(f"{path}: not a readable train_gpt2.py checkpoint "
+                         f"({type(exc).__name__}); pass a ckpt_*.pt file") from None
+    fields = set(GPTConfig.__dataclass_fields__)
+    if (not isinstance(state, dict) or not isinstance(state.get("model"), dict)
+            or not isinstance(state.get("model_config"), dict)
+            or set(state["model_config"]) != fields):
+        raise ValueError(f"{path}: not a train_gpt2.py checkpoint (no model_config/model "
+                         "entries); pass a ckpt_*.pt file")
+    return state
 
 
 _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
@@ -354,72 +362,30 @@ def _strip_prefix(key: str) -> str:
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                       top_p: float | None = None,
                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick one token per row of `logits` (B, V); never a padding id >= 50257."""
-    if logits.size(-1) > GPT2_VOCAB_SIZE:
-        logits = logits[:, :GPT2_VOCAB_SIZE]
+    """One token per row of `logits` (B, V), never a padding id >= 50257: the argmax at
+    temperature 0, else a draw from softmax(logits / temperature) restricted to the top_k
+    largest and then to the smallest top set holding top_p of the probability."""
+    logits = logits[:, :GPT2_VOCAB_SIZE].float()
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
-    if top_k is None and top_p is None:
-        return _draw(F.softmax(logits, dim=-1), generator)
-    # Filter and draw among the few largest logits only: on CPU a sort of, or a draw from,
-    # the whole 50257-token row costs more than a decoding step of the 124M model.
-    if top_k is not None:
-        values, ids = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
-        if top_p is not None:
-            values = top_p_filter(values, top_p)  # nucleus of the renormalised top k
-    else:
-        assert top_p is not None
-        values, ids = _nucleus_candidates(logits, top_p)
-    return ids.gather(-1, _draw(F.softmax(values, dim=-1), generator))
-
-
-def _nucleus_candidates(logits: torch.Tensor, p: float,
-                        first_guess: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top logits of each row in falling order, enough of them to hold the nucleus,
-    those outside it set to -inf; with their ids. Same tokens as top_p_filter keeps."""
-    vocab = logits.size(-1)
-    log_total = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
-    k = min(first_guess, vocab)
-    while True:
-        values, ids = torch.topk(logits, k, dim=-1)
-        probs = torch.exp(values.float() - log_total)
-        before = probs.cumsum(dim=-1) - probs
-        # Enough candidates once the first token left out would be dropped anyway.
-        if k == vocab or bool((before[:, -1] + probs[:, -1] >= p).all()):
-            return values.masked_fill(before >= p, float("-inf")), ids
-        k = min(4 * k, vocab)
-
-
-def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One index per row with the given probabilities, by inverting the cumulative sum
-    (torch.multinomial over a 50257-wide row is slow on CPU)."""
-    # float64 keeps the tail of a 50257-token cumsum exact; MPS has no float64.
-    dtype = torch.float32 if probs.device.type == "mps" else torch.float64
-    cdf = probs.to(dtype).cumsum(dim=-1)
-    u = torch.rand((probs.size(0), 1), generator=generator, device=probs.device,
-                   dtype=dtype) * cdf[:, -1:]
-    choice = torch.searchsorted(cdf, u, right=True)
-    # Guard against u rounding up to the total: never step past the last possible token.
-    last = probs.size(-1) - 1 - (probs > 0).flip(-1).int().argmax(dim=-1, keepdim=True)
-    return torch.minimum(choice, last)
-
-
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits of each row, set the rest to -inf."""
-    k = min(k, logits.size(-1))
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of top tokens whose probability sums to at least p."""
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = F.softmax(sorted_logits, dim=-1)
-    # A token is dropped when the tokens ranked above it already reach p.
-    drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
-    drop = drop_sorted.scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    ids = None
+    if top_k is not None or top_p is not None:
+        # Only the candidates are sorted and drawn from: on CPU a draw over the whole
+        # 50257-wide row costs about as much as a decoding step of the 124M model.
+        logits, ids = torch.topk(logits, min(top_k or logits.size(-1), logits.size(-1)))
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None:
+        # Keep the smallest set of top tokens whose probability reaches top_p.
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+    # Inverting the cumulative sum (torch.multinomial is several times slower on CPU);
+    # float64 keeps a 50257-term sum exact, MPS has none. With u in (0, total] the first
+    # cdf >= u always belongs to a token of non-zero probability.
+    cdf = probs.to(torch.float32 if probs.device.type == "mps" else torch.float64).cumsum(-1)
+    u = (1 - torch.rand(cdf[:, :1].shape, generator=generator, device=cdf.device,
+                        dtype=cdf.dtype)) * cdf[:, -1:]
+    choice = torch.searchsorted(cdf, u)
+    return choice if ids is None else ids.gather(-1, choice)
 
 
 class PretrainedNotFound(RuntimeError):
@@ -494,16 +460,3 @@ def hf_config_dict(config: GPTConfig, vocab_size: int) -> dict[str, Any]:
         "eos_token_id": GPT2_VOCAB_SIZE - 1,
         "tie_word_embeddings": True,
     }
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

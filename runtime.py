@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -96,13 +93,6 @@ def enable_tf32() -> None:
     """TF32 matmuls and convolutions on CUDA: ~free speed, fp32 accumulate."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (every device) RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # --------------------------------------------------------------------------- distributed
@@ -196,21 +186,6 @@ def gpu_peak_flops(device: torch.device) -> float | None:
         if key in name:
             return flops
     return None
-
-
-def cli_exit_code(run: Callable[[], None], debug: bool,
-                  usage_errors: tuple[type[BaseException], ...],
-                  runtime_errors: tuple[type[BaseException], ...]) -> int:
-    """Run a script's body: a usage error is one stderr line and exit 2, a runtime error
-    one line and exit 1; --debug re-raises for the traceback."""
-    try:
-        run()
-    except usage_errors + runtime_errors as exc:
-        if debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, usage_errors) else 1
-    return 0
 
 
 def print0(*args: object, env: DistEnv | None = None) -> None:

@@ -17,36 +17,16 @@ import codecs
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 
+import cli
 import runtime
+from cli import UsageError
 from data import EOT_TOKEN, get_tokenizer
-from model import GPT, PretrainedNotFound
+from model import GPT
 
 DEFAULT_PROMPT = "Hello, I'm a language model,"
-
-
-class UsageError(ValueError):
-    """Bad command-line input: exit status 2."""
-
-
-def load_model(pretrained: str | None, checkpoint: str | None,
-               device: torch.device | str) -> GPT:
-    """A GPT from a train_gpt2.py checkpoint (preferred when given) or from pretrained
-    weights (hub name or local Hugging Face directory), in eval mode on `device`."""
-    device = torch.device(device)
-    if checkpoint is not None:
-        if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"{checkpoint}: checkpoint file not found; pass the path "
-                                    "of a ckpt_*.pt file written by train_gpt2.py")
-        model = GPT.from_checkpoint(checkpoint, map_location="cpu")
-    elif pretrained is not None:
-        model = GPT.from_pretrained(pretrained)
-    else:
-        raise ValueError("load_model needs a pretrained name/directory or a checkpoint path")
-    return model.to(device).eval()
 
 
 def encode_prompt(prompt: str) -> list[int]:
@@ -122,27 +102,9 @@ class TokenPrinter:
         self._write(self._decoder.decode(b"", final=True))
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--pretrained / --checkpoint: where the model comes from (sample and eval scripts)."""
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--pretrained", default="gpt2",
-                        help="hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local "
-                             "Hugging Face directory (default gpt2)")
-    source.add_argument("--checkpoint", default=None,
-                        help="a train_gpt2.py checkpoint file (overrides --pretrained)")
-
-
-def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    """--device, --dtype and --debug, as every model-running script takes them."""
-    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
-    parser.add_argument("--dtype", default="auto", choices=runtime.DTYPE_CHOICES,
-                        help="autocast dtype (auto: bf16/fp16 on GPU, fp32 on CPU)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_model_arguments(parser)
+    parser = cli.Parser(description=__doc__.split("\n\n")[0])
+    cli.add_model_arguments(parser)
     parser.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT,
                         help=f"text to continue (default {DEFAULT_PROMPT!r})")
     parser.add_argument("--num-samples", type=int, default=5, help="samples, drawn in one batch")
@@ -157,7 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42, help="sampling seed")
     parser.add_argument("--stream", action="store_true",
                         help="print sample 0 token by token as it is generated")
-    add_runtime_arguments(parser)
+    cli.add_runtime_arguments(parser)
     args = parser.parse_args(argv)
     if args.num_samples < 1:
         parser.error(f"--num-samples={args.num_samples}: must be at least 1")
@@ -170,18 +132,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def resolve_runtime(device_name: str, dtype: str) -> tuple[torch.device, runtime.Precision]:
-    """Device and precision from the flags; a device that is not there is a usage error."""
-    try:
-        device = runtime.resolve_device(device_name)
-        return device, runtime.resolve_precision(device, dtype)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
 def run(args: argparse.Namespace) -> None:
-    device, precision = resolve_runtime(args.device, args.dtype)
-    model = load_model(None if args.checkpoint else args.pretrained, args.checkpoint, device)
+    device, precision = cli.resolve_runtime(args.device, args.dtype)
+    model = cli.load_model(None if args.checkpoint else args.pretrained, args.checkpoint, device)
     top_k = args.top_k or None
     printer = None
     if args.stream:
@@ -200,9 +153,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return runtime.cli_exit_code(
-        lambda: run(args), args.debug, (UsageError,),
-        (PretrainedNotFound, FileNotFoundError, ValueError, RuntimeError))
+    return cli.run_script(lambda: run(args), args.debug)
 
 
 if __name__ == "__main__":

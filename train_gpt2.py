@@ -23,23 +23,23 @@ import contextlib
 import dataclasses
 import json
 import math
-import random
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn, TextIO
+from typing import Any, TextIO, get_args, get_type_hints
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+import cli
 import data
 import runtime
-from model import GPT, PADDED_VOCAB_SIZE, PRESETS, GPTConfig
+from cli import UsageError
+from model import GPT, PADDED_VOCAB_SIZE, PRESETS, GPTConfig, load_checkpoint
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 CHECKPOINT_GLOB = "ckpt_*.pt"
@@ -68,204 +68,159 @@ QUICKSTART = dict(
 )
 
 
-class UsageError(Exception):
-    """Bad flags or flag combinations: exit status 2."""
-
-
-class TrainError(Exception):
-    """Missing data, unusable checkpoints, a diverged run: exit status 1."""
+class TrainError(RuntimeError):
+    """Missing data or a checkpoint that does not fit this run: exit status 1."""
 
 
 # ------------------------------------------------------------------------------ arguments
 
 
+def option(default: Any, help: str = "", minimum: float | None = None,
+           maximum: float | None = None, **argparse_kwargs: Any) -> Any:
+    """A TrainConfig field that is also a command-line flag: its help, its value's domain
+    (checked by validate(), with every float also required to be finite) and any extra
+    argparse settings (choices) live here, once."""
+    metadata = {"help": help, "minimum": minimum, "maximum": maximum, **argparse_kwargs}
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
     # data
-    dataset: str | None = None
-    data_dir: str | None = None
-    data_root: str | None = None
-    loader_backend: str = "auto"
-    shuffle: bool = True
+    dataset: str | None = option(None, "prepared dataset NAME under the data root (default: "
+                                 "finewebedu if prepared, else the built-in stdlib quickstart)")
+    data_dir: str | None = option(None, "any folder of *_train_* and *_val_* shards "
+                                  "(.bin or .npy)")
+    data_root: str | None = option(None, "root of prepared datasets (default: "
+                                   "$NANO_GPT_DATA_ROOT or ~/.cache/nano-gpt/data)")
+    loader_backend: str = option("auto", "data.ShardLoader backend (auto: native when built)",
+                                 choices=("auto", "native", "numpy"))
+    shuffle: bool = option(True, "seeded shuffle of training shards and samples each epoch")
     # model
-    model: str = "gpt2"
-    n_layer: int | None = None
-    n_head: int | None = None
-    n_embd: int | None = None
-    block_size: int | None = None
-    vocab_size: int = PADDED_VOCAB_SIZE
-    init_from: str = "scratch"
+    model: str = option("gpt2", f"preset: {', '.join(PRESETS)}")
+    n_layer: int | None = option(None, "override the preset", minimum=1)
+    n_head: int | None = option(None, "override the preset", minimum=1)
+    n_embd: int | None = option(None, "override the preset", minimum=1)
+    block_size: int | None = option(None, "context length of the model (default: the "
+                                    "preset's)", minimum=1)
+    vocab_size: int = option(PADDED_VOCAB_SIZE, "embedding rows; 50304 pads GPT-2's 50257 "
+                             "for faster matmuls", minimum=1)
+    init_from: str = option("scratch", "scratch, a pretrained name or HF folder (gpt2, "
+                            "gpt2-medium, ...), or a checkpoint .pt file (weights only; "
+                            "fresh optimizer)")
     # batch and optimizer
-    batch_size: int = 64
-    seq_len: int = 1024
-    total_batch_size: int = 524288
-    max_steps: int = 19073
-    warmup_steps: int = 715
-    max_lr: float = 6e-4
-    min_lr: float | None = None  # None: 10% of max_lr
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
-    seed: int = 1337
+    batch_size: int = option(64, "micro-batch per rank", minimum=1)
+    seq_len: int = option(1024, "tokens per sample", minimum=1)
+    total_batch_size: int = option(524288, "tokens per optimizer step (gradient "
+                                   "accumulation makes up the rest)", minimum=1)
+    max_steps: int = option(19073, minimum=0)
+    warmup_steps: int = option(715, minimum=0)
+    max_lr: float = option(6e-4, minimum=0)
+    min_lr: float | None = option(None, "LR at the end of the cosine (default: 10%% of "
+                                  "--max-lr)", minimum=0)
+    weight_decay: float = option(0.1, minimum=0)
+    beta1: float = option(0.9, minimum=0, maximum=1)
+    beta2: float = option(0.95, minimum=0, maximum=1)
+    adam_eps: float = option(1e-8, minimum=0)
+    grad_clip: float = option(1.0, "max global grad norm; 0 disables clipping", minimum=0)
+    seed: int = option(1337)
     # evaluation, samples, checkpoints
-    eval_interval: int = 250
-    val_steps: int = 20
-    hellaswag_interval: int | None = None  # None: same as eval_interval
-    hellaswag_data: str | None = None
-    hellaswag_limit: int | None = None
-    sample_interval: int | None = None  # None: same as eval_interval
-    sample_prompt: str = "Hello, I'm a language model,"
-    num_samples: int = 4
-    sample_length: int = 32
-    checkpoint_interval: int = 5000
-    keep_checkpoints: int = 3
-    out_dir: str = "out"
-    resume: bool = False
-    overwrite: bool = False
+    eval_interval: int = option(250, "steps between validation-loss evaluations", minimum=0)
+    val_steps: int = option(20, "val batches per evaluation (the same batches every time)",
+                            minimum=1)
+    hellaswag_interval: int | None = option(None, "steps between HellaSwag evaluations "
+                                            "(default: --eval-interval)", minimum=0)
+    hellaswag_data: str | None = option(None, "HellaSwag validation jsonl (default: the "
+                                        "cached official file)")
+    hellaswag_limit: int | None = option(None, "score only the first N HellaSwag examples",
+                                         minimum=1)
+    sample_interval: int | None = option(None, "steps between printed samples (default: "
+                                         "--eval-interval)", minimum=0)
+    sample_prompt: str = option("Hello, I'm a language model,")
+    num_samples: int = option(4, minimum=0)
+    sample_length: int = option(32, "tokens per sample, prompt included", minimum=1)
+    checkpoint_interval: int = option(5000, "steps between checkpoints (the last step is "
+                                      "always saved)", minimum=0)
+    keep_checkpoints: int = option(3, "keep the newest K checkpoints; 0 keeps all", minimum=0)
+    out_dir: str = option("out", "checkpoints and log.jsonl")
+    resume: bool = option(False, "continue from the newest checkpoint in --out-dir")
+    overwrite: bool = option(False, "start afresh in an --out-dir that already holds "
+                             "checkpoints")
     # runtime
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool = False
-    debug: bool = False
-    quickstart: bool = False  # set by resolve_quickstart, not a flag
+    device: str = option("auto", "auto, cuda, cuda:N, mps or cpu")
+    dtype: str = option("auto", "auto: bf16 where supported, fp16+GradScaler on older GPUs, "
+                        "fp32 on CPU", choices=runtime.DTYPE_CHOICES)
+    compile: bool | None = option(None, "torch.compile the training forward/backward "
+                                  "(default: on for CUDA, off elsewhere)")
+    debug: bool = option(False, "show tracebacks on errors")
 
     @property
     def final_min_lr(self) -> float:
         return self.max_lr * 0.1 if self.min_lr is None else self.min_lr
 
-
-class OneLineParser(argparse.ArgumentParser):
-    """Flag errors as one line (argparse would print the whole usage block first)."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+    @property
+    def quickstart(self) -> bool:
+        return self.dataset == QUICKSTART_DATASET and not self.data_dir
 
 
-class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """Append a flag's default unless its help already explains it or there is none."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        if "(default" in text or action.default in (None, argparse.SUPPRESS):
-            return text
-        return super()._get_help_string(action)
+# --help groups: each starts at the named field and runs to the next.
+HELP_GROUPS = {"dataset": "data", "model": "model", "batch_size": "batch and optimizer",
+               "eval_interval": "evaluation, samples, checkpoints (an interval of 0 disables)",
+               "device": "runtime"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
-    p = OneLineParser(
-        description="Train GPT-2 on token shards (single process or torchrun DDP).",
-        formatter_class=DefaultsHelp)
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=d.dataset,
-                   help="prepared dataset NAME under the data root (default: finewebedu if "
-                        "prepared, else the built-in stdlib quickstart)")
-    g.add_argument("--data-dir", default=d.data_dir,
-                   help="any folder of *_train_* and *_val_* shards (.bin or .npy)")
-    g.add_argument("--data-root", default=d.data_root,
-                   help="root of prepared datasets (default: $NANO_GPT_DATA_ROOT or "
-                        "~/.cache/nano-gpt/data)")
-    g.add_argument("--loader-backend", default=d.loader_backend,
-                   choices=("auto", "native", "numpy"),
-                   help="data.ShardLoader backend (auto: native when built)")
-    g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=d.shuffle,
-                   help="seeded shuffle of training shards and samples each epoch")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=d.model, help=f"preset: {', '.join(PRESETS)}")
-    g.add_argument("--n-layer", type=int, default=d.n_layer, help="override the preset")
-    g.add_argument("--n-head", type=int, default=d.n_head, help="override the preset")
-    g.add_argument("--n-embd", type=int, default=d.n_embd, help="override the preset")
-    g.add_argument("--block-size", type=int, default=d.block_size,
-                   help="context length of the model (default: the preset's)")
-    g.add_argument("--vocab-size", type=int, default=d.vocab_size,
-                   help="embedding rows; 50304 pads GPT-2's 50257 for faster matmuls")
-    g.add_argument("--init-from", default=d.init_from,
-                   help="scratch, a pretrained name or HF folder (gpt2, gpt2-medium, ...), "
-                        "or a checkpoint .pt file (weights only; fresh optimizer)")
-    g = p.add_argument_group("batch and optimizer")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="micro-batch per rank")
-    g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sample")
-    g.add_argument("--total-batch-size", type=int, default=d.total_batch_size,
-                   help="tokens per optimizer step (gradient accumulation makes up the rest)")
-    g.add_argument("--max-steps", type=int, default=d.max_steps)
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    g.add_argument("--max-lr", type=float, default=d.max_lr)
-    g.add_argument("--min-lr", type=float, default=d.min_lr,
-                   help="LR at the end of the cosine (default: 10%% of --max-lr)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--beta1", type=float, default=d.beta1)
-    g.add_argument("--beta2", type=float, default=d.beta2)
-    g.add_argument("--adam-eps", type=float, default=d.adam_eps)
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip,
-                   help="max global grad norm; 0 disables clipping")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g = p.add_argument_group("evaluation, samples, checkpoints (an interval of 0 disables)")
-    g.add_argument("--eval-interval", type=int, default=d.eval_interval,
-                   help="steps between validation-loss evaluations")
-    g.add_argument("--val-steps", type=int, default=d.val_steps,
-                   help="val batches per evaluation (the same batches every time)")
-    g.add_argument("--hellaswag-interval", type=int, default=d.hellaswag_interval,
-                   help="steps between HellaSwag evaluations (default: --eval-interval)")
-    g.add_argument("--hellaswag-data", default=d.hellaswag_data,
-                   help="HellaSwag validation jsonl (default: the cached official file)")
-    g.add_argument("--hellaswag-limit", type=int, default=d.hellaswag_limit,
-                   help="score only the first N HellaSwag examples")
-    g.add_argument("--sample-interval", type=int, default=d.sample_interval,
-                   help="steps between printed samples (default: --eval-interval)")
-    g.add_argument("--sample-prompt", default=d.sample_prompt)
-    g.add_argument("--num-samples", type=int, default=d.num_samples)
-    g.add_argument("--sample-length", type=int, default=d.sample_length,
-                   help="tokens per sample, prompt included")
-    g.add_argument("--checkpoint-interval", type=int, default=d.checkpoint_interval,
-                   help="steps between checkpoints (the last step is always saved)")
-    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
-                   help="keep the newest K checkpoints; 0 keeps all")
-    g.add_argument("--out-dir", default=d.out_dir, help="checkpoints and log.jsonl")
-    g.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in --out-dir")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out-dir that already holds checkpoints")
-    g = p.add_argument_group("runtime")
-    g.add_argument("--device", default=d.device, help="auto, cuda, cuda:N, mps or cpu")
-    g.add_argument("--dtype", default=d.dtype, choices=runtime.DTYPE_CHOICES,
-                   help="auto: bf16 where supported, fp16+GradScaler on older GPUs, fp32 on CPU")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the training forward/backward")
-    g.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    return p
+    """One flag per TrainConfig field. Defaults are suppressed, so the parsed namespace
+    holds exactly the flags the user typed; TrainConfig fills in the rest."""
+    parser = cli.Parser(description="Train GPT-2 on token shards (single process or "
+                                    "torchrun DDP).", argument_default=argparse.SUPPRESS)
+    hints = get_type_hints(TrainConfig)
+    group: Any = parser
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in HELP_GROUPS:
+            group = parser.add_argument_group(HELP_GROUPS[f.name])
+        extra = {k: v for k, v in f.metadata.items()
+                 if k not in ("help", "minimum", "maximum")}
+        text = f.metadata["help"]
+        if f.default is not None and not isinstance(f.default, bool):
+            text = f"{text} (default: {f.default})".lstrip()
+        kind = value_type(hints[f.name])
+        if kind is bool:
+            action = "store_true" if f.default is False else argparse.BooleanOptionalAction
+            group.add_argument(flag(f.name), action=action, help=text)
+        else:
+            group.add_argument(flag(f.name), type=kind, help=text, **extra)
+    return parser
+
+
+def value_type(hint: Any) -> Any:
+    """int for `int | None`, and so on."""
+    return next((t for t in get_args(hint) if t is not type(None)), hint)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     """The config, and the names of the options the command line set explicitly."""
-    parser = build_parser()
-    namespace = parser.parse_args(argv)
-    # Parse again with every default suppressed: what remains was typed by the user.
-    probe = build_parser()
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-    explicit = set(vars(probe.parse_args(argv)))
-    return TrainConfig(**vars(namespace)), explicit
-
-
-def apply_quickstart(config: TrainConfig, explicit: set[str]) -> TrainConfig:
-    """The quickstart's small-run values for every option not set on the command line."""
-    overrides = {k: v for k, v in QUICKSTART.items() if k not in explicit}
-    return dataclasses.replace(config, quickstart=True, **overrides)  # type: ignore[arg-type]
+    given = vars(build_parser().parse_args(argv))
+    return TrainConfig(**given), set(given)
 
 
 def validate(config: TrainConfig) -> None:
-    positive = ("batch_size", "seq_len", "total_batch_size", "vocab_size", "val_steps")
-    for name in positive:
-        if getattr(config, name) <= 0:
-            raise UsageError(f"--{flag(name)}={getattr(config, name)}: must be positive")
-    non_negative = ("max_steps", "warmup_steps", "eval_interval", "checkpoint_interval",
-                    "keep_checkpoints", "num_samples", "grad_clip")
-    for name in non_negative:
-        if getattr(config, name) < 0:
-            raise UsageError(f"--{flag(name)}={getattr(config, name)}: must be 0 or more")
+    """Every value within its option's domain, before any work starts."""
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(config, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        low, high = f.metadata["minimum"], f.metadata["maximum"]
+        if not math.isfinite(value):
+            raise UsageError(f"{flag(f.name)}={value}: must be a finite number")
+        if low is not None and value < low:
+            raise UsageError(f"{flag(f.name)}={value}: must be at least {low}")
+        if high is not None and value > high:
+            raise UsageError(f"{flag(f.name)}={value}: must be at most {high}")
     if config.dataset and config.data_dir:
         raise UsageError("--dataset and --data-dir both given: pass only one")
     if config.model not in PRESETS:
@@ -273,8 +228,10 @@ def validate(config: TrainConfig) -> None:
                          f"{', '.join(PRESETS)}")
 
 
-def flag(name: str) -> str:
-    return name.replace("_", "-")
+def apply_quickstart(config: TrainConfig, explicit: set[str]) -> TrainConfig:
+    """The quickstart's small-run values for every option not set on the command line."""
+    overrides = {k: v for k, v in QUICKSTART.items() if k not in explicit}
+    return dataclasses.replace(config, **overrides)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------ data
@@ -309,7 +266,7 @@ def resolve_quickstart(config: TrainConfig, explicit: set[str],
         log(f"To train GPT-2 124M, prepare FineWeb-Edu first: "
             f"{prepare_command(DEFAULT_DATASET, config)}")
         config = dataclasses.replace(config, dataset=QUICKSTART_DATASET)
-    if config.dataset == QUICKSTART_DATASET:
+    if config.quickstart:
         config = apply_quickstart(config, explicit)
         log(f"Quickstart: {config.model} on the {QUICKSTART_DATASET} corpus, "
             f"{config.max_steps} steps of {config.total_batch_size} tokens.")
@@ -364,13 +321,10 @@ def gradient_accumulation(config: TrainConfig, world_size: int) -> int:
 
 def make_loader(files: list[Path], config: TrainConfig, env: runtime.DistEnv,
                 device: torch.device, shuffle: bool, vocab_size: int) -> Any:
-    try:
-        return data.ShardLoader([str(f) for f in files], config.batch_size, config.seq_len,
-                                rank=env.rank, world_size=env.world_size, shuffle=shuffle,
-                                seed=config.seed, device=str(device),
-                                backend=config.loader_backend, vocab_size=vocab_size)
-    except (ValueError, OSError) as exc:  # unreadable shards, too short for --seq-len
-        raise TrainError(str(exc)) from None
+    return data.ShardLoader([str(f) for f in files], config.batch_size, config.seq_len,
+                            rank=env.rank, world_size=env.world_size, shuffle=shuffle,
+                            seed=config.seed, device=str(device),
+                            backend=config.loader_backend, vocab_size=vocab_size)
 
 
 # ----------------------------------------------------------------------------------- model
@@ -388,23 +342,19 @@ def model_config(config: TrainConfig) -> GPTConfig:
         raise UsageError(str(exc)) from None
 
 
-def build_model(config: TrainConfig) -> GPT:
-    """A fresh model, pretrained GPT-2 weights, or a checkpoint's weights (--init-from)."""
+def build_model(config: TrainConfig, resume: Checkpoint | None) -> GPT:
+    """The resumed checkpoint's model, else (--init-from) a fresh model, pretrained GPT-2
+    weights or a checkpoint's weights."""
     source = config.init_from
-    if source == "scratch":
+    if resume is None and (source.endswith(".pt") or Path(source).is_file()):
+        resume = Checkpoint(Path(source), load_checkpoint(source))
+    if resume is not None:
+        model = GPT.from_checkpoint(resume.state)
+        check_same_shape(model.config, model_config(config), resume.path)
+    elif source == "scratch":
         model = GPT(model_config(config))
-    elif source.endswith(".pt") or Path(source).is_file():
-        model = GPT(model_config(config))
-        state = load_checkpoint_file(Path(source))
-        check_same_shape(state, model.config, Path(source))
-        model.load_state_dict(state["model"])
     else:
-        from model import PretrainedNotFound
-
-        try:
-            model = GPT.from_pretrained(source)
-        except PretrainedNotFound as exc:
-            raise TrainError(f"--init-from={source}: {exc}") from None
+        model = GPT.from_pretrained(source)
     if config.seq_len > model.config.block_size:
         raise UsageError(f"--seq-len={config.seq_len} exceeds the model's block size "
                          f"{model.config.block_size}; lower --seq-len or raise --block-size")
@@ -510,32 +460,6 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(out_dir.glob(CHECKPOINT_GLOB))
 
 
-def rng_state(device: torch.device) -> dict[str, Any]:
-    """Every RNG the run touches, as tensors/lists/ints so weights_only loading accepts it."""
-    version, mt_state, gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": [version, list(mt_state), gauss],
-        "numpy": [np_name, torch.from_numpy(np.asarray(np_keys, dtype=np.int64)), np_pos,
-                  np_has_gauss, np_gauss],
-        "torch": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    version, mt_state, gauss = state["python"]
-    random.setstate((version, tuple(mt_state), gauss))
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss,
-                         np_gauss))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """torch.save that never leaves a half-written checkpoint under `path`."""
     with data.atomic_output(path) as f:
@@ -549,21 +473,15 @@ def prune_checkpoints(out_dir: Path, keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
-def load_checkpoint_file(path: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        raise TrainError(f"{path}: cannot read checkpoint ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    if not isinstance(state, dict) or "model_config" not in state or "model" not in state:
-        raise TrainError(f"{path}: not a train_gpt2.py checkpoint (no model_config/model)")
-    return state
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict[str, Any]
 
 
-def check_same_shape(state: dict[str, Any], config: GPTConfig, path: Path) -> None:
-    saved = state["model_config"]
-    ours = dataclasses.asdict(config)
-    diffs = [f"{k}={saved.get(k)} (this run: {v})" for k, v in ours.items() if saved.get(k) != v]
+def check_same_shape(saved: GPTConfig, ours: GPTConfig, path: Path) -> None:
+    diffs = [f"{k}={v} (this run: {getattr(ours, k)})"
+             for k, v in dataclasses.asdict(saved).items() if getattr(ours, k) != v]
     if diffs:
         raise TrainError(f"{path}: checkpoint of another model shape: {', '.join(diffs)}; pass "
                          "the matching --model/--n-layer/--n-head/--n-embd/--vocab-size or "
@@ -574,39 +492,34 @@ def check_same_shape(state: dict[str, Any], config: GPTConfig, path: Path) -> No
 
 
 class JsonlLog:
-    """out_dir/log.jsonl written by rank 0: one JSON object per event, flushed per line."""
+    """out_dir/log.jsonl, written by rank 0: one JSON object per event, flushed per line."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path = path
-        self.file: TextIO | None = None
-        if enabled:
-            self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+    def __init__(self, path: Path) -> None:
+        self.file: TextIO = open(path, "a", encoding="utf-8")  # noqa: SIM115 - see close()
 
     def write(self, step: int, **values: Any) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps({"step": step, **values}) + "\n")
-            self.file.flush()
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        self.file.close()
 
 
-def truncate_log(path: Path, resume_step: int) -> None:
-    """Cut the log back to the checkpoint a run resumes from (atomically): lines with
-    step < resume_step, plus that checkpoint's own line. The resumed run then writes the
-    rest, so the log reads as if the run had never stopped."""
-    if not path.exists():
-        return
+def truncate_log(path: Path, checkpoint: Path, resume_step: int) -> None:
+    """Cut the log back to the checkpoint a run resumes from (atomically): the lines with
+    step < resume_step, then that checkpoint's line, written anew because a kill can land
+    between the checkpoint's rename and its log line. The resumed run writes the rest, so
+    the log reads as if the run had never stopped."""
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by a kill mid-write
-        step = event.get("step", 0)
-        if step < resume_step or (step == resume_step and "checkpoint" in event):
-            kept.append(line + "\n")
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill mid-write
+            if event.get("step", 0) < resume_step:
+                kept.append(line + "\n")
+    kept.append(json.dumps({"step": resume_step, "checkpoint": str(checkpoint)}) + "\n")
     with data.atomic_output(path) as f:
         f.write("".join(kept).encode("utf-8"))
 
@@ -658,7 +571,12 @@ class StopFlag:
 # ------------------------------------------------------------------------------------ main
 
 
-@dataclass
+def due(interval: int, step: int, max_steps: int) -> bool:
+    """Every `interval` steps and at the last step; never with an interval of 0."""
+    return interval > 0 and (step % interval == 0 or step == max_steps)
+
+
+@dataclass(kw_only=True)
 class Trainer:
     """Everything the loop touches, so checkpointing and evaluation are small functions."""
 
@@ -670,15 +588,19 @@ class Trainer:
     train_model: torch.nn.Module
     optimizer: torch.optim.AdamW
     scaler: torch.amp.GradScaler
-    train_loader: Any
-    val_loader: Any
+    train_loader: data.ShardLoader
+    val_loader: data.ShardLoader
     grad_accum: int
     out_dir: Path
     argv: list[str]
-    log: JsonlLog
+    log: JsonlLog | None = None
     last_checkpoint: Path | None = None
     hellaswag_examples: list[dict[str, Any]] | None = None
     hellaswag_disabled: bool = False
+
+    def write_log(self, step: int, **values: Any) -> None:
+        if self.log is not None:
+            self.log.write(step, **values)
 
     def checkpoint_state(self, step: int) -> dict[str, Any]:
         loader_state = self.train_loader.state_dict()
@@ -695,7 +617,6 @@ class Trainer:
             "step": step,
             "loader_states": states,
             "world_size": self.env.world_size,
-            "rng": rng_state(self.device),
             "args": list(self.argv),
             "config": dataclasses.asdict(self.config),
         }
@@ -708,41 +629,37 @@ class Trainer:
             prune_checkpoints(self.out_dir, self.config.keep_checkpoints)
             self.last_checkpoint = path
             runtime.print0(f"saved {path}")
-            self.log.write(step, checkpoint=str(path))
+            self.write_log(step, checkpoint=str(path))
 
-    def restore(self, path: Path) -> int:
-        state = load_checkpoint_file(path)
-        check_same_shape(state, self.raw_model.config, path)
+    def restore(self, checkpoint: Checkpoint) -> int:
+        """Optimizer, loss scaler and loader position of the checkpoint the model was built
+        from; returns its step. (The model's weights came with GPT.from_checkpoint.)"""
+        state, path = checkpoint.state, checkpoint.path
         saved_world = state.get("world_size", len(state["loader_states"]))
         if saved_world != self.env.world_size:
             raise TrainError(f"{path}: saved by {saved_world} processes, this run has "
                              f"{self.env.world_size}; resume with the same world size")
-        self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         try:
             self.train_loader.load_state_dict(state["loader_states"][self.env.rank])
         except ValueError as exc:
             raise TrainError(f"{path}: {exc}") from None
-        set_rng_state(state["rng"], self.device)
         self.last_checkpoint = path
         return int(state["step"])
 
-    def due(self, interval: int | None, step: int) -> bool:
-        interval = self.config.eval_interval if interval is None else interval
-        return interval > 0 and (step % interval == 0 or step == self.config.max_steps)
-
     def run_evals(self, step: int) -> None:
         cfg = self.config
-        if self.due(cfg.eval_interval, step):
+        if due(cfg.eval_interval, step, cfg.max_steps):
             val = evaluate_val_loss(self.raw_model, self.val_loader, cfg.val_steps,
                                     self.precision, self.device, self.env)
             runtime.print0(f"step {step:6d} | val loss {val:.4f}", env=self.env)
-            self.log.write(step, val_loss=val)
-        if self.due(cfg.hellaswag_interval, step):
+            self.write_log(step, val_loss=val)
+        if due(interval_or_eval(cfg.hellaswag_interval, cfg), step, cfg.max_steps):
             self.run_hellaswag(step)
         # Samples from the untrained weights at step 0 would only show noise.
-        if step > 0 and self.due(cfg.sample_interval, step) and self.env.is_main:
+        if (step > 0 and due(interval_or_eval(cfg.sample_interval, cfg), step, cfg.max_steps)
+                and self.env.is_main):
             self.print_samples(step)
 
     def run_hellaswag(self, step: int) -> None:
@@ -765,10 +682,9 @@ class Trainer:
         score = eval_hellaswag.evaluate(self.raw_model, self.hellaswag_examples, self.device,
                                         precision=self.precision, rank=self.env.rank,
                                         world_size=self.env.world_size)
-        self.raw_model.train()
         runtime.print0(f"step {step:6d} | HellaSwag acc_norm {score.correct_norm}/"
                        f"{score.total} = {score.acc_norm:.4f}", env=self.env)
-        self.log.write(step, hellaswag_acc_norm=score.acc_norm, hellaswag_acc=score.acc)
+        self.write_log(step, hellaswag_acc_norm=score.acc_norm, hellaswag_acc=score.acc)
 
     def print_samples(self, step: int) -> None:
         import sample
@@ -782,7 +698,11 @@ class Trainer:
         print(f"step {step:6d} | samples:", flush=True)
         for text in texts:
             print(f"> {text}", flush=True)
-        self.log.write(step, samples=texts)
+        self.write_log(step, samples=texts)
+
+
+def interval_or_eval(interval: int | None, config: TrainConfig) -> int:
+    return config.eval_interval if interval is None else interval
 
 
 def prepare_out_dir(config: TrainConfig) -> tuple[Path, Path | None]:
@@ -818,11 +738,8 @@ def train(config: TrainConfig, explicit: set[str], argv: list[str]) -> int:
     env = runtime.detect_distributed()
     say: Callable[[str], None] = lambda msg: runtime.print0(msg, env=env)  # noqa: E731
     validate(config)
-    try:
-        device = runtime.distributed_device(env, runtime.resolve_device(config.device))
-        precision = runtime.resolve_precision(device, config.dtype)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    device, precision = cli.resolve_runtime(config.device, config.dtype)
+    device = runtime.distributed_device(env, device)
 
     config = resolve_quickstart(config, explicit, say)
     validate(config)
@@ -830,58 +747,63 @@ def train(config: TrainConfig, explicit: set[str], argv: list[str]) -> int:
     out_dir, resume_from = prepare_out_dir(config)
     if config.resume and resume_from is None:
         say(f"--resume: no checkpoint in {out_dir}; starting from scratch")
+    resume = Checkpoint(resume_from, load_checkpoint(resume_from)) if resume_from else None
 
     runtime.init_distributed(env, device)
     if config.quickstart:
         ensure_quickstart_data(config, env, say)
     plan = plan_data(config)
-    runtime.seed_everything(config.seed)
+    torch.manual_seed(config.seed)  # the model's init is the run's only random draw
     if device.type == "cuda":
         runtime.enable_tf32()
 
-    raw_model = build_model(config).to(device)
-    optimizer = build_optimizer(raw_model, config, device)
-    scaler = runtime.make_grad_scaler(precision, device)
+    raw_model = build_model(config, resume).to(device)
     loader_vocab = min(raw_model.config.vocab_size, 2**16)
-    train_loader = make_loader(plan.train_files, config, env, device, config.shuffle,
-                               loader_vocab)
-    val_loader = make_loader(plan.val_files, config, env, device, False, loader_vocab)
-
     train_model: torch.nn.Module = raw_model
+    if config.compile is None:
+        config = dataclasses.replace(config, compile=device.type == "cuda")
     if config.compile:
         train_model = torch.compile(raw_model)  # type: ignore[assignment]
     if env.is_distributed:
         ids = [device.index] if device.type == "cuda" else None
         train_model = DistributedDataParallel(train_model, device_ids=ids)
-
-    trainer = Trainer(config, env, device, precision, raw_model, train_model, optimizer,
-                      scaler, train_loader, val_loader, grad_accum, out_dir, argv,
-                      JsonlLog(out_dir / LOG_NAME, enabled=False))
-    start_step = 0
-    if resume_from is not None:
-        start_step = trainer.restore(resume_from)
-        say(f"resumed from {resume_from} at step {start_step}")
+    trainer = Trainer(
+        config=config, env=env, device=device, precision=precision, raw_model=raw_model,
+        train_model=train_model, optimizer=build_optimizer(raw_model, config, device),
+        scaler=runtime.make_grad_scaler(precision, device),
+        train_loader=make_loader(plan.train_files, config, env, device, config.shuffle,
+                                 loader_vocab),
+        val_loader=make_loader(plan.val_files, config, env, device, False, loader_vocab),
+        grad_accum=grad_accum, out_dir=out_dir, argv=argv)
+    try:
+        start_step = 0
+        if resume is not None:
+            start_step = trainer.restore(resume)
+            say(f"resumed from {resume.path} at step {start_step}")
+            if env.is_main:
+                truncate_log(out_dir / LOG_NAME, resume.path, start_step)
+        else:
+            start_fresh_out_dir(out_dir, env)
         if env.is_main:
             remove_stale_temp_files(out_dir)
-            truncate_log(out_dir / LOG_NAME, start_step)
-    else:
-        start_fresh_out_dir(out_dir, env)
-    if env.is_distributed:
-        torch.distributed.barrier()
-    trainer.log = JsonlLog(out_dir / LOG_NAME, enabled=env.is_main)
+        if env.is_distributed:
+            torch.distributed.barrier()
+        if env.is_main:
+            trainer.log = JsonlLog(out_dir / LOG_NAME)
 
-    say(f"data: {plan.source} ({len(plan.train_files)} train, {len(plan.val_files)} val shards)")
-    say(f"model: {raw_model.config} ({raw_model.num_params() / 1e6:.1f}M parameters), "
-        f"device {device}, {precision.name}, world size {env.world_size}")
-    say(f"batch: {config.batch_size} x {config.seq_len} tokens x {env.world_size} ranks x "
-        f"{grad_accum} accumulation = {config.total_batch_size} tokens per step")
-    try:
+        say(f"data: {plan.source} ({len(plan.train_files)} train, {len(plan.val_files)} val "
+            "shards)")
+        say(f"model: {raw_model.config} ({raw_model.num_params() / 1e6:.1f}M parameters), "
+            f"device {device}, {precision.name}, world size {env.world_size}")
+        say(f"batch: {config.batch_size} x {config.seq_len} tokens x {env.world_size} ranks x "
+            f"{grad_accum} accumulation = {config.total_batch_size} tokens per step")
         with StopFlag().installed() as stop:
             return training_loop(trainer, start_step, stop)
     finally:
-        trainer.log.close()
-        train_loader.close()
-        val_loader.close()
+        if trainer.log is not None:
+            trainer.log.close()
+        trainer.train_loader.close()
+        trainer.val_loader.close()
 
 
 def training_loop(trainer: Trainer, start_step: int, stop: StopFlag) -> int:
@@ -906,6 +828,8 @@ def training_loop(trainer: Trainer, start_step: int, stop: StopFlag) -> int:
         if trainer.device.type == "cuda":
             torch.cuda.synchronize(trainer.device)
         dt = time.perf_counter() - t0
+        if step == start_step and cfg.compile:
+            runtime.print0(f"first step, with the one-time torch.compile: {dt:.1f} s", env=env)
         if not math.isfinite(loss):
             last = trainer.last_checkpoint or "none"
             print(f"error: loss is {loss} at step {step}; stopping. Last good checkpoint: "
@@ -919,11 +843,9 @@ def training_loop(trainer: Trainer, start_step: int, stop: StopFlag) -> int:
                                       dt_ms=dt * 1000, tok_per_s=tok_per_s)
         if mfu is not None:
             record["mfu"] = mfu
-        trainer.log.write(step, **record)
+        trainer.write_log(step, **record)
         step += 1
-        interval = cfg.checkpoint_interval
-        scheduled = interval > 0 and (step % interval == 0 or step == cfg.max_steps)
-        if scheduled or stop_requested:
+        if due(cfg.checkpoint_interval, step, cfg.max_steps) or stop_requested:
             trainer.save(step)
         if stop_requested:
             runtime.print0(f"stopped at step {step}; continue with --resume", env=env)
@@ -934,12 +856,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     config, explicit = parse_args(argv)
     try:
-        return train(config, explicit, argv)
-    except (UsageError, TrainError, data.ShardFormatError) as exc:
-        if config.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, UsageError) else 1
+        return cli.run_script(lambda: train(config, explicit, argv), config.debug)
     finally:
         runtime.destroy_distributed()
 

@@ -124,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
                                         seq_len=args.seq_len, device=args.device,
                                         dtype=args.dtype, compile=args.compile)
         gpt_config = train_gpt2.model_config(config)
-    except (ValueError, train_gpt2.UsageError) as exc:
+    except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.seq_len > gpt_config.block_size:
         print(f"error: --seq-len={args.seq_len} exceeds block size {gpt_config.block_size} of "
               f"{args.model}", file=sys.stderr)
         return 2
-    runtime.seed_everything(1337)
+    torch.manual_seed(1337)
     if device.type == "cuda":
         runtime.enable_tf32()
 

@@ -51,20 +51,6 @@ def test_precision_policy_on_cuda():
         assert p.autocast_dtype == torch.float16 and p.use_grad_scaler
 
 
-def test_seed_everything_repeats_all_rngs():
-    import random
-
-    import numpy as np
-
-    def draw() -> tuple[float, float, float]:
-        return random.random(), float(np.random.rand()), float(torch.rand(1))
-
-    runtime.seed_everything(7)
-    first = draw()
-    runtime.seed_everything(7)
-    assert draw() == first
-
-
 def test_detect_distributed_reads_torchrun_variables(monkeypatch: pytest.MonkeyPatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)

@@ -5,19 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+import cli
 import sample
 from data import get_tokenizer
-from model import (
-    GPT,
-    GPT2_VOCAB_SIZE,
-    PADDED_VOCAB_SIZE,
-    GPTConfig,
-    sample_next_token,
-    top_k_filter,
-    top_p_filter,
-)
+from model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig, sample_next_token
 
 PROMPT = "Hello, I'm a language model,"
+DRAWS = 20_000
 
 
 @pytest.fixture(scope="module")
@@ -26,36 +20,86 @@ def tiny() -> GPT:
     return GPT(GPTConfig.from_preset("gpt2-tiny")).eval()
 
 
-def kept(logits: torch.Tensor) -> set[int]:
-    return {int(i) for i in torch.nonzero(torch.isfinite(logits)).flatten()}
+def draw_counts(logits: torch.Tensor, seed: int = 0, **kwargs: object) -> torch.Tensor:
+    """How often sample_next_token picks each token in DRAWS independent draws from the
+    one row `logits` (V,)."""
+    rows = logits.expand(DRAWS, -1)
+    picks = sample_next_token(rows, generator=torch.Generator().manual_seed(seed), **kwargs)
+    return torch.bincount(picks.flatten(), minlength=logits.numel()).double()
 
 
-@pytest.mark.parametrize("k", [1, 5, 37, 200])
-def test_top_k_keeps_exactly_the_k_largest(k):
-    gen = torch.Generator().manual_seed(k)
-    logits = torch.randn(3, 200, generator=gen, dtype=torch.float64)
-    filtered = top_k_filter(logits, k)
-    for row, out in zip(logits, filtered, strict=True):
-        brute = set(sorted(range(200), key=lambda i: -float(row[i]))[:k])
-        assert kept(out) == brute
-        assert torch.equal(out[list(brute)], row[list(brute)])  # survivors keep their value
+def assert_follows(counts: torch.Tensor, probs: torch.Tensor) -> None:
+    """Draw frequencies within 5 standard errors of `probs`, and nothing drawn outside it."""
+    assert counts[probs == 0].sum() == 0
+    freq = counts / counts.sum()
+    tolerance = 5 * (probs * (1 - probs) / counts.sum()).sqrt() + 1e-9
+    assert ((freq - probs).abs() <= tolerance).all(), (freq, probs)
 
 
-@pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999])
-def test_top_p_keeps_the_smallest_prefix_reaching_p(p):
-    gen = torch.Generator().manual_seed(int(p * 1000))
-    logits = torch.randn(3, 300, generator=gen, dtype=torch.float64) * 3
-    filtered = top_p_filter(logits, p)
-    for row, out in zip(logits, filtered, strict=True):
-        probs = torch.softmax(row, dim=-1).tolist()
-        order = sorted(range(300), key=lambda i: -probs[i])
-        brute, total = set(), 0.0
-        for i in order:  # take tokens by falling probability until p is reached
-            brute.add(i)
-            total += probs[i]
-            if total >= p:
-                break
-        assert kept(out) == brute
+def brute_top_k(logits: torch.Tensor, k: int) -> set[int]:
+    return set(sorted(range(logits.numel()), key=lambda i: -float(logits[i]))[:k])
+
+
+def brute_nucleus(probs: torch.Tensor, p: float) -> set[int]:
+    """Tokens by falling probability until their sum reaches p."""
+    kept, total = set(), 0.0
+    for i in sorted(range(probs.numel()), key=lambda i: -float(probs[i])):
+        kept.add(i)
+        total += float(probs[i])
+        if total >= p:
+            break
+    return kept
+
+
+def restricted(probs: torch.Tensor, keep: set[int]) -> torch.Tensor:
+    mask = torch.zeros_like(probs, dtype=torch.bool)
+    mask[list(keep)] = True
+    out = probs.where(mask, 0.0)
+    return out / out.sum()
+
+
+LOGITS = torch.tensor([2.0, 1.6, 1.5, 1.2, 0.9, 0.4, 0.0, -0.5, -1.0, -3.0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_draws_follow_softmax_of_logits_over_temperature(temperature: float) -> None:
+    probs = torch.softmax(LOGITS / temperature, dim=-1)
+    assert_follows(draw_counts(LOGITS, temperature=temperature), probs)
+
+
+def test_small_temperature_converges_to_the_argmax() -> None:
+    counts = draw_counts(LOGITS, temperature=0.01)
+    assert counts[0] == DRAWS
+    assert torch.equal(sample_next_token(LOGITS[None], temperature=0), torch.tensor([[0]]))
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 9])
+def test_top_k_draws_only_the_k_largest_in_softmax_proportion(k: int) -> None:
+    logits = LOGITS[torch.randperm(LOGITS.numel(), generator=torch.Generator().manual_seed(k))]
+    probs = restricted(torch.softmax(logits, dim=-1), brute_top_k(logits, k))
+    assert_follows(draw_counts(logits, top_k=k), probs)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.8, 0.99])
+def test_top_p_draws_only_the_smallest_set_reaching_p(p: float) -> None:
+    full = torch.softmax(LOGITS, dim=-1)
+    assert_follows(draw_counts(LOGITS, top_p=p), restricted(full, brute_nucleus(full, p)))
+
+
+def test_top_k_then_top_p_is_the_nucleus_of_the_renormalised_top_k() -> None:
+    top3 = restricted(torch.softmax(LOGITS, dim=-1), brute_top_k(LOGITS, 3))
+    nucleus = brute_nucleus(top3, 0.6)
+    assert len(nucleus) == 2  # the filters compose: top-p alone would keep a different set
+    assert_follows(draw_counts(LOGITS, top_k=3, top_p=0.6), restricted(top3, nucleus))
+
+
+def reference_greedy(model: GPT, idx: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding by a full forward pass over the whole sequence at every step."""
+    with torch.no_grad():
+        for _ in range(steps):
+            logits, _ = model(idx)
+            idx = torch.cat([idx, logits[:, -1, :GPT2_VOCAB_SIZE].argmax(-1, keepdim=True)], 1)
+    return idx
 
 
 def test_sampling_is_deterministic_under_a_seed(tiny):
@@ -67,11 +111,11 @@ def test_sampling_is_deterministic_under_a_seed(tiny):
     assert len(set(first)) == 3  # the batch rows are independent samples
 
 
-def test_cached_and_uncached_sampling_draw_the_same_tokens(tiny):
-    idx = torch.tensor([get_tokenizer().encode(PROMPT)] * 2)
-    runs = [tiny.generate(idx, 20, top_k=50, generator=torch.Generator().manual_seed(3),
-                          use_cache=use_cache) for use_cache in (True, False)]
-    assert torch.equal(runs[0], runs[1])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_cached_greedy_decoding_equals_full_forward_passes(tiny: GPT, batch: int) -> None:
+    idx = torch.randint(0, GPT2_VOCAB_SIZE, (batch, 7), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(tiny.generate(idx, 20, temperature=0), reference_greedy(tiny, idx, 20))
+    assert torch.equal(tiny.generate(idx, 20, top_k=1), reference_greedy(tiny, idx, 20))
 
 
 def test_max_length_counts_prompt_and_new_tokens(tiny):
@@ -106,8 +150,8 @@ def test_load_model_reads_hf_dir_and_checkpoint(tmp_path, tiny):
     torch.save({"model_config": vars(tiny.config), "model": tiny.state_dict()}, checkpoint)
     idx = torch.tensor([get_tokenizer().encode(PROMPT)])
     want, _ = tiny(idx)
-    for model in (sample.load_model(str(tmp_path / "hf"), None, "cpu"),
-                  sample.load_model("gpt2", str(checkpoint), "cpu")):
+    for model in (cli.load_model(str(tmp_path / "hf"), None, "cpu"),
+                  cli.load_model("gpt2", str(checkpoint), "cpu")):
         assert not model.training
         torch.testing.assert_close(model(idx)[0], want)
 

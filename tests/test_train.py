@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,10 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 import data
+import runtime
 import train_gpt2
-from model import GPT
+from model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "train_gpt2.py"
@@ -136,7 +139,7 @@ def test_quickstart_keeps_explicit_flags(tmp_path: Path) -> None:
 def test_quickstart_prepares_stdlib_trains_and_samples(
         tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import sample
+    import cli
 
     monkeypatch.setenv("NANO_GPT_DATA_ROOT", str(tmp_path / "root"))
     monkeypatch.chdir(tmp_path)
@@ -152,17 +155,22 @@ def test_quickstart_prepares_stdlib_trains_and_samples(
     assert [e["step"] for e in log if "val_loss" in e] == [0, 1]
     assert [(e["step"], len(e["samples"])) for e in log if "samples" in e] == [(1, 2)]
     assert "> def " in stdout
-    model = sample.load_model(None, str(tmp_path / "out" / "ckpt_0000001.pt"), "cpu")
+    model = cli.load_model(None, str(tmp_path / "out" / "ckpt_0000001.pt"), "cpu")
     assert model.config.n_layer == 4 and model.config.n_embd == 128  # gpt2-mini
 
 
 def test_truncate_log_cuts_back_to_the_resumed_checkpoint(tmp_path: Path) -> None:
     log = tmp_path / "log.jsonl"
+    ckpt = tmp_path / "ckpt_0000002.pt"
     events = [{"step": 0, "val_loss": 5.0}, {"step": 0, "loss": 5.1}, {"step": 1, "loss": 5.0},
-              {"step": 2, "checkpoint": "ckpt_0000002.pt"}, {"step": 2, "val_loss": 4.9},
+              {"step": 2, "checkpoint": str(ckpt)}, {"step": 2, "val_loss": 4.9},
               {"step": 2, "loss": 4.8}, {"step": 3, "loss": 4.7}]
     log.write_text("".join(json.dumps(e) + "\n" for e in events) + '{"step": 4, "lo')
-    train_gpt2.truncate_log(log, 2)
+    train_gpt2.truncate_log(log, ckpt, 2)
+    assert [json.loads(line) for line in log.read_text().splitlines()] == events[:4]
+    # A kill after the checkpoint's rename but before its log line: the line is restored.
+    log.write_text("".join(json.dumps(e) + "\n" for e in events[:3]))
+    train_gpt2.truncate_log(log, ckpt, 2)
     assert [json.loads(line) for line in log.read_text().splitlines()] == events[:4]
 
 
@@ -192,42 +200,70 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
                            b["transformer.h.0.mlp.c_fc.weight"])
 
 
-def test_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
-    shards = write_shards(tmp_path / "shards")
-    common = ["--max-steps=40", "--eval-interval=10", "--checkpoint-interval=5"]
-    straight = run_script(tiny_args(shards, tmp_path / "straight", *common), tmp_path)
-    assert straight.returncode == 0, straight.stderr
-
-    killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *tiny_args(shards, killed_dir,
-                                                                    *common)],
-                            cwd=tmp_path, env=subprocess_env(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (killed_dir / "ckpt_0000005.pt").exists() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    resumed_from = newest_ckpt(killed_dir)
-    assert resumed_from.name < "ckpt_0000040.pt"
-
-    resumed = run_script(tiny_args(shards, killed_dir, *common, "--resume"), tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed from {resumed_from}" in resumed.stdout
-
-    # Identical losses (and LRs, grad norms, val losses) at every step, no duplicates.
-    assert deterministic_events(read_log(killed_dir)) == \
-        deterministic_events(read_log(tmp_path / "straight"))
-    a = load_ckpt(tmp_path / "straight" / "ckpt_0000040.pt")
-    b = load_ckpt(killed_dir / "ckpt_0000040.pt")
+def assert_same_run(out_dir: Path, reference: Path) -> None:
+    """Identical log events (losses, LRs, grad norms, val losses; each once) and final
+    weights and loader state."""
+    assert deterministic_events(read_log(out_dir)) == deterministic_events(read_log(reference))
+    a = load_ckpt(reference / "ckpt_0000040.pt")
+    b = load_ckpt(out_dir / "ckpt_0000040.pt")
     assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert a["loader_states"] == b["loader_states"]
+    assert not list(out_dir.glob(".*.tmp"))
+
+
+def test_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
+    shards = write_shards(tmp_path / "shards")
+    common = ["--max-steps=40", "--eval-interval=10", "--checkpoint-interval=5"]
+    straight = tmp_path / "straight"
+    run = run_script(tiny_args(shards, straight, *common, "--keep-checkpoints=0"), tmp_path)
+    assert run.returncode == 0, run.stderr
+    lines = (straight / "log.jsonl").read_text().splitlines(keepends=True)
+    ckpt_10_line = next(i for i, line in enumerate(lines) if "ckpt_0000010.pt" in line)
+    step_13_line = next(i for i, line in enumerate(lines) if '"step": 13' in line)
+
+    # What a kill leaves behind at three points, rebuilt from the uninterrupted run's files.
+    kill_points = {
+        "after checkpoint 10's rename, before its log line": (
+            [5, 10], lines[:ckpt_10_line], None),
+        "in step 13, a log line and checkpoint 15 half written": (
+            [5, 10], [*lines[:step_13_line], '{"step": 13, "lo'], ".ckpt_0000015.pt.x1.tmp"),
+        "before the first checkpoint was renamed": (
+            [], lines[:3], ".ckpt_0000005.pt.x2.tmp"),
+    }
+    for name, (checkpoints, log_lines, temp_file) in kill_points.items():
+        killed = tmp_path / name.replace(" ", "_").replace(",", "").replace("'", "")
+        killed.mkdir()
+        for step in checkpoints:
+            shutil.copy(straight / f"ckpt_{step:07d}.pt", killed)
+        (killed / "log.jsonl").write_text("".join(log_lines))
+        if temp_file:
+            (killed / temp_file).write_bytes(b"\x80partial")
+        resumed = run_script(tiny_args(shards, killed, *common, "--resume",
+                                       "--keep-checkpoints=0"), tmp_path)
+        assert resumed.returncode == 0, (name, resumed.stderr)
+        assert_same_run(killed, straight)
+
+    # And a real SIGKILL wherever it lands after the first checkpoint (or none at all, if
+    # the run is quicker than the kill): the resumed run is the same run.
+    killed = tmp_path / "sigkill"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *tiny_args(shards, killed, *common)],
+                            cwd=tmp_path, env=subprocess_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / "ckpt_0000005.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run_script(tiny_args(shards, killed, *common, "--resume"), tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(killed, straight)
+    assert len(list(killed.glob("ckpt_*.pt"))) == 3  # --keep-checkpoints default
     # The checkpoint is what sample.py and eval_hellaswag.py load.
-    model = GPT.from_checkpoint(killed_dir / "ckpt_0000040.pt")
-    assert torch.equal(model.state_dict()["lm_head.weight"], b["model"]["lm_head.weight"])
-    assert len(list(killed_dir.glob("ckpt_*.pt"))) == 3  # --keep-checkpoints default
+    model = GPT.from_checkpoint(killed / "ckpt_0000040.pt")
+    final = load_ckpt(killed / "ckpt_0000040.pt")["model"]
+    assert torch.equal(model.state_dict()["lm_head.weight"], final["lm_head.weight"])
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path: Path) -> None:
@@ -435,3 +471,32 @@ def test_plot_log_reads_the_three_series(tmp_path: Path) -> None:
     else:
         assert plot_log.main([str(log)]) == 0
         assert log.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_step_applies_the_clipped_gradient_and_reports_the_raw_norm() -> None:
+    """The gradient the optimizer sees has norm <= --grad-clip; the logged norm is the norm
+    before clipping, as an independent backward pass on the same batch measures it."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=SEQ, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32))
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, VOCAB, (4, SEQ), generator=gen),
+                torch.randint(0, VOCAB, (4, SEQ), generator=gen)) for _ in range(2)]
+    reference = GPT(model.config)
+    reference.load_state_dict(model.state_dict())
+    for x, y in batches:  # the mean over two micro-batches, as grad_accum=2 computes it
+        logits, _ = reference(x)
+        (F.cross_entropy(logits.flatten(0, 1), y.flatten()) / 2).backward()
+    raw_norm = torch.cat([p.grad.flatten() for p in reference.parameters()]).norm().item()
+
+    clip = 0.01
+    assert raw_norm > 10 * clip  # so that clipping has something to do
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    applied: list[float] = []
+    optimizer.register_step_pre_hook(lambda opt, *_: applied.append(torch.cat(
+        [p.grad.flatten() for g in opt.param_groups for p in g["params"]]).norm().item()))
+    precision = runtime.resolve_precision(torch.device("cpu"), "fp32")
+    result = train_gpt2.train_step(model, optimizer, runtime.make_grad_scaler(
+        precision, torch.device("cpu")), iter(batches).__next__, 2, precision,
+        torch.device("cpu"), lr=0.0, grad_clip=clip)
+    assert result.grad_norm == pytest.approx(raw_norm, rel=1e-5)
+    assert applied == [pytest.approx(clip, rel=1e-4)]
