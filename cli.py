@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
@@ -39,6 +40,20 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def check_range(flag: str, value: float | None, minimum: float | None = None,
+                maximum: float | None = None) -> None:
+    """A numeric flag's domain: finite, and within [minimum, maximum] where given. None
+    means the flag was left unset."""
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise UsageError(f"{flag}={value}: must be a finite number")
+    if minimum is not None and value < minimum:
+        raise UsageError(f"{flag}={value}: must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise UsageError(f"{flag}={value}: must be at most {maximum}")
 
 
 def run_script(body: Callable[[], int | None], debug: bool) -> int:

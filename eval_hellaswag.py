@@ -278,6 +278,9 @@ def evaluate(model: nn.Module, examples: Sequence[dict[str, Any]], device: torch
     must be initialised). The model's train/eval mode is restored afterwards."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
+    if not examples:
+        raise HellaSwagDataError("no HellaSwag examples to score: an accuracy over zero "
+                                 "examples is no score; pass a file with examples")
     mine = [render_example(e) for e in examples[rank::world_size]]
     # Similar lengths side by side waste less compute on padding; totals do not depend on
     # the order.
@@ -328,14 +331,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="examples per forward pass (4 rows each)")
     cli.add_runtime_arguments(parser)
     args = parser.parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        parser.error(f"--limit={args.limit}: must be at least 1")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size={args.batch_size}: must be at least 1")
     return args
 
 
 def run(args: argparse.Namespace) -> None:
+    cli.check_range("--limit", args.limit, minimum=1)
+    cli.check_range("--batch-size", args.batch_size, minimum=1)
     env = runtime.detect_distributed()
     device, precision = cli.resolve_runtime(args.device, args.dtype)
     device = runtime.distributed_device(env, device)

@@ -10,9 +10,9 @@ into chunks of about 256K characters; a pool of threads turns each chunk into on
 array (each document preceded by <|endoftext|>) plus the per-document token counts
 (tiktoken releases the GIL while it encodes, so threads use every core with no pickling of
 text or tokens between processes), and the main thread receives the chunks in order,
-assigns whole documents to train or val, and streams tokens into the open shard's
-temporary file, which gets its final name once full and fsynced. Memory is therefore a
-few chunks, whatever the corpus or shard size.
+assigns whole documents to train or val, and streams tokens into the open shard, which
+data.atomic_output names only once full and fsynced. Memory is therefore a few chunks,
+whatever the corpus or shard size.
 
 Validation documents (deterministic, document-level, never in train):
 - `--val-tokens=N` (default 10M for the FineWeb sets): the first documents of the stream
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import glob
 import hashlib
 import json
@@ -44,16 +45,16 @@ import sys
 import sysconfig
 import tempfile
 import time
-import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
+import cli
 import data
 
 HUB_DATASETS = {"finewebedu": "HuggingFaceFW/fineweb-edu", "fineweb": "HuggingFaceFW/fineweb"}
@@ -74,17 +75,10 @@ CHUNK_CHARS = 1 << 18
 EOT = np.array([data.EOT_TOKEN], dtype=np.uint16)
 
 
-class PrepareError(Exception):
-    """A problem the user can fix; main() prints it as one line and exits non-zero.
-
-    `discard` asks for the partial dataset to be removed (the input itself is bad, so the
-    shards so far could never be resumed); network trouble keeps them for a later resume.
-    """
-
-    def __init__(self, message: str, exit_code: int = 1, discard: bool = False) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-        self.discard = discard
+class PrepareError(RuntimeError):
+    """Input that cannot be prepared as given (exit 1). It also removes the partial dataset,
+    which a rerun with other input could never resume; network trouble raises
+    data.DownloadError instead, which keeps the shards so far for a later resume."""
 
 
 # ------------------------------------------------------------------------ document stream
@@ -98,7 +92,7 @@ class Source:
     description: dict[str, Any]
     fingerprint: str
     documents: Callable[[int], Iterator[str]]
-    rule: SplitRule
+    val: ValSplit
     skipped: list[str] = field(default_factory=list)
 
 
@@ -126,8 +120,8 @@ def local_files(spec: str) -> list[Path]:
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True))
         files = [p for p in files if p.is_file()]
     else:
-        raise PrepareError(f"--dataset={spec}: no such file or folder; give an existing file, "
-                           f"folder or glob, or one of {', '.join(BUILTIN_NAMES)}", exit_code=2)
+        raise cli.UsageError(f"--dataset={spec}: no such file or folder; give an existing "
+                             f"file, folder or glob, or one of {', '.join(BUILTIN_NAMES)}")
     return [p for p in files if p.suffix.lower() in LOCAL_SUFFIXES]
 
 
@@ -150,9 +144,8 @@ def file_documents(files: list[Path], text_field: str, strict: bool,
                     yield text
         except UnicodeDecodeError as exc:
             if strict:
-                raise PrepareError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); "
-                                   "fix or remove the file, or drop --strict to skip it",
-                                   discard=True) from exc
+                raise PrepareError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); fix "
+                                   "or remove the file, or drop --strict to skip it") from exc
             skipped.append(str(path))
 
 
@@ -166,11 +159,11 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise PrepareError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line "
-                                   "must be one JSON object", discard=True) from exc
+                                   "must be one JSON object") from exc
             text = record.get(text_field) if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise PrepareError(f"{path}:{lineno}: no string field '{text_field}'; name the "
-                                   "text field with --text-field", discard=True)
+                                   "text field with --text-field")
             if text:
                 yield text
 
@@ -181,11 +174,10 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
     try:
         parquet = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for a file that is not parquet
-        raise PrepareError(f"{path}: not a readable parquet file ({exc})", discard=True) from exc
+        raise PrepareError(f"{path}: not a readable parquet file ({exc})") from exc
     if text_field not in parquet.schema_arrow.names:
         raise PrepareError(f"{path}: no column '{text_field}' (columns: "
-                           f"{', '.join(parquet.schema_arrow.names)}); use --text-field",
-                           discard=True)
+                           f"{', '.join(parquet.schema_arrow.names)}); use --text-field")
     for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
         for text in batch.column(0).to_pylist():
             if text:
@@ -199,136 +191,102 @@ def hub_documents(repo: str, subset: str, text_field: str, start: int,
 
     if not debug:  # its retry warnings would bury the one-line error below
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-    hint = (f"cannot stream {repo} ({subset}) from the Hugging Face Hub (no network?): "
-            "{err}; offline, download its parquet files elsewhere and pass "
-            "--dataset=FOLDER --name=NAME")
     try:
         stream = datasets.load_dataset(repo, name=subset, split="train", streaming=True)
         if start:
             stream = stream.skip(start)
-        rows = iter(stream)
-        while True:
-            try:
-                row = next(rows)
-            except StopIteration:
-                return
+        for row in stream:
             text = row.get(text_field)
             if text:
                 yield text
-    except PrepareError:
-        raise
     except Exception as exc:  # the hub client raises many types; all mean "cannot read it"
         err = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        raise PrepareError(hint.format(err=err)) from exc
+        raise data.DownloadError(f"cannot stream {repo} ({subset}) from the Hugging Face Hub "
+                                 f"(no network?): {err}; offline, download its parquet files "
+                                 "elsewhere and pass --dataset=FOLDER --name=NAME") from exc
 
 
-def download_cached(url: str, path: Path) -> Path:
-    """Download `url` to `path` once (atomic write); later calls use the cached file."""
-    if path.is_file() and path.stat().st_size > 0:
-        return path
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            payload = response.read()
-    except OSError as exc:
-        raise PrepareError(f"cannot download {url} (no network?): {exc}; save that file as "
-                           f"{path} and rerun") from exc
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, payload)
-    return path
+# ---------------------------------------------------------------------------- val split
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    with data.atomic_output(path) as f:
-        f.write(payload)
+@dataclass
+class ValSplit:
+    """Which documents go to val; the rest is train. `is_val(doc_index, doc_tokens)` answers
+    for a chunk of consecutive documents (stream indices, token counts with the EOT), called
+    on the chunks in stream order. A rule that takes a prefix of the stream keeps its place
+    in `val_tokens` (before the next document) and `end_doc` (the first train document, once
+    known: val is finished then); progress.json saves end_doc."""
+
+    description: str
+    is_val: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    val_tokens: int = 0
+    end_doc: int | None = None
 
 
-# ----------------------------------------------------------------------------- val rules
-
-
-class SplitRule:
-    """Decides, document by document, what goes to val; the rest is train."""
-
-    def is_val(self, doc_index: np.ndarray, doc_tokens: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    def describe(self) -> str:
-        raise NotImplementedError
-
-    def state(self) -> dict[str, Any]:
-        return {}
-
-    def restore(self, start: int, state: dict[str, Any], val_tokens_before: int) -> None:
-        """Continue from document `start` of a resumed run."""
-
-
-class EveryKth(SplitRule):
+def every_kth(fraction: Fraction) -> ValSplit:
     """Document i is val when floor((i+1)*f) > floor(i*f): exactly floor(n*f) of n, spread."""
+    num, den = fraction.numerator, fraction.denominator
 
-    def __init__(self, fraction: Fraction) -> None:
-        self.num, self.den = fraction.numerator, fraction.denominator
-
-    def is_val(self, doc_index: np.ndarray, doc_tokens: np.ndarray) -> np.ndarray:
+    def is_val(doc_index: np.ndarray, doc_tokens: np.ndarray) -> np.ndarray:
         i = doc_index.astype(np.int64)
-        return ((i + 1) * self.num) // self.den > (i * self.num) // self.den
+        return ((i + 1) * num) // den > (i * num) // den
 
-    def describe(self) -> str:
-        f = f"{self.num}/{self.den}"
-        return f"documents i with floor((i+1)*{f}) > floor(i*{f})"
-
-
-class FixedDocuments(SplitRule):
-    def __init__(self, val_indices: Iterable[int], why: str) -> None:
-        self.val_indices = np.array(sorted(val_indices), dtype=np.int64)
-        self.why = why
-
-    def is_val(self, doc_index: np.ndarray, doc_tokens: np.ndarray) -> np.ndarray:
-        return np.isin(doc_index, self.val_indices)
-
-    def describe(self) -> str:
-        return self.why
+    f = f"{num}/{den}"
+    return ValSplit(f"documents i with floor((i+1)*{f}) > floor(i*{f})", is_val)
 
 
-class FirstTokens(SplitRule):
+def first_tokens(target: int) -> ValSplit:
     """The first documents of the stream, until they hold at least `target` tokens."""
 
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.seen = 0
-        self.end_doc: int | None = None  # index of the first train document, once known
-
-    def is_val(self, doc_index: np.ndarray, doc_tokens: np.ndarray) -> np.ndarray:
-        if self.end_doc is not None:
-            return doc_index < self.end_doc
-        before = self.seen + np.cumsum(doc_tokens) - doc_tokens
-        val = before < self.target
-        self.seen += int(doc_tokens[val].sum())
+    def is_val(doc_index: np.ndarray, doc_tokens: np.ndarray) -> np.ndarray:
+        if rule.end_doc is not None:
+            return doc_index < rule.end_doc
+        before = rule.val_tokens + np.cumsum(doc_tokens) - doc_tokens
+        val = before < target
+        rule.val_tokens += int(doc_tokens[val].sum())
         if not val.all():
-            self.end_doc = int(doc_index[np.argmin(val)])
+            rule.end_doc = int(doc_index[np.argmin(val)])
         return val
 
-    def describe(self) -> str:
-        return f"the first documents of the stream holding at least {self.target} tokens"
+    rule = ValSplit(f"the first documents of the stream holding at least {target} tokens",
+                    is_val)
+    return rule
 
-    def state(self) -> dict[str, Any]:
-        return {"val_end_doc": self.end_doc}
 
-    def restore(self, start: int, state: dict[str, Any], val_tokens_before: int) -> None:
-        self.end_doc = state.get("val_end_doc")
-        self.seen = val_tokens_before if start else 0
+def parse_val_tokens(spec: str) -> Fraction | int:
+    """--val-tokens: 'P%' -> the fraction P/100 of the documents; 'N' -> a token count."""
+    spec = spec.strip()
+    if not spec.endswith("%"):
+        try:
+            return parse_size(spec)
+        except argparse.ArgumentTypeError:
+            raise cli.UsageError(f"--val-tokens={spec}: give a token count (10M) or a "
+                                 "percentage (10%)") from None
+    try:
+        percent = Fraction(spec[:-1])
+    except (ValueError, ZeroDivisionError):
+        percent = Fraction(-1)
+    if not 0 <= percent < 100:
+        raise cli.UsageError(f"--val-tokens={spec}: a percentage must be in [0, 100)")
+    return percent / 100
+
+
+def val_split(args: argparse.Namespace, default: str) -> ValSplit:
+    """The rule --val-tokens (or `default`) names for a document stream."""
+    amount = parse_val_tokens(args.val_tokens or default)
+    if amount == 0 and "val" in parse_splits(args.splits):
+        raise cli.UsageError(f"--val-tokens={args.val_tokens} leaves nothing for "
+                             "--splits=validation")
+    return every_kth(amount) if isinstance(amount, Fraction) else first_tokens(amount)
 
 
 # ------------------------------------------------------------------------- tokenization
-
-_ENCODER: Any = None
 
 
 def encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """One uint16 array of `EOT doc0 EOT doc1 ...` and each document's token count (EOT
     included). Runs in the pool's threads; no per-token Python objects are made."""
-    global _ENCODER
-    if _ENCODER is None:
-        _ENCODER = data.get_tokenizer()
-    encode = _ENCODER.encode_to_numpy
+    encode = data.get_tokenizer().encode_to_numpy
     parts: list[np.ndarray] = []
     counts = np.empty(len(texts), dtype=np.int64)
     for i, text in enumerate(texts):
@@ -360,12 +318,7 @@ def tokenized_chunks(chunks: Iterable[list[str]], num_proc: int,
                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """encode_documents over chunks, results in input order, at most a few chunks in
     flight (Executor.map would read the whole corpus ahead into its task queue)."""
-    global _ENCODER
-    if _ENCODER is None:  # built once here, before the threads share it
-        _ENCODER = data.get_tokenizer()
-    if num_proc <= 1:
-        yield from map(encode_documents, chunks)
-        return
+    data.get_tokenizer()  # built (and cached) here, before the threads share it
     with concurrent.futures.ThreadPoolExecutor(num_proc) as pool:
         pending: deque[Any] = deque()
         for chunk in chunks:
@@ -392,81 +345,68 @@ class SplitState:
 
 
 class SplitWriter:
-    """Streams one split's documents into fixed-size shards.
+    """Streams one split's documents into fixed-size shards, from where `state` stands.
 
-    Tokens go straight to the open shard's temporary file (header first, count patched for
-    a short last shard), so memory stays at a chunk whatever the shard size; the file gets
-    its shard name only once complete and fsynced.
+    Tokens go straight into the open shard (header first, its count patched for a short
+    last shard), so memory stays at a chunk whatever the shard size. data.atomic_output
+    names a shard only once it is complete; leaving the writer on an exception drops the
+    unfinished one, which a rerun redoes.
     """
 
     def __init__(self, out_dir: Path, name: str, split: str, shard_size: int, state: SplitState,
-                 on_shard: Callable[[], None], write: bool = True) -> None:
-        self.out_dir, self.name, self.split = out_dir, name, split
-        self.shard_size = shard_size
-        self.state = state
-        self.on_shard = on_shard
-        self.write = write
-        self.file: Any = None  # the open temporary file of the unfinished shard
-        self.tmp_path: Path | None = None
-        self.digest: Any = None
-        self.fill = 0
-        self.eots = 0
+                 on_shard: Callable[[], None]) -> None:
+        self.out_dir, self.name, self.split, self.shard_size = out_dir, name, split, shard_size
+        self.state, self.on_shard = state, on_shard
+        self.shard: contextlib.AbstractContextManager[BinaryIO] | None = None
+        self.file: BinaryIO | None = None
+        self.digest = hashlib.sha256()
+        self.fill = self.eots = 0
         # Tokens before this position are already in finished shards (set by a resume).
         self.skip_doc, self.skip_offset = state.next_doc, state.next_offset
 
+    def __enter__(self) -> SplitWriter:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        # Only an error leaves a shard open (finish() closes the last one); handing it the
+        # error makes atomic_output delete the temporary file.
+        if self.shard is not None:
+            shard, self.shard, self.file = self.shard, None, None
+            shard.__exit__(*exc_info)
+
     def add(self, tokens: np.ndarray, doc_index: np.ndarray, doc_tokens: np.ndarray) -> None:
-        if not self.write or self.state.done or doc_index.size == 0:
+        """Append whole documents (this split's share of a chunk, in stream order)."""
+        if self.state.done or doc_index.size == 0:
             return
-        last_doc = int(doc_index[-1])
-        head_offset = 0  # tokens of doc_index[0] missing from `tokens`
-        if doc_index[0] < self.skip_doc or (doc_index[0] == self.skip_doc and self.skip_offset):
-            keep = doc_index >= self.skip_doc
-            tokens = tokens[int(doc_tokens[~keep].sum()):]
-            doc_index, doc_tokens = doc_index[keep], doc_tokens[keep]
-            if doc_index.size and doc_index[0] == self.skip_doc and self.skip_offset:
-                head_offset = self.skip_offset
-                tokens = tokens[head_offset:]
-                doc_tokens = doc_tokens.copy()
-                doc_tokens[0] -= head_offset
-        if last_doc >= self.skip_doc:
-            self.skip_doc = self.skip_offset = 0
         ends = np.cumsum(doc_tokens)
-        pos = 0
+        starts = ends - doc_tokens
+        first = int(np.searchsorted(doc_index, self.skip_doc))  # the first one not yet written
+        if first == doc_index.size:
+            return
+        pos = int(starts[first]) + (self.skip_offset if doc_index[first] == self.skip_doc else 0)
         while pos < tokens.size:
             n = min(self.shard_size - self.fill, tokens.size - pos)
             self._append(tokens[pos:pos + n])
             pos += n
-            if self.fill == self.shard_size:
+            if self.fill == self.shard_size:  # the next shard starts in document k
                 k = int(np.searchsorted(ends, pos, side="right"))
-                if k == len(ends):
-                    self._close_shard(last_doc + 1, 0)
+                if k == doc_index.size:
+                    self._close_shard(int(doc_index[-1]) + 1, 0)
                 else:
-                    start_k = int(ends[k - 1]) if k else -head_offset
-                    self._close_shard(int(doc_index[k]), pos - start_k)
+                    self._close_shard(int(doc_index[k]), pos - int(starts[k]))
 
     def finish(self) -> None:
-        if self.write and not self.state.done:
+        """Close the last, short shard; nothing more comes to this split."""
+        if not self.state.done:
             if self.fill:
                 self._close_shard(self.state.next_doc, self.state.next_offset, last=True)
             self.state.done = True
             self.on_shard()
 
-    def abort(self) -> None:
-        """Drop the unfinished shard's temporary file (a rerun redoes that shard)."""
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-        if self.tmp_path is not None:
-            self.tmp_path.unlink(missing_ok=True)
-            self.tmp_path = None
-
     def _append(self, piece: np.ndarray) -> None:
         if self.file is None:
-            fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=f".{self._file_name()}.",
-                                       suffix=".tmp")
-            self.tmp_path = Path(tmp)
-            os.fchmod(fd, data.default_file_mode())
-            self.file = os.fdopen(fd, "wb")
+            self.shard = data.atomic_output(self.out_dir / self._file_name())
+            self.file = self.shard.__enter__()
             header = data.shard_header(self.shard_size).tobytes()  # patched if the shard ends short
             self.file.write(header)
             self.digest = hashlib.sha256(header)
@@ -480,34 +420,24 @@ class SplitWriter:
         return data.shard_name(self.name, self.split, len(self.state.shards))
 
     def _close_shard(self, next_doc: int, next_offset: int, last: bool = False) -> None:
-        assert self.file is not None and self.tmp_path is not None
-        if self.fill != self.shard_size:
+        assert self.shard is not None and self.file is not None
+        if self.fill != self.shard_size:  # a short last shard: new count, so hash it again
             self.file.seek(0)
             self.file.write(data.shard_header(self.fill).tobytes())
             self.file.flush()
-            self.digest = _file_sha256(self.tmp_path)
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        self.file = None
-        file_name = self._file_name()
-        os.replace(self.tmp_path, self.out_dir / file_name)
-        self.tmp_path = None
-        self.state.shards.append({"file": file_name, "tokens": self.fill,
+            self.digest = hashlib.sha256()
+            with open(self.file.name, "rb") as written:
+                while block := written.read(1 << 20):
+                    self.digest.update(block)
+        shard, self.shard, self.file = self.shard, None, None
+        shard.__exit__(None, None, None)  # fsync, then the shard's own name
+        self.state.shards.append({"file": self._file_name(), "tokens": self.fill,
                                   "sha256": self.digest.hexdigest(),
                                   "documents_started": self.eots})
         self.state.next_doc, self.state.next_offset = next_doc, next_offset
         self.fill = self.eots = 0
         if not last:
             self.on_shard()
-
-
-def _file_sha256(path: Path) -> Any:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest
 
 
 # ------------------------------------------------------------------------------ pipeline
@@ -523,6 +453,14 @@ class Options:
 
 
 @dataclass
+class Progress:
+    """Where an interrupted run stopped, as its progress.json says."""
+
+    splits: dict[str, SplitState]
+    val_end_doc: int | None  # ValSplit.end_doc
+
+
+@dataclass
 class Summary:
     name: str
     out_dir: Path
@@ -534,62 +472,59 @@ class Summary:
 
 
 def run_pipeline(source: Source, out_dir: Path, options: Options, args_record: dict[str, Any],
-                 ) -> Summary:
-    """Tokenize `source` into shards in `out_dir` (resuming if a matching progress.json is
-    there) and write the manifest. Raises PrepareError on bad input."""
-    progress_path = out_dir / PROGRESS_NAME
-    states = {split: SplitState() for split in ("train", "val")}
-    resumed = _load_progress(progress_path, source, args_record, states)
+                 resume: Progress | None = None) -> Summary:
+    """Tokenize `source` into shards in `out_dir`, going on from `resume` if given, and write
+    the manifest. Raises PrepareError or cli.UsageError on bad input."""
+    from tqdm import tqdm
+
+    states = resume.splits if resume else {split: SplitState() for split in ("train", "val")}
     active = [s for s in options.splits if not states[s].done]
     start = min((states[s].next_doc for s in active), default=0)
-    val_before = states["val"].tokens - states["val"].next_offset
-    saved_rule_state = _read_json(progress_path).get("rule", {}) if resumed else {}
-    source.rule.restore(start, saved_rule_state, val_before)
+    rule = source.val
+    if resume:
+        rule.end_doc = resume.val_end_doc
+        # Only a prefix rule reads val_tokens, and only before its end is known; train is
+        # empty then, so the stream restarts at 0 or at val's unfinished shard.
+        rule.val_tokens = states["val"].tokens - states["val"].next_offset if start else 0
+    progress_path = out_dir / PROGRESS_NAME
 
     def checkpoint() -> None:
-        payload = {"fingerprint": source.fingerprint, "args": args_record,
-                   "rule": source.rule.state(),
-                   "splits": {s: vars(st) for s, st in states.items()}}
-        atomic_write_bytes(progress_path, json.dumps(payload, indent=1).encode())
+        _write_json(progress_path, {"fingerprint": source.fingerprint, "args": args_record,
+                                    "rule": {"val_end_doc": rule.end_doc},
+                                    "splits": {s: vars(st) for s, st in states.items()}})
 
-    writers = {s: SplitWriter(out_dir, source.name, s, options.shard_size, states[s], checkpoint,
-                              write=s in options.splits) for s in ("train", "val")}
-    started = time.perf_counter()
-    new_tokens = 0
-    bar = _progress_bar(source.name, options.progress)
-    doc_cursor = start
-    try:
+    started, new_tokens, doc_cursor = time.perf_counter(), 0, start
+    with contextlib.ExitStack() as stack:
+        writers = {s: stack.enter_context(SplitWriter(out_dir, source.name, s,
+                                                      options.shard_size, states[s], checkpoint))
+                   for s in options.splits}
+        bar = stack.enter_context(tqdm(desc=source.name, unit="tok", unit_scale=True,
+                                       disable=None if options.progress else True,
+                                       dynamic_ncols=True))
         chunks = document_chunks(source.documents(start), CHUNK_CHARS)
         for tokens, counts in tokenized_chunks(chunks, options.num_proc):
             doc_index = np.arange(doc_cursor, doc_cursor + counts.size, dtype=np.int64)
             doc_cursor += counts.size
-            is_val = source.rule.is_val(doc_index, counts)
-            _route(tokens, doc_index, counts, is_val, writers)
+            _route(tokens, doc_index, counts, rule.is_val(doc_index, counts), writers)
             new_tokens += tokens.size
             bar.update(int(tokens.size))
             bar.set_postfix(docs=doc_cursor, refresh=False)
-            if isinstance(source.rule, FirstTokens) and source.rule.end_doc is not None:
-                writers["val"].finish()  # val is a finished prefix: close it right away
-                if "train" not in options.splits:
+            if rule.end_doc is not None:  # val is a finished prefix: close it right away
+                if "val" in writers:
+                    writers["val"].finish()
+                if "train" not in writers:
                     break
-    except BaseException:
+        if doc_cursor == 0 and not resume:
+            what = f"; {len(source.skipped)} files skipped as not UTF-8" if source.skipped else ""
+            raise PrepareError(f"{source.description.get('source', source.name)}: no documents "
+                               f"found{what}; check --dataset and --text-field")
         for writer in writers.values():
-            writer.abort()
-        raise
-    finally:
-        bar.close()
-    if doc_cursor == 0 and not resumed:
-        what = f"; {len(source.skipped)} files skipped as not UTF-8" if source.skipped else ""
-        raise PrepareError(f"{source.description.get('source', source.name)}: no documents "
-                           f"found{what}; check --dataset and --text-field", discard=True)
-    for split in ("val", "train"):
-        writers[split].finish()
+            writer.finish()
     if "train" in options.splits and not states["train"].shards:
-        raise PrepareError(f"{source.name}: no training documents are left after the "
-                           f"validation split (--val-tokens={options.val_tokens}); lower it",
-                           exit_code=2, discard=True)
+        raise cli.UsageError(f"{source.name}: no training documents are left after the "
+                             f"validation split (--val-tokens={options.val_tokens}); lower it")
     summary = Summary(source.name, out_dir, states, source.skipped,
-                      time.perf_counter() - started, new_tokens, resumed)
+                      time.perf_counter() - started, new_tokens, resume is not None)
     _write_manifest(out_dir, source, options, args_record, summary)
     progress_path.unlink(missing_ok=True)
     return summary
@@ -597,21 +532,11 @@ def run_pipeline(source: Source, out_dir: Path, options: Options, args_record: d
 
 def _route(tokens: np.ndarray, doc_index: np.ndarray, counts: np.ndarray, is_val: np.ndarray,
            writers: dict[str, SplitWriter]) -> None:
-    if not is_val.any():
-        writers["train"].add(tokens, doc_index, counts)
-    elif is_val.all():
-        writers["val"].add(tokens, doc_index, counts)
-    else:
-        token_is_val = np.repeat(is_val, counts)
-        writers["val"].add(tokens[token_is_val], doc_index[is_val], counts[is_val])
-        writers["train"].add(tokens[~token_is_val], doc_index[~is_val], counts[~is_val])
-
-
-def _progress_bar(name: str, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(desc=name, unit="tok", unit_scale=True, disable=None if enabled else True,
-                dynamic_ncols=True)
+    """Each document to its split's writer; a split not asked for has none."""
+    for split, chosen in (("val", is_val), ("train", ~is_val)):
+        if split in writers:
+            writers[split].add(tokens[np.repeat(chosen, counts)], doc_index[chosen],
+                               counts[chosen])
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -622,76 +547,68 @@ def _read_json(path: Path) -> dict[str, Any]:
     return loaded if isinstance(loaded, dict) else {}
 
 
-def _load_progress(path: Path, source: Source, args_record: dict[str, Any],
-                   states: dict[str, SplitState]) -> bool:
-    """Fill `states` from a progress file left by an interrupted run with the same input and
-    arguments, checking that its shards are still there. False means start afresh."""
-    saved = _read_json(path)
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    with data.atomic_output(path) as f:
+        f.write(json.dumps(payload, indent=1).encode())
+
+
+def load_progress(out_dir: Path, source: Source, args_record: dict[str, Any]) -> Progress | None:
+    """What an interrupted run with the same input and arguments left, if its shards are
+    all still there; None means start afresh."""
+    saved = _read_json(out_dir / PROGRESS_NAME)
     if saved.get("fingerprint") != source.fingerprint or saved.get("args") != args_record:
-        return False
+        return None
     try:
-        loaded = {s: SplitState(**saved["splits"][s]) for s in states}
-    except (KeyError, TypeError):
-        return False
-    for state in loaded.values():
-        for shard in state.shards:
-            shard_path = path.parent / shard["file"]
-            if not shard_path.is_file() or shard_path.stat().st_size != (
-                    data.HEADER_BYTES + 2 * shard["tokens"]):
-                return False
-    states.update(loaded)
+        progress = Progress({s: SplitState(**saved["splits"][s]) for s in ("train", "val")},
+                            saved.get("rule", {}).get("val_end_doc"))
+        intact = _shards_intact(out_dir, [s for st in progress.splits.values() for s in st.shards])
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    return progress if intact else None
+
+
+def _shards_intact(out_dir: Path, shards: list[dict[str, Any]]) -> bool:
+    """Every shard listed is there, with the size its token count implies."""
+    for shard in shards:
+        path = out_dir / shard["file"]
+        if not path.is_file() or path.stat().st_size != (
+                data.HEADER_BYTES + 2 * int(shard["tokens"])):
+            return False
     return True
 
 
 def _write_manifest(out_dir: Path, source: Source, options: Options,
                     args_record: dict[str, Any], summary: Summary) -> None:
-    splits = {}
-    for split, state in summary.splits.items():
-        if split in options.splits:
-            splits[split] = {
-                "tokens": state.tokens,
-                "documents": sum(s["documents_started"] for s in state.shards),
-                "shards": state.shards,
-            }
-    manifest = {
+    splits = {split: {"tokens": state.tokens,
+                      "documents": sum(s["documents_started"] for s in state.shards),
+                      "shards": state.shards}
+              for split, state in summary.splits.items() if split in options.splits}
+    _write_json(out_dir / MANIFEST_NAME, {
         "name": source.name,
         "source": source.description,
         "tokenizer": {"name": "gpt2", "sha256": data.GPT2_RANKS_SHA256,
                       "eot_token": data.EOT_TOKEN, "vocab_size": data.VOCAB_SIZE},
         "format": {"magic": data.SHARD_MAGIC, "version": data.SHARD_VERSION,
                    "header_bytes": data.HEADER_BYTES, "dtype": "uint16"},
-        "validation": source.rule.describe(),
+        "validation": source.val.description,
         "args": args_record,
         "splits": splits,
         "skipped_not_utf8": summary.skipped,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "complete": True,  # last key: a manifest without it is from an unfinished run
-    }
-    atomic_write_bytes(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+    })
 
 
-def remove_outputs(out_dir: Path, name: str) -> None:
-    """Delete this dataset's shards, progress, manifest and leftover temporary files."""
-    if not out_dir.is_dir():
-        return
-    for split in ("train", "val"):
-        for path in out_dir.glob(f"{name}_{split}_*.bin"):
-            path.unlink(missing_ok=True)
-    for path in out_dir.glob(".*.tmp"):
+def remove_outputs(out_dir: Path, name: str, resume: Progress | None = None) -> None:
+    """Delete this dataset's files that a run cannot build on: temporary files of killed
+    writers, the manifest, and every shard and progress.json but what `resume` keeps."""
+    keep = {s["file"] for st in resume.splits.values() for s in st.shards} if resume else set()
+    shards = [*out_dir.glob(f"{name}_train_*.bin"), *out_dir.glob(f"{name}_val_*.bin")]
+    for path in [*(p for p in shards if p.name not in keep), *out_dir.glob(".*.tmp")]:
         path.unlink(missing_ok=True)
-    (out_dir / PROGRESS_NAME).unlink(missing_ok=True)
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-
-
-def remove_stale_files(out_dir: Path, name: str, states: dict[str, SplitState] | None) -> None:
-    """Before a resume: temporary files of killed writers and shards past the recorded ones."""
-    for path in out_dir.glob(".*.tmp"):
-        path.unlink(missing_ok=True)
-    keep = {s["file"] for st in (states or {}).values() for s in st.shards}
-    for split in ("train", "val"):
-        for path in out_dir.glob(f"{name}_{split}_*.bin"):
-            if path.name not in keep:
-                path.unlink()
+    if resume is None:
+        (out_dir / PROGRESS_NAME).unlink(missing_ok=True)
 
 
 def is_prepared(data_root: Path, name: str) -> bool:
@@ -701,15 +618,10 @@ def is_prepared(data_root: Path, name: str) -> bool:
     if manifest.get("complete") is not True:
         return False
     try:
-        for split in manifest["splits"].values():
-            for shard in split["shards"]:
-                path = out_dir / shard["file"]
-                if not path.is_file() or path.stat().st_size != (
-                        data.HEADER_BYTES + 2 * int(shard["tokens"])):
-                    return False
-    except (KeyError, TypeError, ValueError):
+        return _shards_intact(out_dir, [s for split in manifest["splits"].values()
+                                        for s in split["shards"]])
+    except (AttributeError, KeyError, TypeError, ValueError):
         return False
-    return True
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -725,7 +637,7 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.Parser(
         description="Tokenize a text source into GPT-2 llm.c-format shards (train/val).")
     p.add_argument("--dataset", default="stdlib",
                    help=f"one of {', '.join(BUILTIN_NAMES)}, or a local file, folder or glob of "
@@ -761,27 +673,8 @@ def parse_splits(text: str) -> tuple[str, ...]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in names if s not in SPLIT_FILE_NAMES]
     if not names or unknown:
-        raise PrepareError(f"--splits={text}: use train, validation or train,validation",
-                           exit_code=2)
+        raise cli.UsageError(f"--splits={text}: use train, validation or train,validation")
     return tuple(sorted({SPLIT_FILE_NAMES[s] for s in names}, key=("train", "val").index))
-
-
-def make_rule(val_tokens: str, default: str) -> SplitRule:
-    spec = (val_tokens or default).strip()
-    if spec.endswith("%"):
-        try:
-            percent = Fraction(spec[:-1])
-        except ValueError:
-            percent = Fraction(-1)
-        if not 0 <= percent < 100:
-            raise PrepareError(f"--val-tokens={spec}: a percentage must be in [0, 100)",
-                               exit_code=2)
-        return EveryKth(percent / 100)
-    try:
-        return FirstTokens(parse_size(spec))
-    except argparse.ArgumentTypeError:
-        raise PrepareError(f"--val-tokens={spec}: give a token count (10M) or a percentage "
-                           "(10%)", exit_code=2) from None
 
 
 def make_source(args: argparse.Namespace, data_root: Path) -> Source:
@@ -792,7 +685,7 @@ def make_source(args: argparse.Namespace, data_root: Path) -> Source:
                       f"hub:{repo}:{args.subset}",
                       lambda start: hub_documents(repo, args.subset, args.text_field, start,
                                                   args.debug),
-                      make_rule(args.val_tokens, HUB_VAL_TOKENS))
+                      val_split(args, HUB_VAL_TOKENS))
     if spec == "tinyshakespeare":
         return tinyshakespeare_source(data_root, args.val_tokens or SMALL_VAL_FRACTION)
     if spec == "stdlib":
@@ -801,12 +694,11 @@ def make_source(args: argparse.Namespace, data_root: Path) -> Source:
                        "path": sysconfig.get_paths()["stdlib"], "files": len(files)}
         return local_source("stdlib", files, description, args)
     if not _looks_like_path(spec):
-        raise PrepareError(f"--dataset={spec}: unknown dataset; use one of "
-                           f"{', '.join(BUILTIN_NAMES)} or a path to local files", exit_code=2)
+        raise cli.UsageError(f"--dataset={spec}: unknown dataset; use one of "
+                             f"{', '.join(BUILTIN_NAMES)} or a path to local files")
     files = local_files(spec)
     if not files:
-        raise PrepareError(f"--dataset={spec}: no {', '.join(LOCAL_SUFFIXES)} files there",
-                           exit_code=2)
+        raise cli.UsageError(f"--dataset={spec}: no {', '.join(LOCAL_SUFFIXES)} files there")
     name = args.name or _name_from_path(spec)
     description = {"source": os.path.abspath(os.path.expanduser(spec)), "files": len(files)}
     return local_source(name, files, description, args)
@@ -828,27 +720,25 @@ def local_source(name: str, files: list[Path], description: dict[str, Any],
         yield from stream
 
     return Source(name, description, f"files:{listing.hexdigest()}", documents,
-                  make_rule(args.val_tokens, SMALL_VAL_FRACTION), skipped)
+                  val_split(args, SMALL_VAL_FRACTION), skipped)
 
 
 def tinyshakespeare_source(data_root: Path, val_spec: str) -> Source:
     if not val_spec.strip().endswith("%"):
-        raise PrepareError(f"--val-tokens={val_spec}: tinyshakespeare is split by position; "
-                           "give a percentage such as 10%", exit_code=2)
-    rule = make_rule(val_spec, SMALL_VAL_FRACTION)
-    assert isinstance(rule, EveryKth)
-    val_fraction = Fraction(rule.num, rule.den)
+        raise cli.UsageError(f"--val-tokens={val_spec}: tinyshakespeare is split by position; "
+                             "give a percentage such as 10%")
+    val_fraction = Fraction(parse_val_tokens(val_spec))
     cache = data_root / "tinyshakespeare" / "input.txt"
 
     def documents(start: int) -> Iterator[str]:
-        text = download_cached(TINYSHAKESPEARE_URL, cache).read_text(encoding="utf-8")
+        text = data.download(TINYSHAKESPEARE_URL, cache).read_text(encoding="utf-8")
         head, tail = split_by_position(text, 1 - val_fraction)
         yield from [d for d in (head, tail) if d][start:]
 
+    why = f"the last {float(val_fraction):.0%} of the text, cut at a line break"
     return Source("tinyshakespeare", {"source": TINYSHAKESPEARE_URL, "cache": str(cache)},
                   f"tinyshakespeare:{val_spec}", documents,
-                  FixedDocuments([1], f"the last {float(val_fraction):.0%} of the text, "
-                                      "cut at a line break"))
+                  ValSplit(why, lambda doc_index, doc_tokens: doc_index == 1))  # the tail
 
 
 def split_by_position(text: str, head_fraction: Fraction) -> tuple[str, str]:
@@ -876,8 +766,7 @@ def prepare_output_dir(data_root: Path, name: str) -> Path:
     out_dir = data_root / name
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe.", suffix=".tmp")
-        probe.close()
+        tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe.", suffix=".tmp").close()
     except OSError as exc:
         raise PrepareError(f"--data-root={data_root}: cannot write to {out_dir} "
                            f"({exc.strerror or exc}); pass a writable --data-root") from exc
@@ -885,12 +774,9 @@ def prepare_output_dir(data_root: Path, name: str) -> Path:
 
 
 def _report(summary: Summary) -> str:
-    pieces = []
-    for split, state in summary.splits.items():
-        if state.shards:
-            count = len(state.shards)
-            pieces.append(f"{count} {split} shard{'s' if count > 1 else ''} "
-                          f"({state.tokens / 1e6:.2f}M tokens)")
+    pieces = [f"{len(st.shards)} {split} shard{'s' if len(st.shards) > 1 else ''} "
+              f"({st.tokens / 1e6:.2f}M tokens)"
+              for split, st in summary.splits.items() if st.shards]
     rate = summary.new_tokens / max(summary.seconds, 1e-9) / 1e6
     resumed = ", resumed" if summary.resumed else ""
     line = (f"{summary.name}: wrote {' and '.join(pieces)} to {summary.out_dir} in "
@@ -903,12 +789,7 @@ def _report(summary: Summary) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _main(args)
-    except PrepareError as exc:
-        if args.debug:
-            raise
-        print(f"prepare_dataset.py: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return cli.run_script(lambda: prepare(args), args.debug)
     except KeyboardInterrupt:
         if args.debug:
             raise
@@ -917,55 +798,46 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _main(args: argparse.Namespace) -> int:
+def prepare(args: argparse.Namespace) -> int:
+    """The command: check the flags, then skip the dataset if it is done, else (re)build or
+    resume it."""
     if args.shard_size < 1:
-        raise PrepareError(f"--shard-size={args.shard_size}: must be at least 1", exit_code=2)
+        raise cli.UsageError(f"--shard-size={args.shard_size}: must be at least 1")
     if args.num_proc < 1:
-        raise PrepareError(f"--num-proc={args.num_proc}: must be at least 1", exit_code=2)
+        raise cli.UsageError(f"--num-proc={args.num_proc}: must be at least 1")
     splits = parse_splits(args.splits)
     data_root = (args.data_root or data.default_data_root()).expanduser()
     source = make_source(args, data_root)
-    rule = source.rule
-    if "val" in splits and ((isinstance(rule, FirstTokens) and rule.target == 0)
-                            or (isinstance(rule, EveryKth) and rule.num == 0)):
-        raise PrepareError(f"--val-tokens={args.val_tokens} leaves nothing for "
-                           "--splits=validation", exit_code=2)
-    dataset = args.dataset
-    if dataset not in BUILTIN_NAMES:
-        dataset = os.path.abspath(os.path.expanduser(dataset))
+    dataset = (args.dataset if args.dataset in BUILTIN_NAMES
+               else os.path.abspath(os.path.expanduser(args.dataset)))
     args_record = {"dataset": dataset, "subset": args.subset, "text_field": args.text_field,
                    "splits": list(splits), "shard_size": args.shard_size,
                    "val_tokens": args.val_tokens, "strict": args.strict}
     if is_prepared(data_root, source.name) and not args.force:
-        earlier = _read_json(data_root / source.name / MANIFEST_NAME).get("args")
-        if earlier != args_record:
-            changed = sorted(k for k in args_record if (earlier or {}).get(k) != args_record[k])
-            raise PrepareError(f"{data_root / source.name} already holds {source.name} prepared "
-                               f"with other {', '.join(changed)}; pass --force to redo it or "
-                               "--name=OTHER to keep both", exit_code=2)
+        earlier = _read_json(data_root / source.name / MANIFEST_NAME).get("args") or {}
+        changed = sorted(k for k in args_record if earlier.get(k) != args_record[k])
+        if changed:
+            raise cli.UsageError(f"{data_root / source.name} already holds {source.name} "
+                                 f"prepared with other {', '.join(changed)}; pass --force to "
+                                 "redo it or --name=OTHER to keep both")
         print(f"{source.name}: already prepared in {data_root / source.name} "
               "(--force redoes it)")
         return 0
     out_dir = prepare_output_dir(data_root, source.name)
-    if args.force:
-        remove_outputs(out_dir, source.name)
+    resume = None if args.force else load_progress(out_dir, source, args_record)
+    remove_outputs(out_dir, source.name, resume)
     options = Options(args.shard_size, splits, args.num_proc,
                       args.val_tokens or "default", progress=not args.no_progress)
-    states: dict[str, SplitState] = {"train": SplitState(), "val": SplitState()}
-    if not _load_progress(out_dir / PROGRESS_NAME, source, args_record, states):
-        remove_outputs(out_dir, source.name)
-        states = {}
-    remove_stale_files(out_dir, source.name, states)
     try:
-        summary = run_pipeline(source, out_dir, options, args_record)
-    except PrepareError as exc:
-        if exc.discard:
-            remove_outputs(out_dir, source.name)
+        summary = run_pipeline(source, out_dir, options, args_record, resume)
+    except (PrepareError, cli.UsageError):
+        # The input or the arguments must change, so these shards could never be resumed.
+        remove_outputs(out_dir, source.name)
         raise
     print(_report(summary))
     if "val" in splits and not summary.splits["val"].shards:
         print(f"prepare_dataset.py: warning: {source.name} has no validation documents "
-              f"(rule: {source.rule.describe()}); pass --val-tokens=N to take the first N "
+              f"(rule: {source.val.description}); pass --val-tokens=N to take the first N "
               "tokens' documents", file=sys.stderr)
     return 0
 

@@ -121,18 +121,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="print sample 0 token by token as it is generated")
     cli.add_runtime_arguments(parser)
     args = parser.parse_args(argv)
-    if args.num_samples < 1:
-        parser.error(f"--num-samples={args.num_samples}: must be at least 1")
-    if args.top_k < 0:
-        parser.error(f"--top-k={args.top_k}: must be 0 (off) or positive")
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        parser.error(f"--top-p={args.top_p}: must be in (0, 1]")
-    if args.temperature < 0:
-        parser.error(f"--temperature={args.temperature}: must be >= 0")
     return args
 
 
 def run(args: argparse.Namespace) -> None:
+    cli.check_range("--num-samples", args.num_samples, minimum=1)
+    cli.check_range("--max-length", args.max_length, minimum=1)
+    cli.check_range("--top-k", args.top_k, minimum=0)
+    cli.check_range("--top-p", args.top_p, minimum=0, maximum=1)
+    if args.top_p == 0:
+        raise cli.UsageError("--top-p=0: must be above 0 (1 keeps every token)")
+    cli.check_range("--temperature", args.temperature, minimum=0)
     device, precision = cli.resolve_runtime(args.device, args.dtype)
     model = cli.load_model(None if args.checkpoint else args.pretrained, args.checkpoint, device)
     top_k = args.top_k or None

@@ -212,15 +212,8 @@ def validate(config: TrainConfig) -> None:
     """Every value within its option's domain, before any work starts."""
     for f in dataclasses.fields(TrainConfig):
         value = getattr(config, f.name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        low, high = f.metadata["minimum"], f.metadata["maximum"]
-        if not math.isfinite(value):
-            raise UsageError(f"{flag(f.name)}={value}: must be a finite number")
-        if low is not None and value < low:
-            raise UsageError(f"{flag(f.name)}={value}: must be at least {low}")
-        if high is not None and value > high:
-            raise UsageError(f"{flag(f.name)}={value}: must be at most {high}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            cli.check_range(flag(f.name), value, f.metadata["minimum"], f.metadata["maximum"])
     if config.dataset and config.data_dir:
         raise UsageError("--dataset and --data-dir both given: pass only one")
     if config.model not in PRESETS:

@@ -410,3 +410,108 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(
     manifest = json.loads((out_dir / "manifest.json").read_text())
     reference = json.loads((tmp_path / "whole" / "c" / "manifest.json").read_text())
     assert manifest["splits"] == reference["splits"]
+
+
+def stop_documents_after(count: int, error: BaseException,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next run's document stream fails after `count` documents (a network drop or a
+    Ctrl-C part-way through); later runs read the files normally."""
+    real = prepare_dataset.file_documents
+    calls = []
+
+    def failing(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        stream = real(*args, **kwargs)  # type: ignore[arg-type]
+        if len(calls) > 1:
+            return stream
+
+        def cut() -> object:
+            for i, doc in enumerate(stream):
+                if i == count:
+                    raise error
+                yield doc
+        return cut()
+
+    monkeypatch.setattr(prepare_dataset, "file_documents", failing)
+
+
+@pytest.mark.parametrize(
+    ("val_tokens", "splits", "stop_at", "error", "expected_code", "kept_splits"),
+    [("10%", "train,validation", 150, KeyboardInterrupt(), 130, {"train", "val"}),
+     ("15000", "train,validation", 60, data.DownloadError("connection reset"), 1, {"val"}),
+     ("15000", "train,validation", 170, KeyboardInterrupt(), 130, {"train", "val"}),
+     ("15000", "validation", 60, KeyboardInterrupt(), 130, {"val"}),
+     ("10%", "train", 90, data.DownloadError("connection reset"), 1, {"train"})],
+    ids=["every-kth", "prefix-unfinished", "prefix-finished", "prefix-val-only",
+         "every-kth-train-only"])
+def test_interrupted_run_keeps_finished_shards_and_resumes_byte_identical(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        val_tokens: str, splits: str, stop_at: int, error: BaseException,
+        expected_code: int, kept_splits: set[str]) -> None:
+    corpus = write_txt_corpus(tmp_path / "c", make_documents(240, seed=13))
+    monkeypatch.setattr(prepare_dataset, "CHUNK_CHARS", 1500)
+    common = [f"--dataset={corpus}", "--shard-size=701", "--num-proc=2",
+              f"--val-tokens={val_tokens}", f"--splits={splits}"]
+    assert run([*common, f"--data-root={tmp_path}/whole"], capsys)[0] == 0
+    whole = shard_files(tmp_path / "whole" / "c")
+
+    stop_documents_after(stop_at, error, monkeypatch)
+    code, _, err = run([*common, f"--data-root={tmp_path}/cut"], capsys)
+    assert_one_line_error(code, err, expected_code,
+                          "interrupted" if expected_code == 130 else "connection reset")
+    out_dir = tmp_path / "cut" / "c"
+    left = sorted(p.name for p in out_dir.iterdir())
+    assert "progress.json" in left and "manifest.json" not in left
+    assert not [name for name in left if name.endswith(".tmp")]
+    kept = {name: (out_dir / name).read_bytes() for name in left if name.endswith(".bin")}
+    assert {name.split("_")[1] for name in kept} == kept_splits  # stopped where meant to
+    assert len(kept) < len(whole)
+    assert all(whole[name] == raw for name, raw in kept.items())
+
+    code, out, err = run([*common, f"--data-root={tmp_path}/cut"], capsys)
+    assert code == 0, err
+    assert "resumed" in out
+    assert shard_files(out_dir) == whole
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted([*whole, "manifest.json"])
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    reference = json.loads((tmp_path / "whole" / "c" / "manifest.json").read_text())
+    assert manifest["splits"] == reference["splits"]
+    assert manifest["validation"] == reference["validation"]
+
+
+def test_rerun_with_other_arguments_after_an_interruption_starts_afresh(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    corpus = write_txt_corpus(tmp_path / "c", make_documents(200, seed=14))
+    monkeypatch.setattr(prepare_dataset, "CHUNK_CHARS", 1500)
+    common = [f"--dataset={corpus}", "--num-proc=1"]
+    stop_documents_after(120, KeyboardInterrupt(), monkeypatch)
+    assert run([*common, f"--data-root={tmp_path}/r", "--shard-size=300"], capsys)[0] == 130
+    assert len(list((tmp_path / "r" / "c").glob("c_train_*.bin"))) > 3
+
+    code, out, err = run([*common, f"--data-root={tmp_path}/r", "--shard-size=2000"], capsys)
+    assert code == 0, err
+    assert "resumed" not in out
+    assert run([*common, f"--data-root={tmp_path}/clean", "--shard-size=2000"], capsys)[0] == 0
+    assert shard_files(tmp_path / "r" / "c") == shard_files(tmp_path / "clean" / "c")
+    assert not (tmp_path / "r" / "c" / "progress.json").exists()
+
+
+@pytest.mark.parametrize("val_tokens", ["20%", "1500"])
+def test_splits_validation_only_writes_exactly_the_validation_documents(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], val_tokens: str) -> None:
+    docs = make_documents(50, seed=15)
+    corpus = write_txt_corpus(tmp_path / "c", docs)
+    code, _, err = run([f"--dataset={corpus}", f"--data-root={tmp_path}/r", "--splits=validation",
+                        f"--val-tokens={val_tokens}", "--shard-size=400"], capsys)
+    assert code == 0, err
+    if val_tokens.endswith("%"):
+        val_docs = [d for i, d in enumerate(docs) if (i + 1) % 5 == 0]
+    else:
+        lengths = np.cumsum([len(encode(d)) + 1 for d in docs])
+        val_docs = docs[:int(np.searchsorted(lengths, 1500)) + 1]
+    out_dir = tmp_path / "r" / "c"
+    assert data.find_shards(out_dir, "train") == []
+    assert documents_of(split_tokens(out_dir, "val")) == [encode(d) for d in val_docs]
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert list(manifest["splits"]) == ["val"]
