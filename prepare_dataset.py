@@ -5,29 +5,21 @@
     python prepare_dataset.py --dataset=tinyshakespeare
     python prepare_dataset.py --dataset='notes/**/*.md' --name=notes
 
-Every source becomes one stream of documents (strings, in a fixed order). The stream is cut
-into chunks of about 256K characters; a pool of threads turns each chunk into one uint16
-array (each document preceded by <|endoftext|>) plus the per-document token counts
-(tiktoken releases the GIL while it encodes, so threads use every core with no pickling of
-text or tokens between processes), and the main thread receives the chunks in order,
-assigns whole documents to train or val, and streams tokens into the open shard, which
-data.atomic_output names only once full and fsynced. Memory is therefore a few chunks,
-whatever the corpus or shard size.
+Every source becomes one stream of documents in a fixed order, cut into chunks of about
+256K characters. A pool of threads (tiktoken releases the GIL) turns each chunk into one
+uint16 array, each document preceded by <|endoftext|>; the main thread takes the chunks in
+order, assigns whole documents to train or val, and streams tokens into the open shard,
+which data.atomic_output names only once full and fsynced. Memory stays a few chunks.
 
-Validation documents (deterministic, document-level, never in train):
-- `--val-tokens=N` (default 10M for the FineWeb sets): the first documents of the stream
-  until they hold at least N tokens;
-- `--val-tokens=P%` (default 10% for every other source): document i is in val when
-  floor((i+1)*P/100) > floor(i*P/100), i.e. every (100/P)-th document, evenly spread;
-- tinyshakespeare is one text, cut at the first line break after P% of its characters
-  from the end (90/10 by default): the head is train, the tail val.
+Validation documents (deterministic, never in train): `--val-tokens=N` (default 10M for
+the FineWeb sets) takes the first documents until they hold N tokens; `--val-tokens=P%`
+(default 10% elsewhere) takes document i when floor((i+1)*P/100) > floor(i*P/100), evenly
+spread; tinyshakespeare's one text is cut at the line break P% from its end.
 
-Resume: after each shard, `progress.json` records, per split, the shards written and the
-document (and token offset in it) where the unfinished shard begins. A rerun with the same
-arguments keeps those shards, restarts the stream at the earliest such document and
-rewrites only unfinished shards, so the result is byte-identical to an uninterrupted run.
-`manifest.json`, with `"complete": true`, is written last; a complete dataset is skipped
-unless `--force`.
+Resume: after each shard, `progress.json` records per split the shards written and where
+the unfinished one begins (document, token offset). A rerun with the same arguments keeps
+those shards and rewrites the rest, byte-identical to an uninterrupted run. A complete
+`manifest.json` is written last; a complete dataset is skipped unless `--force`.
 """
 
 from __future__ import annotations
@@ -35,6 +27,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import fcntl
 import glob
 import hashlib
 import json
@@ -43,7 +36,6 @@ import os
 import re
 import sys
 import sysconfig
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -58,13 +50,13 @@ import cli
 import data
 
 HUB_DATASETS = {"finewebedu": "HuggingFaceFW/fineweb-edu", "fineweb": "HuggingFaceFW/fineweb"}
-TINYSHAKESPEARE_URL = (
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-)
+TINYSHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+                       "tinyshakespeare/input.txt")
 BUILTIN_NAMES = (*HUB_DATASETS, "tinyshakespeare", "stdlib")
 LOCAL_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".parquet")
 SPLIT_FILE_NAMES = {"train": "train", "validation": "val", "val": "val"}
 MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".prepare.lock"
 PROGRESS_NAME = "progress.json"
 DEFAULT_SHARD_SIZE = 100_000_000
 HUB_VAL_TOKENS = "10000000"
@@ -76,9 +68,8 @@ EOT = np.array([data.EOT_TOKEN], dtype=np.uint16)
 
 
 class PrepareError(RuntimeError):
-    """Input that cannot be prepared as given (exit 1). It also removes the partial dataset,
-    which a rerun with other input could never resume; network trouble raises
-    data.DownloadError instead, which keeps the shards so far for a later resume."""
+    """Input that cannot be prepared as given (exit 1); the partial dataset is removed.
+    Network trouble raises data.DownloadError instead, keeping the shards for a resume."""
 
 
 # ------------------------------------------------------------------------ document stream
@@ -117,8 +108,8 @@ def local_files(spec: str) -> list[Path]:
     elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
     elif glob.has_magic(spec):
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True))
-        files = [p for p in files if p.is_file()]
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)
+                       if Path(p).is_file())
     else:
         raise cli.UsageError(f"--dataset={spec}: no such file or folder; give an existing "
                              f"file, folder or glob, or one of {', '.join(BUILTIN_NAMES)}")
@@ -138,10 +129,8 @@ def file_documents(files: list[Path], text_field: str, strict: bool,
         try:
             if suffix == ".jsonl":
                 yield from _jsonl_documents(path, text_field)
-            else:
-                text = path.read_bytes().decode("utf-8")
-                if text:
-                    yield text
+            elif text := path.read_bytes().decode("utf-8"):
+                yield text
         except UnicodeDecodeError as exc:
             if strict:
                 raise PrepareError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); fix "
@@ -179,9 +168,7 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
         raise PrepareError(f"{path}: no column '{text_field}' (columns: "
                            f"{', '.join(parquet.schema_arrow.names)}); use --text-field")
     for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            if text:
-                yield text
+        yield from (text for text in batch.column(0).to_pylist() if text)
 
 
 def hub_documents(repo: str, subset: str, text_field: str, start: int,
@@ -762,17 +749,6 @@ def _name_from_path(spec: str) -> str:
     return name or "local"
 
 
-def prepare_output_dir(data_root: Path, name: str) -> Path:
-    out_dir = data_root / name
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe.", suffix=".tmp").close()
-    except OSError as exc:
-        raise PrepareError(f"--data-root={data_root}: cannot write to {out_dir} "
-                           f"({exc.strerror or exc}); pass a writable --data-root") from exc
-    return out_dir
-
-
 def _report(summary: Summary) -> str:
     pieces = [f"{len(st.shards)} {split} shard{'s' if len(st.shards) > 1 else ''} "
               f"({st.tokens / 1e6:.2f}M tokens)"
@@ -801,10 +777,8 @@ def main(argv: list[str] | None = None) -> int:
 def prepare(args: argparse.Namespace) -> int:
     """The command: check the flags, then skip the dataset if it is done, else (re)build or
     resume it."""
-    if args.shard_size < 1:
-        raise cli.UsageError(f"--shard-size={args.shard_size}: must be at least 1")
-    if args.num_proc < 1:
-        raise cli.UsageError(f"--num-proc={args.num_proc}: must be at least 1")
+    cli.check_range("--shard-size", args.shard_size, minimum=1)
+    cli.check_range("--num-proc", args.num_proc, minimum=1)
     splits = parse_splits(args.splits)
     data_root = (args.data_root or data.default_data_root()).expanduser()
     source = make_source(args, data_root)
@@ -823,23 +797,52 @@ def prepare(args: argparse.Namespace) -> int:
         print(f"{source.name}: already prepared in {data_root / source.name} "
               "(--force redoes it)")
         return 0
-    out_dir = prepare_output_dir(data_root, source.name)
-    resume = None if args.force else load_progress(out_dir, source, args_record)
-    remove_outputs(out_dir, source.name, resume)
-    options = Options(args.shard_size, splits, args.num_proc,
-                      args.val_tokens or "default", progress=not args.no_progress)
+    with exclusive_run(data_root, source.name) as out_dir:
+        resume = None if args.force else load_progress(out_dir, source, args_record)
+        remove_outputs(out_dir, source.name, resume)
+        options = Options(args.shard_size, splits, args.num_proc,
+                          args.val_tokens or "default", progress=not args.no_progress)
+        try:
+            summary = run_pipeline(source, out_dir, options, args_record, resume)
+        except (PrepareError, cli.UsageError):
+            # The input or the arguments must change, so these shards could never be resumed.
+            remove_outputs(out_dir, source.name)
+            raise
+        print(_report(summary))
+        if "val" in splits and not summary.splits["val"].shards:
+            print(f"prepare_dataset.py: warning: {source.name} has no validation documents "
+                  f"(rule: {source.val.description}); pass --val-tokens=N to take the first N "
+                  "tokens' documents", file=sys.stderr)
+        return 0
+
+
+@contextlib.contextmanager
+def exclusive_run(data_root: Path, name: str) -> Iterator[Path]:
+    """The dataset's folder, made if need be and held by this run alone (a second run would
+    delete the first's temporary files); the kernel drops a flock however its holder ends,
+    kill -9 included."""
+    out_dir = data_root / name
     try:
-        summary = run_pipeline(source, out_dir, options, args_record, resume)
-    except (PrepareError, cli.UsageError):
-        # The input or the arguments must change, so these shards could never be resumed.
-        remove_outputs(out_dir, source.name)
-        raise
-    print(_report(summary))
-    if "val" in splits and not summary.splits["val"].shards:
-        print(f"prepare_dataset.py: warning: {source.name} has no validation documents "
-              f"(rule: {source.val.description}); pass --val-tokens=N to take the first N "
-              "tokens' documents", file=sys.stderr)
-    return 0
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(out_dir / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        raise PrepareError(f"--data-root={data_root}: cannot write to {out_dir} "
+                           f"({exc.strerror or exc}); pass a writable --data-root") from exc
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise PrepareError(f"{out_dir}: another prepare_dataset.py (pid "
+                               f"{lock.read().strip()}) is writing this dataset; wait for it "
+                               "or stop it, then rerun") from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        try:
+            yield out_dir
+        finally:  # unlinked while still held: a run starting now makes a fresh lock
+            (out_dir / LOCK_NAME).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
