@@ -341,12 +341,12 @@ def run(args: argparse.Namespace) -> None:
     device, precision = cli.resolve_runtime(args.device, args.dtype)
     device = runtime.distributed_device(env, device)
     with runtime.distributed(env, device):
+        model = cli.load_model(None if args.checkpoint else args.pretrained, args.checkpoint,
+                               device)
         data = args.data
         if data is None:
             data = _fetch_once(env, Path(args.cache_dir) if args.cache_dir else None)
         examples = load_examples(data, args.limit)
-        model = cli.load_model(None if args.checkpoint else args.pretrained, args.checkpoint,
-                               device)
         score = evaluate(model, examples, device, args.batch_size, precision, env.rank,
                          env.world_size, progress=env.is_main)
         runtime.print0(f"acc: {score.correct}/{score.total} = {score.acc:.4f}", env=env)

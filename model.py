@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,7 +336,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: checkpoint file not found; pass the path of a "
                                 "ckpt_*.pt file written by train_gpt2.py")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling fails in many types
         raise ValueError(f"{path}: not a readable train_gpt2.py checkpoint "
                          f"({type(exc).__name__}); pass a ckpt_*.pt file") from None
