@@ -12,7 +12,6 @@ import base64
 import collections
 import contextlib
 import functools
-import glob as _glob
 import hashlib
 import os
 import sys
@@ -58,11 +57,8 @@ def get_tokenizer() -> tiktoken.Encoding:
     if digest != GPT2_RANKS_SHA256:
         raise RuntimeError(f"{GPT2_RANKS_FILE}: sha256 {digest} is not the GPT-2 ranks file "
                            f"({GPT2_RANKS_SHA256}); restore it from the repository")
-    ranks = {}
-    for line in raw.splitlines():
-        if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
+    pairs = (line.split() for line in raw.splitlines() if line)
+    ranks = {base64.b64decode(token): int(rank) for token, rank in pairs}
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=GPT2_PATTERN,
@@ -89,9 +85,7 @@ def shard_name(dataset: str, split: str, index: int) -> str:
 
 def find_shards(directory: str | os.PathLike[str], split: str) -> list[Path]:
     """Sorted `*_{split}_*` shards (`.bin` or `.npy`) in `directory`; split is train or val."""
-    directory = Path(directory)
-    found = [p for p in directory.glob(f"*_{split}_*") if p.suffix in (".bin", ".npy")]
-    return sorted(found)
+    return sorted(p for p in Path(directory).glob(f"*_{split}_*") if p.suffix in (".bin", ".npy"))
 
 
 def shard_header(ntok: int) -> np.ndarray:
@@ -125,9 +119,13 @@ def default_file_mode() -> int:
 def atomic_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """A binary file that appears at `path` only once complete (temp name in the same
     folder, fsync, rename); on any error the temp file goes and `path` is untouched.
-    The file's `name` is the temp path, for checks that read it back before the rename."""
+    The file's `name` is the temp path, for checks that read it back before the rename.
+    A failed write (a full disk, no permission) is an OSError that names `path`."""
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _write_error(path, exc) from None
     try:
         os.fchmod(fd, default_file_mode())
         os.close(fd)
@@ -136,9 +134,17 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
+    except OSError as exc:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise _write_error(path, exc) from None
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def _write_error(path: Path, exc: OSError) -> OSError:
+    return OSError(exc.errno, f"{path}: cannot write it ({exc.strerror or exc}); free some "
+                              "space, fix the permissions or write elsewhere")
 
 
 def download(url: str, path: Path, check: Callable[[Path], None] | None = None,
@@ -172,7 +178,8 @@ def read_shard(path: str | os.PathLike[str]) -> np.ndarray:
     """Memory-map a `.bin` or `.npy` shard as uint16 tokens, checking its header."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: shard not found")
+        raise FileNotFoundError(f"{path}: shard file not found (data.find_shards(folder, "
+                                "split) lists a folder's shards)")
     if path.suffix == ".npy":
         return _read_npy_shard(path)
     return _read_bin_shard(path)
@@ -219,15 +226,12 @@ def _read_npy_shard(path: Path) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ batch loader
 #
-# Sample stream. A sample is T+1 consecutive tokens; shard s holds the non-overlapping
-# windows tokens[j*T : j*T+T+1] for j < (ntok_s-1)//T (stride T: the last token of a window
-# is the first of the next), so fewer than T tokens per shard are never used. One epoch is
-# the shards in epoch order, each shard's windows in epoch order; the stream is the epochs
-# one after another, forever. Global batch k is stream samples [k*W*B, (k+1)*W*B) and rank r
-# takes the B samples starting at k*W*B + r*B. A global batch that runs past the end of an
-# epoch simply continues into the next one, so nothing is dropped and the first N samples of
-# the stream (N samples per epoch) are exactly one epoch, each window once, across ranks.
-# The whole loader state is therefore one integer: the number of batches taken (`step`).
+# Sample stream. A sample is T+1 consecutive tokens; shard s holds the windows
+# tokens[j*T : j*T+T+1] for j < (ntok_s-1)//T, so fewer than T tokens per shard go unused.
+# An epoch is the shards in epoch order, each shard's windows in epoch order; epochs follow
+# each other forever. Global batch k is stream samples [k*W*B, (k+1)*W*B) and rank r takes
+# the B from k*W*B + r*B, so a batch that runs past an epoch's end continues into the next
+# (nothing dropped) and the whole loader state is one integer, the batches taken (`step`).
 #
 # Order. With shuffle, epoch e orders shards and each shard's windows by sorting indices i
 # by splitmix64(key ^ i), key = mix(mix(mix(seed) ^ e) ^ stream) with stream 0 for the shard
@@ -236,14 +240,11 @@ def _read_npy_shard(path: Path) -> np.ndarray:
 
 LOADER_STATE_FORMAT = "nano-gpt-shard-loader/1"
 _MASK64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
-_backend_announced = False
-_announce_lock = threading.Lock()
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:
     """splitmix64's output function on a uint64 array (wrapping arithmetic)."""
-    z = z + np.uint64(_GOLDEN)
+    z = z + np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
@@ -264,121 +265,94 @@ def seeded_permutation(n: int, key: int) -> np.ndarray:
     return np.argsort(_mix64(index ^ np.uint64(key)), kind="stable").astype(np.int64)
 
 
-def samples_in_shard(ntok: int, seq_len: int) -> int:
-    """How many (seq_len+1)-token windows of stride seq_len fit in a shard."""
-    return max(0, (ntok - 1) // seq_len)
+def shard_layout(path: Path) -> tuple[str, int, int]:
+    """(path, byte offset of the first token, token count), from read_shard's checks."""
+    tokens = read_shard(path)
+    return str(path), int(getattr(tokens, "offset", HEADER_BYTES)), len(tokens)
 
 
-def resolve_shard_files(files: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
-                        ) -> list[Path]:
-    """A list of shard paths, a directory (all its .bin/.npy files) or a glob, sorted."""
-    if isinstance(files, (str, os.PathLike)):
-        path = Path(files)
-        if path.is_dir():
-            paths = sorted(p for p in path.iterdir() if p.suffix in (".bin", ".npy"))
-        elif path.exists():
-            paths = [path]
-        else:
-            paths = [Path(p) for p in sorted(_glob.glob(str(files)))]
-        if not paths:
-            raise FileNotFoundError(f"{files}: no .bin or .npy shards found; pass shard "
-                                    "paths, a folder of shards or a glob")
-        return paths
-    paths = [Path(p) for p in files]
+def _shard_paths(files: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
+                 ) -> list[Path]:
+    paths = [Path(files)] if isinstance(files, (str, os.PathLike)) else [Path(p) for p in files]
     if not paths:
         raise ValueError("ShardLoader: the list of shard files is empty")
     return paths
 
 
-class _EpochPlan:
-    """Epoch order: which shard holds the i-th sample of the epoch, and at which token."""
-
-    def __init__(self, counts: list[int], seq_len: int, shuffle: bool, seed: int,
-                 epoch: int) -> None:
-        nshards = len(counts)
-        if shuffle:
-            self.shard_order = seeded_permutation(nshards, order_key(seed, epoch, 0))
-        else:
-            self.shard_order = np.arange(nshards, dtype=np.int64)
-        ordered = np.asarray(counts, dtype=np.int64)[self.shard_order]
-        self.starts = np.concatenate([[0], np.cumsum(ordered)])
-        self.seq_len = seq_len
-        self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
-        self.counts = counts
-        self._perms: dict[int, np.ndarray] = {}
-
-    def locate(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(shard ids, token offsets) of epoch sample indices."""
-        slot = np.searchsorted(self.starts, index, side="right") - 1
-        shards = self.shard_order[slot]
-        local = index - self.starts[slot]
-        if self.shuffle:
-            pairs = zip(shards.tolist(), local.tolist(), strict=True)
-            local = np.array([self._perm(s)[j] for s, j in pairs], dtype=np.int64)
-        return shards, local * self.seq_len
-
-    def _perm(self, shard: int) -> np.ndarray:
-        if shard not in self._perms:
-            if len(self._perms) > 2:
-                self._perms.clear()
-            key = order_key(self.seed, self.epoch, 1 + shard)
-            self._perms[shard] = seeded_permutation(self.counts[shard], key)
-        return self._perms[shard]
-
-
 class _NumpyBackend:
-    """Builds batch `step` on demand from memory-mapped shards (pure NumPy, no thread)."""
+    """Builds each batch on demand from memory-mapped shards (pure NumPy, no thread)."""
 
-    # The kernel maps page-cache folios of up to 2 MB whole, so one sample can add 2 MB of
-    # resident pages; dropping the maps once the granules touched could add up to the budget
-    # keeps the resident set flat in shard size (csrc/loader.cpp does the same).
+    # Maps are dropped past a budget of 2 MB granules touched: see kGranuleBytes in loader.cpp.
     _GRANULE_BYTES = 2 << 20
     _MAP_BUDGET_BYTES = 32 << 20
 
-    def __init__(self, paths: list[Path], sizes: list[int], counts: list[int], batch_size: int,
-                 seq_len: int, rank: int, world_size: int, shuffle: bool, seed: int,
-                 vocab_size: int) -> None:
-        self.paths, self.sizes, self.counts = paths, sizes, counts
-        self.B, self.T, self.rank, self.W = batch_size, seq_len, rank, world_size
-        self.shuffle, self.seed, self.vocab_size = shuffle, seed, vocab_size
-        self.per_epoch = sum(counts)
-        self._plans: dict[int, _EpochPlan] = {}
+    def __init__(self, owner: ShardLoader) -> None:
+        self.paths, self.counts, self.device = owner.paths, owner.counts, owner.device
+        self.sizes = [p.stat().st_size for p in owner.paths]
+        self.B, self.T, self.rank, self.W = (owner.batch_size, owner.seq_len, owner.rank,
+                                             owner.world_size)
+        self.shuffle, self.seed, self.vocab_size = owner.shuffle, owner.seed, owner.vocab_size
+        self.per_epoch = sum(self.counts)
+        self.step = 0
+        # Only the orders being read are kept: a batch spans at most two epochs or shards.
+        self._shard_order = functools.lru_cache(maxsize=2)(self._order_shards)
+        self._windows = functools.lru_cache(maxsize=4)(self._order_windows)
         self._maps: dict[int, np.ndarray] = {}
-        self._mapped_estimate = 0
-        self._last_granule = (-1, -1)
+        self._mapped_estimate, self._last_granule = 0, (-1, -1)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        tokens = self.batch(self.step)
+        xy = torch.from_numpy(np.stack([tokens[:, :-1], tokens[:, 1:]]).astype(np.int64))
+        self.step += 1
+        if self.device.type != "cpu":
+            xy = xy.to(self.device)
+        return xy[0], xy[1]
 
     def batch(self, step: int) -> np.ndarray:
         """Batch `step` of this rank as a (B, T+1) uint16 array."""
         first = (step * self.W + self.rank) * self.B
-        positions = np.arange(first, first + self.B, dtype=np.int64)
-        epochs, index = np.divmod(positions, self.per_epoch)
-        shards = np.empty(self.B, dtype=np.int64)
-        offsets = np.empty(self.B, dtype=np.int64)
-        for epoch in np.unique(epochs):
-            sel = epochs == epoch
-            shards[sel], offsets[sel] = self._plan(int(epoch)).locate(index[sel])
+        epochs, index = np.divmod(np.arange(first, first + self.B), self.per_epoch)
+        places = [place for e in np.unique(epochs).tolist()
+                  for place in self._locate(e, index[epochs == e])]
+        self._check_sizes({shard for shard, _ in places})
         out = np.empty((self.B, self.T + 1), dtype=np.uint16)
-        self._check_sizes(set(shards.tolist()))
-        for row, (shard, offset) in enumerate(zip(shards.tolist(), offsets.tolist(), strict=True)):
+        for row, (shard, offset) in enumerate(places):
             out[row] = self._tokens(shard, offset)[offset:offset + self.T + 1]
-        if self.B and int(out.max()) >= self.vocab_size:
+        if int(out.max()) >= self.vocab_size:
             row = int(np.argmax(out.max(axis=1) >= self.vocab_size))
-            bad = int(out[row].max())
+            shard, offset = places[row]
             raise ShardFormatError(
-                f"{self.paths[shards[row]]}: token id {bad} near token {offsets[row]} is not "
-                f"below the vocabulary size {self.vocab_size}; the shard was made with another "
-                "tokenizer or is corrupt")
+                f"{self.paths[shard]}: token id {int(out[row].max())} near token {offset} is "
+                f"not below the vocabulary size {self.vocab_size}; the shard was made with "
+                "another tokenizer or is corrupt")
         return out
+
+    def _locate(self, epoch: int, index: np.ndarray) -> list[tuple[int, int]]:
+        """(shard id, token offset) of each sample of epoch `epoch` in `index`."""
+        order, starts = self._shard_order(epoch)
+        k = np.searchsorted(starts, index, side="right") - 1
+        shards, local = order[k].tolist(), (index - starts[k]).tolist()
+        if self.shuffle:
+            local = [int(self._windows(epoch, s)[j]) for s, j in zip(shards, local, strict=True)]
+        return [(s, j * self.T) for s, j in zip(shards, local, strict=True)]
+
+    def _order_shards(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The shards in epoch order, and the epoch index of each one's first sample."""
+        n = len(self.counts)
+        order = seeded_permutation(n, order_key(self.seed, epoch, 0)) if self.shuffle else (
+            np.arange(n))
+        return order, np.concatenate([[0], np.cumsum(np.asarray(self.counts)[order])])
+
+    def _order_windows(self, epoch: int, shard: int) -> np.ndarray:
+        return seeded_permutation(self.counts[shard], order_key(self.seed, epoch, 1 + shard))
+
+    def seek(self, step: int) -> None:
+        self.step = step
 
     def close(self) -> None:
         self._maps.clear()
-
-    def _plan(self, epoch: int) -> _EpochPlan:
-        if epoch not in self._plans:
-            if len(self._plans) > 1:
-                self._plans.clear()
-            self._plans[epoch] = _EpochPlan(self.counts, self.T, self.shuffle, self.seed, epoch)
-        return self._plans[epoch]
 
     def _check_sizes(self, shards: set[int]) -> None:
         # A file shrunk under a live memory map faults (SIGBUS) on access; check first.
@@ -413,30 +387,97 @@ def _native_module() -> Any | None:
     return _loader if hasattr(_loader, "BatchLoader") else None
 
 
+class _NativeBackend:
+    """The compiled `_loader`: a C++ thread fills a ring of (2, B, T) int64 slots ahead.
+
+    On CPU the filled tensor itself goes to the caller, who owns it from then on, and its slot
+    goes straight back to the producer with a fresh tensor to fill (the allocator recycles
+    the batches the caller has dropped), so nothing tracks the caller's tensors. On CUDA the
+    slots are pinned, each batch is one non-blocking copy, and its slot goes back once the
+    copy's CUDA event has completed.
+    """
+
+    SLOTS = 8
+
+    def __init__(self, owner: ShardLoader, layouts: list[tuple[str, int, int]]) -> None:
+        import torch
+
+        module = _native_module()
+        assert module is not None
+        self.module, self.device = module, owner.device
+        self.cuda = owner.device.type == "cuda"
+        shape = (2, owner.batch_size, owner.seq_len)
+        self.slots = [torch.empty(shape, dtype=torch.int64, pin_memory=self.cuda)
+                      for _ in range(self.SLOTS)]
+        self.native = self._call(module.BatchLoader, layouts, owner.batch_size, owner.seq_len,
+                                 owner.rank, owner.world_size, owner.shuffle,
+                                 owner.seed & _MASK64, owner.vocab_size,
+                                 [slot.numpy() for slot in self.slots])
+        self.copies: collections.deque[tuple[int, torch.cuda.Event]] = collections.deque()
+        self._finalizer = weakref.finalize(self, self.native.close)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cuda:
+            return self._next_cuda_batch()
+        import torch
+
+        slot = self._call(self.native.acquire)
+        xy = self.slots[slot]
+        self.slots[slot] = torch.empty_like(xy)
+        self.native.release(slot, self.slots[slot].numpy())
+        return xy[0], xy[1]
+
+    def _next_cuda_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        # Half the ring at most waits on copies, so the producer always has slots to fill.
+        self._release_copied(keep=self.SLOTS // 2 - 1)
+        slot = self._call(self.native.acquire)
+        xy = self.slots[slot].to(self.device, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(self.device))
+        self.copies.append((slot, copied))
+        return xy[0], xy[1]
+
+    def _release_copied(self, keep: int) -> None:
+        """Hand back finished copies' slots, oldest first, and wait while over `keep` fly."""
+        while self.copies and (len(self.copies) > keep or self.copies[0][1].query()):
+            slot, copied = self.copies.popleft()
+            copied.synchronize()
+            self.native.release(slot)
+
+    def _call(self, method: Any, *args: Any) -> Any:
+        try:
+            return method(*args)
+        except self.module.ShardError as exc:
+            raise ShardFormatError(str(exc)) from None
+
+    def seek(self, step: int) -> None:
+        self._release_copied(keep=0)
+        self.native.seek(step)
+
+    def close(self) -> None:
+        self._release_copied(keep=0)
+        self._finalizer()
+
+
+@functools.cache
 def _announce_backend(name: str) -> None:
-    global _backend_announced
-    with _announce_lock:
-        if not _backend_announced:
-            _backend_announced = True
-            print(f"data.ShardLoader: using the {name} backend", file=sys.stderr)
+    print(f"data.ShardLoader: using the {name} backend", file=sys.stderr)
 
 
 class ShardLoader:
     """(x, y) int64 batches of shape (batch_size, seq_len) from token shards, forever.
 
-    backend: "native" (the compiled `_loader` extension: memory-mapped shards, a background
-    thread filling a ring of host buffers), "numpy" (pure NumPy, byte-identical batches) or
-    "auto" (native when built, else numpy; says once per process which it chose).
-    On CPU the returned tensors belong to the caller (never reused by the loader). On CUDA
-    each batch is one non-blocking copy from a pinned host slot, and that slot is refilled
-    only after the copy's CUDA event has completed.
-    Token ids are checked against vocab_size for every batch as it is assembled.
-    Order and sharding are described at the top of this section: a global batch that runs
-    past the end of an epoch continues into the next epoch (nothing is dropped), and
-    state_dict() is the number of batches taken plus the settings it must be resumed with.
-    A fault in the native thread (a bad token, a shard truncated under it) is raised as
-    ShardFormatError by the next next_batch(), and by every call after it until reset() or
-    load_state_dict().
+    files: shard paths (`find_shards(folder, split)` lists a folder's), or one path.
+    backend: "native" (the compiled `_loader`: a C++ thread fills a ring of host buffers),
+    "numpy" (byte-identical batches) or "auto" (native when built, else numpy; says once per
+    process which). The returned tensors are the caller's. Order and sharding: see the top
+    of this section; state_dict() is the batches taken and the settings to resume with.
+    Every token is checked against vocab_size; a bad one, or a shard truncated under the
+    loader, raises ShardFormatError at its batch and at every call after it until reset()
+    or load_state_dict(). One consumer: next_batch(), reset() and load_state_dict() raise
+    RuntimeError at once while another thread is inside one of them.
     """
 
     def __init__(self, files: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
@@ -451,33 +492,26 @@ class ShardLoader:
                              f"(world_size {world_size})")
         if backend not in ("auto", "native", "numpy"):
             raise ValueError(f"ShardLoader: backend {backend!r}; use auto, native or numpy")
-        self.paths = resolve_shard_files(files)
-        self.num_tokens = [int(read_shard(p).shape[0]) for p in self.paths]
-        self.sizes = [p.stat().st_size for p in self.paths]
-        self.counts = [samples_in_shard(n, seq_len) for n in self.num_tokens]
-        if sum(self.counts) == 0:
+        self.paths = _shard_paths(files)
+        layouts = [shard_layout(p) for p in self.paths]
+        self.num_tokens = [ntok for _, _, ntok in layouts]
+        self.counts = [max(0, (n - 1) // seq_len) for n in self.num_tokens]  # windows per shard
+        self.samples_per_epoch = sum(self.counts)
+        if self.samples_per_epoch == 0:
             raise ValueError(f"ShardLoader: no shard among {len(self.paths)} files (first "
                              f"{self.paths[0]}) holds seq_len+1 = {seq_len + 1} tokens; use a "
                              "shorter seq_len or more data")
-        self.batch_size, self.seq_len = batch_size, seq_len
-        self.rank, self.world_size = rank, world_size
+        self.batch_size, self.seq_len, self.rank, self.world_size = (batch_size, seq_len,
+                                                                     rank, world_size)
         self.shuffle, self.seed, self.vocab_size = bool(shuffle), int(seed), vocab_size
         import torch
 
         self.device = torch.device(device)
         self.step = 0
+        self._consumer = threading.Lock()
         self.backend = self._pick_backend(backend)
-        self._numpy: _NumpyBackend | None = None
-        self._native: _NativeRing | None = None
-        if self.backend == "native":
-            self._native = _NativeRing(self)
-        else:
-            self._numpy = _NumpyBackend(self.paths, self.sizes, self.counts, batch_size, seq_len,
-                                        rank, world_size, self.shuffle, self.seed, vocab_size)
-
-    @property
-    def samples_per_epoch(self) -> int:
-        return sum(self.counts)
+        self._source: _NumpyBackend | _NativeBackend | None = (
+            _NativeBackend(self, layouts) if self.backend == "native" else _NumpyBackend(self))
 
     @property
     def epoch(self) -> int:
@@ -486,14 +520,12 @@ class ShardLoader:
         return first // self.samples_per_epoch
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._native is not None:
-            x, y = self._native.next_batch()
-        elif self._numpy is not None:
-            x, y = self._numpy_batch()
-        else:
-            raise RuntimeError("ShardLoader: next_batch() after close()")
-        self.step += 1
-        return x, y
+        with self._single_consumer():
+            if self._source is None:
+                raise RuntimeError("ShardLoader: next_batch() after close()")
+            x, y = self._source.next_batch()
+            self.step += 1
+            return x, y
 
     def reset(self) -> None:
         """Back to the first batch of epoch 0."""
@@ -501,19 +533,11 @@ class ShardLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain ints/str/lists: all that exact resume needs, plus what must match."""
-        return {
-            "format": LOADER_STATE_FORMAT,
-            "files": [str(p) for p in self.paths],
-            "num_tokens": list(self.num_tokens),
-            "batch_size": self.batch_size,
-            "seq_len": self.seq_len,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "shuffle": self.shuffle,
-            "seed": self.seed,
-            "step": self.step,
-            "epoch": self.epoch,
-        }
+        return {"format": LOADER_STATE_FORMAT, "files": [str(p) for p in self.paths],
+                "num_tokens": list(self.num_tokens), "batch_size": self.batch_size,
+                "seq_len": self.seq_len, "rank": self.rank, "world_size": self.world_size,
+                "shuffle": self.shuffle, "seed": self.seed, "step": self.step,
+                "epoch": self.epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where the loader that saved `state` stopped."""
@@ -537,12 +561,9 @@ class ShardLoader:
         self._seek(step)
 
     def close(self) -> None:
-        if self._native is not None:
-            self._native.close()
-            self._native = None
-        if self._numpy is not None:
-            self._numpy.close()
-            self._numpy = None
+        if self._source is not None:
+            self._source.close()
+            self._source = None
 
     def __enter__(self) -> ShardLoader:
         return self
@@ -550,10 +571,23 @@ class ShardLoader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @contextlib.contextmanager
+    def _single_consumer(self) -> Iterator[None]:
+        # Two threads taking batches at once would duplicate and drop batches; fail loudly.
+        if not self._consumer.acquire(blocking=False):
+            raise RuntimeError("ShardLoader: called from a second thread while another is "
+                               "inside next_batch(), reset() or load_state_dict(); the loader "
+                               "has one consumer: give each thread its own loader")
+        try:
+            yield
+        finally:
+            self._consumer.release()
+
     def _seek(self, step: int) -> None:
-        self.step = step
-        if self._native is not None:
-            self._native.seek(step)
+        with self._single_consumer():
+            self.step = step
+            if self._source is not None:
+                self._source.seek(step)
 
     def _pick_backend(self, backend: str) -> str:
         if backend == "auto":
@@ -563,141 +597,3 @@ class ShardLoader:
             raise RuntimeError("ShardLoader: backend='native' but the _loader extension is not "
                                "built; run `pip install -e .` or use backend='numpy'")
         return backend
-
-    def _numpy_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
-
-        assert self._numpy is not None
-        tokens = self._numpy.batch(self.step)
-        xy = torch.empty((2, self.batch_size, self.seq_len), dtype=torch.int64)
-        buf = xy.numpy()
-        np.copyto(buf[0], tokens[:, :-1])
-        np.copyto(buf[1], tokens[:, 1:])
-        if self.device.type != "cpu":
-            xy = xy.to(self.device)
-        return xy[0], xy[1]
-
-
-def _storage_users(tensor: torch.Tensor) -> int:
-    """How many tensors share `tensor`'s memory (-1 where torch cannot say)."""
-    import torch
-
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    if use_count is None:
-        return -1
-    return int(use_count(tensor.untyped_storage()._cdata))
-
-
-class _NativeRing:
-    """The compiled backend: a C++ thread fills ring slots; this side hands them out."""
-
-    SLOTS = 8
-    # On CPU one C++ call takes up to half the ring (the producer refills half at a time):
-    # the call and the first tensor operations after the caller's own work are slow with
-    # cold caches, so doing them once per group keeps most next_batch() calls trivial.
-    GROUP = SLOTS // 2
-    LENT_KEPT = 2 * GROUP
-
-    def __init__(self, owner: ShardLoader) -> None:
-        module = _native_module()
-        assert module is not None
-        self.B, self.T = owner.batch_size, owner.seq_len
-        self.device = owner.device
-        self.cuda = self.device.type == "cuda"
-        self.module = module
-        try:
-            self.native = module.BatchLoader(
-                [str(p) for p in owner.paths], owner.batch_size, owner.seq_len, owner.rank,
-                owner.world_size, owner.shuffle, owner.seed & _MASK64, owner.vocab_size,
-                self.SLOTS)
-        except module.ShardError as exc:
-            raise ShardFormatError(str(exc)) from None
-        # CUDA: persistent pinned slots; CPU: each slot gets a fresh buffer when handed back,
-        # so the tensors returned to the caller are never written again.
-        self.slots = [self._new_buffer() for _ in range(self.SLOTS)]
-        self.lent: list[torch.Tensor] = []
-        self.idle_users = _storage_users(self.slots[0])
-        for i, buf in enumerate(self.slots):
-            self.native.set_buffer(i, buf, buf.data_ptr())
-        self.pending: dict[int, torch.cuda.Event] = {}
-        self.ready: collections.deque[tuple[torch.Tensor, torch.Tensor]] = collections.deque()
-        self.native.start(0)
-        self._finalizer = weakref.finalize(self, self.native.close)
-
-    def _new_buffer(self) -> torch.Tensor:
-        import torch
-
-        return torch.empty((2, self.B, self.T), dtype=torch.int64, pin_memory=self.cuda)
-
-    def _spare_buffer(self) -> torch.Tensor:
-        # A buffer lent to the caller is reused only once no tensor (x, y or any view of
-        # them) refers to its memory any more; fresh memory costs page faults on every batch.
-        for i, buf in enumerate(self.lent):
-            if self.idle_users > 0 and _storage_users(buf) == self.idle_users:
-                return self.lent.pop(i)
-        if len(self.lent) >= self.LENT_KEPT:
-            self.lent.pop(0)
-        return self._new_buffer()
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.cuda:
-            if not self.ready:
-                self._take_ready_batches()
-            return self.ready.popleft()
-        import torch
-
-        self._release_finished_copies()
-        slot = self._call(self.native.acquire)
-        xy = self.slots[slot].to(self.device, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        self.pending[slot] = event
-        self._release_finished_copies()
-        return xy[0], xy[1]
-
-    def _take_ready_batches(self) -> None:
-        # Each taken slot gets a spare buffer at once, so the producer can refill it while
-        # the caller still works through this group; one call hands all of them back.
-        handbacks = []
-        for slot in self._call(self.native.acquire_ready, self.GROUP):
-            buf = self.slots[slot]
-            x, y = buf.unbind(0)
-            self.ready.append((x, y))
-            fresh = self._spare_buffer()
-            self.lent.append(buf)
-            self.slots[slot] = fresh
-            handbacks.append((slot, fresh, fresh.data_ptr()))
-        self.native.release_many(handbacks)
-
-    def _call(self, method: Any, *args: Any) -> Any:
-        try:
-            return method(*args)
-        except self.module.ShardError as exc:
-            raise ShardFormatError(str(exc)) from None
-
-    def _release_finished_copies(self) -> None:
-        # A pinned slot goes back to the producer only once its copy to the GPU has finished.
-        # The slot the next batch needs is waited for, so the ring always makes progress.
-        needed = self.native.next_slot()
-        for slot, event in list(self.pending.items()):
-            if slot == needed:
-                event.synchronize()
-            elif not event.query():
-                continue
-            del self.pending[slot]
-            self.native.release(slot, self.slots[slot], self.slots[slot].data_ptr())
-
-    def seek(self, step: int) -> None:
-        for event in self.pending.values():
-            event.synchronize()
-        self.pending.clear()
-        self.ready.clear()
-        self.native.seek(step)
-
-    def close(self) -> None:
-        for event in self.pending.values():
-            event.synchronize()
-        self.pending.clear()
-        self.ready.clear()
-        self._finalizer()
-

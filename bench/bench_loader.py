@@ -1,4 +1,4 @@
-"""Batch loader benchmark: throughput, peak RSS and training-loop wait times.
+"""Batch loader benchmark: throughput, resident memory and training-loop wait times.
 
 Throughput (tokens/s) and peak RSS, for each batch size at T=1024, of
   raw     np.copyto of the same tokens from a warm memmap into int64 x/y buffers (the limit)
@@ -9,10 +9,12 @@ Throughput (tokens/s) and peak RSS, for each batch size at T=1024, of
   random  a fresh np.memmap per batch and B random offsets, stacked into int64 tensors
 Then the training-loop view: the time spent in next_batch() when the consumer works
 --work-ms per batch, over every shard (so over each shard boundary), for native, numpy and
-whole, with the largest wait split into the batches around a shard change and the rest.
-Each measurement runs in a fresh process so its peak RSS (VmHWM) is its own. The mean
-matters as much as p50: the native loader on CPU takes the ready batches a few at a time,
-so most calls are cheap and every few calls one pays for the group.
+whole, with the largest wait split into the batches around a shard change and the rest,
+and the resident set (VmRSS) after the first 5% of the batches against its largest value
+later in the epoch. Each measurement runs in a fresh process so its peak RSS (VmHWM) is its
+own. The last lines check the native loader against the targets a training run feels:
+throughput at least half of the raw copy, no wait above 2 ms at a shard boundary, resident
+memory flat over the epoch (the loader's share of a training step: bench_train.py).
 
 Example: python bench/bench_loader.py --shard-tokens=100000000 --num-shards=3
 """
@@ -38,13 +40,18 @@ THROUGHPUT_METHODS = ("raw", "raw-ring", "native", "numpy", "whole", "random")
 TRAIN_METHODS = ("native", "numpy", "whole")
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM; unlike ru_maxrss it restarts at exec)."""
+def status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status, in MB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM; unlike ru_maxrss it restarts at exec)."""
+    return status_mb("VmHWM")
 
 
 def write_bench_shards(directory: Path, num_shards: int, shard_tokens: int) -> list[Path]:
@@ -171,7 +178,9 @@ def measure_waits(method: str, paths: list[Path], B: int, T: int,
     ntok = sum((p.stat().st_size - data.HEADER_BYTES) // 2 for p in paths)
     waits = []
     batch = None
-    for _ in range(ntok // (B * T) + 2):  # every shard once: each boundary, and the wrap
+    count = ntok // (B * T) + 2  # every shard once: each boundary, and the wrap
+    rss_early, rss_later = float("nan"), 0.0
+    for i in range(count):
         started = time.perf_counter()
         fresh = source.next_batch()
         waits.append(time.perf_counter() - started)
@@ -179,6 +188,10 @@ def measure_waits(method: str, paths: list[Path], B: int, T: int,
         # previous one go afterwards, outside next_batch() (freeing it is not loader time).
         batch = fresh
         spin(work_ms / 1000)
+        if i == count // 20:
+            rss_early = status_mb("VmRSS")
+        elif i > count // 20 and i % 50 == 0:
+            rss_later = max(rss_later, status_mb("VmRSS"))
     del batch
     us = np.array(waits) * 1e6
     near = boundary_batches(paths, B, T, len(us))
@@ -188,7 +201,8 @@ def measure_waits(method: str, paths: list[Path], B: int, T: int,
             "p99_us": float(np.percentile(us, 99)), "max_us": float(us.max()),
             "max_boundary_us": float(us[near].max()),
             "max_elsewhere_us": float(us[elsewhere].max()), "over_2ms": int((us > 2000).sum()),
-            "batches": len(us), "peak_rss_mb": peak_rss_mb()}
+            "batches": len(us), "peak_rss_mb": peak_rss_mb(), "rss_early_mb": rss_early,
+            "rss_growth_mb": rss_later - rss_early}
 
 
 def boundary_batches(paths: list[Path], B: int, T: int, count: int) -> np.ndarray:
@@ -244,12 +258,34 @@ def print_waits(rows: dict[str, dict[str, float]], B: int, work_ms: float) -> No
     print(f"\ntraining-loop view, B={B}: time in next_batch() with {work_ms} ms of work "
           "per batch, every shard once")
     print(f"{'method':8} {'mean us':>9} {'p50 us':>9} {'p99 us':>9} {'max us':>11} "
-          f"{'at bound.':>11} {'elsewhere':>11} {'>2ms':>6} {'batches':>8} {'peak RSS MB':>12}")
+          f"{'at bound.':>11} {'elsewhere':>11} {'>2ms':>6} {'batches':>8} {'peak RSS MB':>12} "
+          f"{'RSS growth MB':>14}")
     for method in TRAIN_METHODS:
         r = rows[method]
         print(f"{method:8} {r['mean_us']:>9.1f} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f} "
               f"{r['max_us']:>11.0f} {r['max_boundary_us']:>11.0f} {r['max_elsewhere_us']:>11.0f} "
-              f"{r['over_2ms']:>6} {r['batches']:>8} {r['peak_rss_mb']:>12.0f}")
+              f"{r['over_2ms']:>6} {r['batches']:>8} {r['peak_rss_mb']:>12.0f} "
+              f"{r['rss_growth_mb']:>14.1f}")
+
+
+def print_targets(throughput: dict[tuple[str, int], dict[str, float]],
+                  waits: dict[str, dict[str, float]], batch_sizes: list[int]) -> None:
+    """The native loader against the targets a training run feels."""
+    ratios = [throughput[("native", B)]["tokens_per_s"] / throughput[("raw", B)]["tokens_per_s"]
+              for B in batch_sizes]
+    native = waits["native"]
+    checks = [
+        ("throughput >= 0.5x raw copy", ", ".join(f"{r:.2f}x" for r in ratios),
+         min(ratios) >= 0.5),
+        ("no wait > 2 ms at a shard boundary", f"max {native['max_boundary_us'] / 1000:.2f} ms",
+         native["max_boundary_us"] <= 2000),
+        ("resident memory flat over the epoch (< 64 MB growth)",
+         f"{native['rss_growth_mb']:+.1f} MB after {native['rss_early_mb']:.0f} MB",
+         native["rss_growth_mb"] < 64),
+    ]
+    print("\nnative loader targets:")
+    for name, figure, met in checks:
+        print(f"  {name:55} {figure:32} {'met' if met else 'MISSED'}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -296,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
               f"load average {os.getloadavg()[0]:.1f} at the end")
         print_throughput(throughput, batch_sizes, baseline_rss_mb())
         print_waits(waits, args.train_batch_size, args.work_ms)
+        print_targets(throughput, waits, batch_sizes)
     return 0
 
 

@@ -6,6 +6,7 @@ the test wrote, independently of the loader's own index arithmetic.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +223,24 @@ def test_reset_restarts_epoch_zero(shards, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["first", "last", "unused tail"])
+def test_vocab_check_covers_every_token_of_a_window_and_no_other(tmp_path, backend, where):
+    # Token 0 is in no window but the first one, as its first token, and token 6T in none but
+    # the last, as its last token: a check that skips either end of a window misses one.
+    T, windows = 16, 6
+    tokens = np.arange(windows * T + 1 + 5, dtype=np.uint16) % 100
+    tokens[{"first": 0, "last": windows * T, "unused tail": windows * T + 3}[where]] = 100
+    path = tmp_path / "edge_train_000000.bin"
+    data.write_shard(path, tokens)
+    with data.ShardLoader([path], 2, T, vocab_size=100, backend=backend) as loader:
+        if where == "unused tail":
+            take(loader, 2 * windows)  # two epochs: the tail token is never part of a sample
+        else:
+            with pytest.raises(data.ShardFormatError, match="edge_train_000000.bin.*token id 100"):
+                take(loader, windows // 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_token_at_or_above_vocab_size_names_the_shard(tmp_path, backend):
     tokens = np.arange(400, dtype=np.uint16) % 100
     tokens[250] = 100
@@ -281,26 +300,30 @@ def test_bad_npy_shards_name_the_file(tmp_path, backend, array):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_npy_shards_give_the_same_batches_as_bin(tmp_path, backend):
     paths, arrays = write_shards(tmp_path, [900, 650])
-    npy = []
-    for path, tokens in zip(paths, arrays, strict=True):
-        npy.append(path.with_suffix(".npy"))
-        np.save(npy[-1], tokens)
+    npy = [path.with_suffix(".npy") for path in paths]
+    np.save(npy[0], arrays[0])
+    with open(npy[1], "wb") as f:  # format 2.0: a 4-byte header length, so another offset
+        np.lib.format.write_array(f, arrays[1], version=(2, 0))
     with data.ShardLoader(paths, 3, 16, shuffle=True, backend=backend) as a, \
             data.ShardLoader(npy, 3, 16, shuffle=True, backend=backend) as b:
         for _ in range(50):
             assert rows(*a.next_batch()) == rows(*b.next_batch())
 
 
-def test_files_may_be_a_folder_or_a_glob(shards, tmp_path):
-    paths, _ = shards
-    by_list = data.ShardLoader(paths, 2, 16, backend="numpy")
-    by_dir = data.ShardLoader(tmp_path, 2, 16, backend="numpy")
-    by_glob = data.ShardLoader(str(tmp_path / "toy_train_*.bin"), 2, 16, backend="numpy")
-    for _ in range(30):
-        expected = rows(*by_list.next_batch())
-        assert rows(*by_dir.next_batch()) == expected == rows(*by_glob.next_batch())
-    with pytest.raises(FileNotFoundError, match="no .bin or .npy shards"):
-        data.ShardLoader(str(tmp_path / "nothing_*.bin"), 2, 16, backend="numpy")
+def test_files_are_shard_paths_and_find_shards_lists_a_folder(shards, tmp_path):
+    paths, arrays = shards
+    found = data.find_shards(tmp_path, "train")
+    assert found == paths
+    with data.ShardLoader(found, 2, 16, backend="numpy") as by_find, \
+            data.ShardLoader([str(p) for p in paths], 2, 16, backend="numpy") as by_str:
+        for _ in range(30):
+            assert rows(*by_find.next_batch()) == rows(*by_str.next_batch())
+    with data.ShardLoader(paths[0], 3, 16, backend="numpy") as one:  # a single path
+        assert [r for b in take(one, 2) for r in rows(*b)] == all_windows(arrays[:1], 16)[:6]
+    with pytest.raises(FileNotFoundError, match="find_shards"):
+        data.ShardLoader(tmp_path, 2, 16, backend="numpy")
+    with pytest.raises(ValueError, match="empty"):
+        data.ShardLoader([], 2, 16, backend="numpy")
 
 
 def test_bad_arguments_raise_clear_errors(shards):
@@ -334,3 +357,39 @@ def test_returned_cpu_tensors_are_never_overwritten(shards):
         take(loader, 30)
     for (x, y), (sx, sy) in zip(kept, snapshot, strict=True):
         assert torch.equal(x, sx) and torch.equal(y, sy)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_second_thread_in_next_batch_gets_an_immediate_error(shards, backend):
+    paths, _ = shards
+    with data.ShardLoader(paths, 2, 16, backend=backend) as reference:
+        expected = [rows(*b) for b in take(reference, 3)]
+    with data.ShardLoader(paths, 2, 16, backend=backend) as loader:
+        # The first caller is held inside next_batch() until the test lets it go, so the
+        # second call certainly overlaps it: no timing involved.
+        source = loader._source
+        assert source is not None
+        unpatched = source.next_batch
+        inside, go_on = threading.Event(), threading.Event()
+
+        def held_next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+            if threading.current_thread() is first:
+                inside.set()
+                go_on.wait(timeout=30)  # only a broken lock makes this wait time out
+            return unpatched()
+
+        source.next_batch = held_next_batch  # type: ignore[method-assign]
+        got: list[list[bytes]] = []
+        first = threading.Thread(target=lambda: got.append(rows(*loader.next_batch())))
+        first.start()
+        try:
+            assert inside.wait(timeout=60)
+            for call in (loader.next_batch, loader.reset):
+                with pytest.raises(RuntimeError, match="one consumer"):
+                    call()
+        finally:
+            go_on.set()
+            first.join(timeout=60)
+        source.next_batch = unpatched  # type: ignore[method-assign]
+        got += [rows(*b) for b in take(loader, 2)]
+    assert got == expected  # the refused calls neither took nor skipped a batch

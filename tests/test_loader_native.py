@@ -194,8 +194,8 @@ def test_cuda_batches_match_cpu_and_slots_wait_for_their_copy(tmp_path):
     kwargs: dict[str, Any] = dict(world_size=2, rank=1, shuffle=True, seed=4)
     with data.ShardLoader(paths, 16, 256, device="cuda", backend="native", **kwargs) as gpu, \
             data.ShardLoader(paths, 16, 256, backend="numpy", **kwargs) as cpu:
-        assert gpu._native is not None
-        assert all(buf.is_pinned() for buf in gpu._native.slots)
+        assert isinstance(gpu._source, data._NativeBackend)
+        assert all(buf.is_pinned() for buf in gpu._source.slots)
         kept = []
         for step in range(300):
             x, y = gpu.next_batch()
@@ -209,54 +209,82 @@ def test_cuda_batches_match_cpu_and_slots_wait_for_their_copy(tmp_path):
                 assert torch.equal(ox.cpu(), cx) and torch.equal(oy.cpu(), cy)
 
 
-def test_recycled_buffers_spare_any_view_the_caller_keeps(tmp_path):
+def test_views_the_caller_keeps_stay_intact(tmp_path):
     paths = write_shards(tmp_path, [60_000])
     with data.ShardLoader(paths, 4, 32, backend="native") as native, \
             data.ShardLoader(paths, 4, 32, backend="numpy") as fallback:
         kept = []
-        addresses = set()
-        for step in range(100):
+        for step in range(100):  # over 4 epochs: every ring slot is refilled many times
             x, y = native.next_batch()
-            addresses.add(x.data_ptr())
             fx, fy = fallback.next_batch()
             if step % 3 == 0:
                 kept.append((x[1:, 5:], fx[1:, 5:].clone()))  # only a view of x survives
             del x, y
-        assert len(addresses) < 60  # dropped batches' memory was reused meanwhile
         for view, expected in kept:
             assert torch.equal(view, expected)
 
 
-def test_acquire_ready_takes_consecutive_ready_slots_and_release_checks_them(tmp_path):
-    paths = write_shards(tmp_path, [20_000])
-    B, T, slots = 2, 16, 8
+def make_batch_loader(paths: list[Path], B: int, T: int, slots: int
+                      ) -> tuple[Any, list[torch.Tensor]]:
     assert _loader is not None
-    native = _loader.BatchLoader([str(p) for p in paths], B, T, 0, 1, False, 0, 50257, slots)
     buffers = [torch.zeros((2, B, T), dtype=torch.int64) for _ in range(slots)]
-    for i, buf in enumerate(buffers):
-        native.set_buffer(i, buf, buf.data_ptr())
-    native.start(0)
+    shards = [data.shard_layout(p) for p in paths]
+    native = _loader.BatchLoader(shards, B, T, 0, 1, False, 0, 50257,
+                                 [b.numpy() for b in buffers])
+    return native, buffers
+
+
+def test_ring_hands_out_slots_in_step_order_and_takes_them_back_in_order(tmp_path):
+    paths = write_shards(tmp_path, [20_000])
+    B, T = 2, 16
+    native, buffers = make_batch_loader(paths, B, T, slots=2)
+    tokens = data.read_shard(paths[0]).astype(np.int64)
     try:
-        deadline = time.monotonic() + 10
-        time.sleep(0.05)
-        taken = native.acquire_ready(4)
-        while len(taken) < 4 and time.monotonic() < deadline:  # a slow machine: start over
-            native.seek(0)
-            time.sleep(0.2)
-            taken = native.acquire_ready(4)
-        assert taken == [0, 1, 2, 3]  # the first four steps, in order, never more than asked
-        tokens = data.read_shard(paths[0]).astype(np.int64)
-        for step, slot in enumerate(taken):
+        for step in range(5):  # the ring is refilled only as slots come back
+            slot = native.acquire()
+            assert slot == step % 2
             first_sample = torch.from_numpy(tokens[step * B * T:step * B * T + T + 1])
             assert torch.equal(buffers[slot][0, 0], first_sample[:-1])
             assert torch.equal(buffers[slot][1, 0], first_sample[1:])
-        # One bad slot fails the whole call before any slot changes hands.
-        with pytest.raises(RuntimeError, match="not in use"):
-            native.release_many([(0, buffers[0], buffers[0].data_ptr()),
-                                 (4, buffers[4], buffers[4].data_ptr())])
-        native.release_many([(s, buffers[s], buffers[s].data_ptr()) for s in taken])
-        assert native.acquire_ready(1) == [4]
-        with pytest.raises(ValueError, match="max_count"):
-            native.acquire_ready(0)
+            native.release(slot)
+        assert [native.acquire(), native.acquire()] == [1, 0]
+        with pytest.raises(RuntimeError, match="not the oldest"):
+            native.release(0)
+        native.release(1)
+        native.release(0)
+        with pytest.raises(RuntimeError, match="not the oldest"):
+            native.release(1)  # nothing is taken
+        native.seek(3)
+        assert native.acquire() == 1
+        kept = buffers[1].clone()
+        fresh = torch.full((2, B, T), -1, dtype=torch.int64)
+        native.release(1, fresh.numpy())  # from now on slot 1 fills `fresh`
+        assert native.acquire() == 0
+        native.release(0)
+        assert native.acquire() == 1
+        step5 = torch.from_numpy(tokens[5 * B * T:5 * B * T + T + 1])
+        assert torch.equal(fresh[0, 0], step5[:-1])
+        assert torch.equal(buffers[1], kept)  # the old buffer is the caller's, untouched
     finally:
         native.close()
+
+
+def test_ring_buffers_must_be_writable_and_the_right_size(tmp_path):
+    paths = write_shards(tmp_path, [20_000])
+    assert _loader is not None
+    shards = [data.shard_layout(p) for p in paths]
+    good = np.zeros((2, 2, 16), dtype=np.int64)
+    read_only = np.zeros((2, 2, 16), dtype=np.int64)
+    read_only.flags.writeable = False
+    for bad in (np.zeros((2, 2, 15), dtype=np.int64), read_only, good[:, :, ::2]):
+        with pytest.raises((ValueError, BufferError)):
+            _loader.BatchLoader(shards, 2, 16, 0, 1, False, 0, 50257, [good, bad])
+
+
+def test_a_shard_shorter_than_its_layout_says_is_refused(tmp_path):
+    paths = write_shards(tmp_path, [1000])
+    assert _loader is not None
+    path, offset, ntok = data.shard_layout(paths[0])
+    buffers = [np.zeros((2, 2, 16), dtype=np.int64) for _ in range(2)]
+    with pytest.raises(ValueError, match="toy_train_000000.bin"):
+        _loader.BatchLoader([(path, offset, ntok + 1)], 2, 16, 0, 1, False, 0, 50257, buffers)
