@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -50,19 +51,21 @@ def test_dispatch_names_each_script(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_run_script_exit_codes_and_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    def fails(exc: BaseException) -> None:
-        raise exc
+    def failing(exc: BaseException) -> Callable[[], int]:
+        def body() -> int:
+            raise exc
+        return body
 
     cases = [(cli.UsageError("--x=1: must be 2\nsecond line"), 2, "--x=1: must be 2"),
              (OSError(errno.ENOSPC, "No space left on device"), 1, "No space left"),
              (ValueError("shard.bin: bad magic"), 1, "shard.bin: bad magic")]
     for exc, code, text in cases:
-        assert cli.run_script(lambda e=exc: fails(e), debug=False) == code
+        assert cli.run_script(failing(exc), debug=False) == code
         err = capsys.readouterr().err
         assert err == f"error: {text}\n" or (code == 1 and err.startswith("error: ")
                                              and text in err and err.count("\n") == 1)
     assert cli.run_script(lambda: 0, debug=False) == 0
     with pytest.raises(ValueError):
-        cli.run_script(lambda: fails(ValueError("x")), debug=True)
+        cli.run_script(failing(ValueError("x")), debug=True)
     with pytest.raises(KeyError):  # a bug is not a user error: it keeps its traceback
-        cli.run_script(lambda: fails(KeyError("x")), debug=False)
+        cli.run_script(failing(KeyError("x")), debug=False)
