@@ -271,8 +271,7 @@ def shard_layout(path: Path) -> tuple[str, int, int]:
     return str(path), int(getattr(tokens, "offset", HEADER_BYTES)), len(tokens)
 
 
-def _shard_paths(files: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
-                 ) -> list[Path]:
+def _shard_paths(files: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[Path]:
     paths = [Path(files)] if isinstance(files, (str, os.PathLike)) else [Path(p) for p in files]
     if not paths:
         raise ValueError("ShardLoader: the list of shard files is empty")
@@ -303,11 +302,9 @@ class _NumpyBackend:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
-        tokens = self.batch(self.step)
-        xy = torch.from_numpy(np.stack([tokens[:, :-1], tokens[:, 1:]]).astype(np.int64))
+        tokens = self.batch(self.step).astype(np.int64)
+        xy = torch.from_numpy(np.stack([tokens[:, :-1], tokens[:, 1:]])).to(self.device)
         self.step += 1
-        if self.device.type != "cpu":
-            xy = xy.to(self.device)
         return xy[0], xy[1]
 
     def batch(self, step: int) -> np.ndarray:
@@ -527,6 +524,11 @@ class ShardLoader:
             self.step += 1
             return x, y
 
+    def next_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """next_batch() as int64 NumPy arrays (no copy on CPU), for frameworks besides torch."""
+        x, y = self.next_batch()
+        return x.cpu().numpy(), y.cpu().numpy()
+
     def reset(self) -> None:
         """Back to the first batch of epoch 0."""
         self._seek(0)
@@ -536,8 +538,7 @@ class ShardLoader:
         return {"format": LOADER_STATE_FORMAT, "files": [str(p) for p in self.paths],
                 "num_tokens": list(self.num_tokens), "batch_size": self.batch_size,
                 "seq_len": self.seq_len, "rank": self.rank, "world_size": self.world_size,
-                "shuffle": self.shuffle, "seed": self.seed, "step": self.step,
-                "epoch": self.epoch}
+                "shuffle": self.shuffle, "seed": self.seed, "step": self.step, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where the loader that saved `state` stopped."""
