@@ -7,16 +7,18 @@ inside the functions that read or write Hugging Face checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 GPT2_VOCAB_SIZE = 50257  # real GPT-2 BPE tokens; ids at or above this are padding rows
@@ -55,25 +57,108 @@ PRESETS: dict[str, dict[str, int]] = {
 
 
 class KVCache:
-    """Preallocated keys and values for every layer, so decoding never re-allocates."""
+    """Keys and values of every layer, preallocated for `max_len` positions.
+
+    Shapes never change while decoding: each forward writes its tokens' keys and values at
+    their positions, and attention reads the whole cache under a mask of the slots filled so
+    far. The fill level is a tensor on the device, not a Python int, so a decoding step
+    recorded once as a CUDA graph advances it on every replay. Writing past `max_len` is an
+    index error (a device-side assert on CUDA): size the cache for prompt + new tokens.
+    """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int,
                  device: torch.device, dtype: torch.dtype) -> None:
         if max_len > config.block_size:
             raise ValueError(f"KV cache length {max_len} exceeds block_size {config.block_size}")
+        # CUDA's memory-efficient attention pads a copy of the mask in every layer unless its
+        # length is a multiple of 16 (8 in older torch). Extra slots are only ever masked.
+        max_len = min(-(-max_len // 16) * 16, config.block_size)
         head_dim = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
-        self.keys = torch.empty(shape, device=device, dtype=dtype)
-        self.values = torch.empty(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled so far, shared by all layers
+        # Zeros, not empty: masked slots are still read, and garbage there could be NaN,
+        # which a zero attention weight does not cancel.
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.filled = torch.zeros((), dtype=torch.long, device=device)
+        self.slots = torch.arange(max_len, device=device)
+        # Row p is the additive mask of a query at position p: slot s visible iff s <= p.
+        # One row lookup per forward, shared by all layers.
+        self.causal_mask = torch.zeros(max_len, max_len, device=device, dtype=dtype).masked_fill_(
+            self.slots[None, :] > self.slots[:, None], float("-inf"))
+        self.positions = self.slots[:0]  # of the tokens in the forward under way
+        self.mask = self.causal_mask[:0]
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        start, end = self.length, self.length + k.size(2)
-        if end > self.keys.size(3):
-            raise ValueError(f"KV cache overflow: {end} positions, room for {self.keys.size(3)}")
-        self.keys[layer, :, :, start:end] = k
-        self.values[layer, :, :, start:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+    def reserve(self, num_tokens: int) -> torch.Tensor:
+        """Positions of the next `num_tokens` tokens, which the layers then write and attend
+        from; the fill level moves past them."""
+        self.positions = self.filled + self.slots[:num_tokens]
+        self.mask = self.causal_mask.index_select(0, self.positions)
+        self.filled.add_(num_tokens)
+        return self.positions
+
+    def write(self, layer: int, k: torch.Tensor,
+              v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the reserved positions' keys and values; the layer's whole cache after it."""
+        keys, values = self.keys[layer], self.values[layer]
+        keys.index_copy_(2, self.positions, k.to(keys.dtype))
+        values.index_copy_(2, self.positions, v.to(values.dtype))
+        return keys, values
+
+
+class CUDAGraphStep:
+    """A one-token decoding step `fn(token) -> logits`, run eagerly on its first call,
+    recorded as a CUDA graph right after, and replayed on every later call: one launch per
+    token instead of a Python pass issuing some 150 kernels.
+
+    A raw torch.cuda.CUDAGraph rather than torch.compile(mode="reduce-overhead"): the step's
+    only state is the KV cache it updates in place, and a raw graph replays exactly the
+    recorded kernels on exactly those buffers. Compile's CUDA-graph trees decide for
+    themselves whether to graph at all (inputs mutated in place, like the cache, can make them
+    fall back to eager with no more than a log line), recompile for each new prompt length
+    and overwrite outputs a caller still holds; none of that can be ruled out without a GPU.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.fn = fn
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.token = torch.empty(0, dtype=torch.long)  # the recorded input, refilled per step
+        self.logits = torch.empty(0)  # the recorded output, overwritten by each replay
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:
+            return self._run_then_record(token)
+        self.token.copy_(token)
+        self.graph.replay()
+        return self.logits
+
+    def _run_then_record(self, token: torch.Tensor) -> torch.Tensor:
+        # The eager run is the warm-up torch.cuda.graph asks for (cuBLAS workspaces, the
+        # attention kernel's choice and lazy initialisation happen outside the capture), on a
+        # side stream as documented; recording on that same stream finds its cuBLAS
+        # workspace already there. Recording executes nothing, so the cache stays as the
+        # eager run left it and the first replay continues at the next position.
+        device = token.device
+        with torch.cuda.device(device):  # the graph's device, whichever is current
+            self.token = token.clone()
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                logits = self.fn(self.token)
+            torch.cuda.current_stream(device).wait_stream(side)
+            logits.record_stream(torch.cuda.current_stream(device))  # read there next
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=side), _autocast_without_cast_cache(device):
+                self.logits = self.fn(self.token)
+        return logits
+
+
+def _autocast_without_cast_cache(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The autocast in force, minus its cache of weight casts: a cast cached while recording
+    is freed when the caller's autocast exits, and the graph would go on reading it."""
+    if not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type),
+                          cache_enabled=False)
 
 
 class CausalSelfAttention(nn.Module):
@@ -89,19 +174,13 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        past = 0 if cache is None else cache.length
         if cache is not None:
-            k, v = cache.append(layer, k, v)
+            k, v = cache.write(layer, k, v)
+            attn_mask = cache.mask
         if attn_mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        elif past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif T == 1:
-            y = F.scaled_dot_product_attention(q, k, v)  # one new query sees the whole past
         else:
-            # Several new queries after a prefix: query i may see keys up to past + i.
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -146,6 +225,9 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
+        # Training keeps only each block's input and recomputes the rest in the backward
+        # pass: activation memory of one block instead of all, for about one more forward.
+        self.activation_checkpointing = False
         self.transformer = Transformer(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input/output embedding
@@ -191,20 +273,25 @@ class GPT(nn.Module):
         (B, 1, T, T) bool says which tokens each token attends to (at least itself)."""
         if (positions is None) != (attn_mask is None):
             raise ValueError("positions and attn_mask go together")
-        if positions is None:
+        if positions is None and cache is not None:
+            positions = cache.reserve(idx.size(1))
+        elif positions is None:
             T = idx.size(1)
-            past = 0 if cache is None else cache.length
-            if past + T > self.config.block_size:
-                raise ValueError(f"sequence of {past + T} tokens exceeds block_size "
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size "
                                  f"{self.config.block_size}")
-            positions = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+            positions = torch.arange(T, dtype=torch.long, device=idx.device)
         elif cache is not None:
             raise ValueError("a KV cache cannot be combined with an explicit attn_mask")
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)
+        recompute = (self.activation_checkpointing and self.training and cache is None
+                     and torch.is_grad_enabled())
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer, attn_mask)
-        if cache is not None:
-            cache.length += idx.size(1)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, None, layer, attn_mask,
+                                                     use_reentrant=False)
+            else:
+                x = block(x, cache, layer, attn_mask)
         return self.transformer.ln_f(x)
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float,
@@ -241,21 +328,34 @@ class GPT(nn.Module):
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None,
                         generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-        """Yield each new (B, 1) token as soon as it is sampled (KV cache: each step runs
-        the model on the newest token only)."""
+        """Yield each new (B, 1) token, on idx's device, as soon as it is sampled; nothing
+        waits for the device, so a caller that copies tokens to the host chooses when to wait.
+
+        The prompt is prefilled in one forward into a KV cache sized for prompt + new tokens
+        (in the autocast dtype when autocast is on, else the weights'). Every later step runs
+        the newest token against the whole cache, so its shapes never change: on CUDA it is
+        recorded once as a CUDA graph and replayed."""
         if idx.size(1) + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt ({idx.size(1)}) + new tokens ({max_new_tokens}) exceed "
                              f"block_size {self.config.block_size}")
+        if max_new_tokens < 1:
+            return
         dtype = self.transformer.wte.weight.dtype
         if torch.is_autocast_enabled(idx.device.type):
             dtype = torch.get_autocast_dtype(idx.device.type)
         cache = KVCache(self.config, idx.size(0), idx.size(1) + max_new_tokens, idx.device,
                         dtype)
-        token = idx
-        for _ in range(max_new_tokens):
-            logits = self.lm_head(self.hidden_states(token, cache)[:, -1, :])
+
+        def last_logits(tokens: torch.Tensor) -> torch.Tensor:
+            return self.lm_head(self.hidden_states(tokens, cache)[:, -1, :])
+
+        step = CUDAGraphStep(last_logits) if idx.is_cuda else last_logits
+        logits = last_logits(idx)
+        for i in range(max_new_tokens):
             token = sample_next_token(logits, temperature, top_k, top_p, generator)
             yield token
+            if i + 1 < max_new_tokens:
+                logits = step(token)
 
     # ------------------------------------------------------------------ Hugging Face weights
 

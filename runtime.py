@@ -71,9 +71,9 @@ def resolve_precision(device: torch.device, dtype: str = "auto") -> Precision:
         if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
             raise ValueError("--dtype=bf16: this GPU has no bf16 support; use --dtype=fp16")
         return Precision("bf16", torch.bfloat16, False)
-    # fp16 gradients underflow without loss scaling; MPS autocast in fp16 skips the scaler
-    # because torch's GradScaler targets CUDA.
-    return Precision("fp16", torch.float16, device.type == "cuda")
+    # fp16 gradients underflow without loss scaling. torch's GradScaler runs on CUDA and
+    # CPU; MPS autocast in fp16 goes without it.
+    return Precision("fp16", torch.float16, device.type in ("cuda", "cpu"))
 
 
 def _auto_dtype(device: torch.device) -> str:
@@ -85,7 +85,7 @@ def _auto_dtype(device: torch.device) -> str:
 
 
 def make_grad_scaler(precision: Precision, device: torch.device) -> torch.amp.GradScaler:
-    """A GradScaler that is a no-op unless fp16 on CUDA needs it."""
+    """A GradScaler that is a no-op unless fp16 needs it."""
     return torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
 
 

@@ -3,11 +3,13 @@
     python sample.py --pretrained=gpt2 --seed=42 --max-length=30 --num-samples=5 \
         "Hello, I'm a language model,"
 
-All samples are drawn in one batch with a KV cache. `--max-length` counts the prompt plus
-the new tokens. The same seed on the same device gives the same text: sampling draws from
-a `torch.Generator` seeded with `--seed` on the model's device. With `--stream`, sample 0
-is printed token by token while the batch is generated and the other samples follow once
-it is done (they are the same texts a run without `--stream` prints).
+All samples are drawn in one batch with a KV cache (on CUDA the decoding step is a CUDA
+graph, see GPT.generate_stream). `--max-length` counts the prompt plus the new tokens. The
+same seed on the same device gives the same text: sampling draws from a `torch.Generator`
+seeded with `--seed` on the model's device. With `--stream`, sample 0 is printed as it is
+generated (from a GPU in chunks of STREAM_CHUNK tokens) and the other samples follow once
+it is done (they are the same texts a run without `--stream` prints). The weights are kept
+in the precision's dtype (bf16 on GPUs that have it, fp32 on CPU unless --dtype says so).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from data import EOT_TOKEN, get_tokenizer
 from model import GPT
 
 DEFAULT_PROMPT = "Hello, I'm a language model,"
+STREAM_CHUNK = 8  # new tokens per copy to the host while a GPU generates
 
 
 def encode_prompt(prompt: str) -> list[int]:
@@ -49,17 +52,35 @@ def stream_tokens(model: GPT, prompt: str, num_samples: int, max_length: int,
                   top_k: int | None = 50, top_p: float | None = None,
                   temperature: float = 1.0, seed: int = 42,
                   device: torch.device | str = "cpu",
-                  precision: runtime.Precision | None = None) -> Iterator[list[int]]:
-    """Yield the new token of every sample, one step at a time (a list of num_samples ids)."""
+                  precision: runtime.Precision | None = None,
+                  chunk: int | None = None) -> Iterator[list[int]]:
+    """Yield the new token of every sample, one step at a time (a list of num_samples ids).
+
+    Tokens reach the host `chunk` steps at a time: a copy waits for the device, and one per
+    step would leave a GPU idle while Python queues the next step. By default 1 on CPU,
+    where the copy costs nothing, and STREAM_CHUNK elsewhere."""
     device = torch.device(device)
+    if chunk is None:
+        chunk = 1 if device.type == "cpu" else STREAM_CHUNK
     prompt_tokens = encode_prompt(prompt)
     max_new = new_token_count(model, len(prompt_tokens), max_length)
     idx = torch.tensor([prompt_tokens] * num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     autocast = precision.autocast(device) if precision is not None else contextlib.nullcontext()
     with autocast:
+        pending: list[torch.Tensor] = []
         for token in model.generate_stream(idx, max_new, temperature, top_k, top_p, generator):
-            yield token[:, 0].tolist()
+            pending.append(token)
+            if len(pending) == chunk:
+                yield from steps_on_host(pending)
+                pending = []
+        if pending:
+            yield from steps_on_host(pending)
+
+
+def steps_on_host(tokens: list[torch.Tensor]) -> list[list[int]]:
+    """(B, 1) tokens of consecutive steps, as one list of B ids per step, in one copy."""
+    return torch.cat(tokens, dim=1).t().tolist()
 
 
 def generate_text(model: GPT, prompt: str, num_samples: int, max_length: int,
@@ -74,8 +95,10 @@ def generate_text(model: GPT, prompt: str, num_samples: int, max_length: int,
     enc = get_tokenizer()
     prompt_tokens = encode_prompt(prompt)
     new: list[list[int]] = [[] for _ in range(num_samples)]
+    # Without a listener the tokens are copied to the host once, at the end.
+    chunk = None if on_token is not None else max_length
     for step in stream_tokens(model, prompt, num_samples, max_length, top_k, top_p,
-                              temperature, seed, device, precision):
+                              temperature, seed, device, precision, chunk):
         if on_token is not None:
             on_token(step)
         for row, token in zip(new, step, strict=True):
@@ -134,6 +157,10 @@ def run(args: argparse.Namespace) -> None:
     cli.check_range("--temperature", args.temperature, minimum=0)
     device, precision = cli.resolve_runtime(args.device, args.dtype)
     model = cli.load_model(None if args.checkpoint else args.pretrained, args.checkpoint, device)
+    if precision.autocast_dtype is not None:
+        # This model only samples: weights kept in the compute dtype are read at half the
+        # bytes per token and are not re-cast by autocast in every step.
+        model = model.to(precision.autocast_dtype)
     top_k = args.top_k or None
     printer = None
     if args.stream:

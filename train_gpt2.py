@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO, get_args, get_type_hints
+from typing import Any, Final, Literal, TextIO, get_args, get_type_hints
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -46,25 +46,33 @@ CHECKPOINT_GLOB = "ckpt_*.pt"
 LOG_NAME = "log.jsonl"
 DEFAULT_DATASET = "finewebedu"
 QUICKSTART_DATASET = "stdlib"
+AUTO: Final = "auto"
+# --batch-size=auto where running out of memory cannot be caught (CPU, MPS: the process is
+# killed or the system swaps): a micro-batch that fits any machine these scripts run on.
+DEFAULT_AUTO_MICRO_BATCH = 8
+# Device types whose allocator raises torch.OutOfMemoryError, so a micro-batch can be tried.
+OOM_SEARCH_DEVICES = ("cuda",)
 
-# The built-in quickstart: small enough to show a falling loss and a sample within a few
-# minutes on a 2-core CPU. Explicit flags still win over these values.
+# The built-in quickstart: a falling loss and samples within 3 minutes on a 2-core CPU.
+# Tuned there (bench/RESULTS.md): validation loss 3.49 after 86 s of steps on an idle CPU.
+# Steps of 2048 tokens learned far more per token than steps of 1024 or 512, and a larger
+# learning rate did worse. Explicit flags still win over these values.
 QUICKSTART = dict(
     model="gpt2-mini",
-    batch_size=4,
-    seq_len=128,
-    total_batch_size=4 * 128,
-    max_steps=200,
-    warmup_steps=20,
-    max_lr=2e-3,
-    eval_interval=50,
+    batch_size=8,
+    seq_len=256,
+    total_batch_size=8 * 256,
+    max_steps=75,
+    warmup_steps=10,
+    max_lr=3e-3,
+    eval_interval=25,
     val_steps=4,
     hellaswag_interval=0,
-    sample_interval=200,
+    sample_interval=75,
     sample_prompt="def ",  # the corpus is Python source
     num_samples=2,
     sample_length=64,
-    checkpoint_interval=100,
+    checkpoint_interval=75,
 )
 
 
@@ -82,6 +90,17 @@ def option(default: Any, help: str = "", minimum: float | None = None,
     argparse settings (choices) live here, once."""
     metadata = {"help": help, "minimum": minimum, "maximum": maximum, **argparse_kwargs}
     return field(default=default, metadata=metadata)
+
+
+def micro_batch_arg(text: str) -> int | Literal["auto"]:
+    """--batch-size: a count, or auto."""
+    if text == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: pass a positive integer "
+                                         "or auto") from None
 
 
 @dataclass
@@ -109,7 +128,10 @@ class TrainConfig:
                             "gpt2-medium, ...), or a checkpoint .pt file (weights only; "
                             "fresh optimizer)")
     # batch and optimizer
-    batch_size: int = option(64, "micro-batch per rank", minimum=1)
+    batch_size: int | Literal["auto"] = option(
+        64, "micro-batch per rank, or auto: the largest that fits in GPU memory (on CPU and "
+        f"MPS: {DEFAULT_AUTO_MICRO_BATCH}); accumulation keeps --total-batch-size",
+        minimum=1, type=micro_batch_arg)
     seq_len: int = option(1024, "tokens per sample", minimum=1)
     total_batch_size: int = option(524288, "tokens per optimizer step (gradient "
                                    "accumulation makes up the rest)", minimum=1)
@@ -152,6 +174,8 @@ class TrainConfig:
                         "fp32 on CPU", choices=runtime.DTYPE_CHOICES)
     compile: bool | None = option(None, "torch.compile the training forward/backward "
                                   "(default: on for CUDA, off elsewhere)")
+    activation_checkpointing: bool = option(False, "recompute each block's activations in "
+                                            "the backward pass: less memory, more compute")
     debug: bool = option(False, "show tracebacks on errors")
 
     @property
@@ -161,6 +185,12 @@ class TrainConfig:
     @property
     def quickstart(self) -> bool:
         return self.dataset == QUICKSTART_DATASET and not self.data_dir
+
+    @property
+    def micro_batch(self) -> int:
+        if not isinstance(self.batch_size, int):
+            raise ValueError("--batch-size=auto is resolved before the micro-batch is used")
+        return self.batch_size
 
 
 # --help groups: each starts at the named field and runs to the next.
@@ -179,17 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         if f.name in HELP_GROUPS:
             group = parser.add_argument_group(HELP_GROUPS[f.name])
-        extra = {k: v for k, v in f.metadata.items()
-                 if k not in ("help", "minimum", "maximum")}
+        extra = {"type": value_type(hints[f.name]),
+                 **{k: v for k, v in f.metadata.items()
+                    if k not in ("help", "minimum", "maximum")}}
         text = f.metadata["help"]
         if f.default is not None and not isinstance(f.default, bool):
             text = f"{text} (default: {f.default})".lstrip()
-        kind = value_type(hints[f.name])
-        if kind is bool:
+        if extra["type"] is bool:
             action = "store_true" if f.default is False else argparse.BooleanOptionalAction
             group.add_argument(flag(f.name), action=action, help=text)
         else:
-            group.add_argument(flag(f.name), type=kind, help=text, **extra)
+            group.add_argument(flag(f.name), help=text, **extra)
     return parser
 
 
@@ -303,18 +333,37 @@ def plan_data(config: TrainConfig) -> DataPlan:
 
 
 def gradient_accumulation(config: TrainConfig, world_size: int) -> int:
-    per_micro_step = config.batch_size * config.seq_len * world_size
+    per_micro_step = config.micro_batch * config.seq_len * world_size
     if config.total_batch_size % per_micro_step != 0:
         raise UsageError(
             f"--total-batch-size={config.total_batch_size} is not divisible by "
-            f"batch-size x seq-len x world-size = {config.batch_size} x {config.seq_len} x "
+            f"batch-size x seq-len x world-size = {config.micro_batch} x {config.seq_len} x "
             f"{world_size} = {per_micro_step}; pick a multiple of {per_micro_step}")
     return config.total_batch_size // per_micro_step
 
 
+def samples_per_rank(config: TrainConfig, world_size: int) -> int:
+    """Samples each rank contributes to one optimizer step: the largest micro-batch."""
+    per_sample = config.seq_len * world_size
+    if config.total_batch_size % per_sample != 0:
+        raise UsageError(
+            f"--total-batch-size={config.total_batch_size} is not divisible by seq-len x "
+            f"world-size = {config.seq_len} x {world_size} = {per_sample}; pick a multiple "
+            f"of {per_sample}")
+    return config.total_batch_size // per_sample
+
+
+def check_batch_shape(config: TrainConfig, world_size: int) -> None:
+    """The total batch splits into whole micro-batches (any micro-batch, for auto)."""
+    if config.batch_size == AUTO:
+        samples_per_rank(config, world_size)
+    else:
+        gradient_accumulation(config, world_size)
+
+
 def make_loader(files: list[Path], config: TrainConfig, env: runtime.DistEnv,
                 device: torch.device, shuffle: bool, vocab_size: int) -> Any:
-    return data.ShardLoader([str(f) for f in files], config.batch_size, config.seq_len,
+    return data.ShardLoader([str(f) for f in files], config.micro_batch, config.seq_len,
                             rank=env.rank, world_size=env.world_size, shuffle=shuffle,
                             seed=config.seed, device=str(device),
                             backend=config.loader_backend, vocab_size=vocab_size)
@@ -371,6 +420,121 @@ def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
+# ------------------------------------------------------------- micro-batch and run time
+
+
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def micro_batch_candidates(largest: int) -> list[int]:
+    """`largest`, then halved down to 1, each rounded down to a divisor of `largest` so that
+    gradient accumulation still makes up exactly the total batch."""
+    sizes = [largest]
+    while sizes[-1] > 1:
+        sizes.append(largest_divisor_at_most(largest, sizes[-1] // 2))
+    return sizes
+
+
+def find_micro_batch(candidates: list[int],
+                     try_micro_batch: Callable[[int], None]) -> int | None:
+    """The first candidate whose trial step does not run out of memory; None if none fits."""
+    for size in candidates:
+        try:
+            try_micro_batch(size)
+        except torch.OutOfMemoryError:
+            continue  # leaving the except block frees the failed trial's tensors
+        return size
+    return None
+
+
+def trial_micro_step(model: GPT, batch_size: int, seq_len: int, precision: runtime.Precision,
+                     device: torch.device) -> None:
+    """Forward and backward of one micro-batch, leaving no gradient, optimizer or RNG state
+    behind. The tokens are all zero: a step's cost does not depend on their values."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # hand back the blocks a failed larger trial left cached
+    idx = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
+    try:
+        with precision.autocast(device):
+            _, loss = model(idx, idx)
+        assert loss is not None
+        loss.backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
+def search_micro_batch(model: GPT, config: TrainConfig, precision: runtime.Precision,
+                       device: torch.device, world_size: int) -> int | None:
+    """The largest micro-batch whose training step fits in this GPU's memory. The trials run
+    the eager model: torch.compile's fused kernels need less memory, not more."""
+    # AdamW's two moments (and under DDP the gradient buckets) appear only at the first real
+    # step; holding their size here keeps room for them beside the micro-batch found.
+    copies = 3 if world_size > 1 else 2
+    held = [torch.empty_like(p, dtype=torch.float32) for p in model.parameters()
+            for _ in range(copies)]
+    found = find_micro_batch(
+        micro_batch_candidates(samples_per_rank(config, world_size)),
+        lambda size: trial_micro_step(model, size, config.seq_len, precision, device))
+    del held
+    return found
+
+
+def smallest_over_ranks(value: int, env: runtime.DistEnv, device: torch.device) -> int:
+    """Every rank gets the smallest value any rank found (all_reduce MIN)."""
+    if not env.is_distributed:
+        return value
+    packed = torch.tensor(value, device=device)
+    torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MIN)
+    return int(packed)
+
+
+def resolve_micro_batch(config: TrainConfig, model: GPT, precision: runtime.Precision,
+                        device: torch.device, env: runtime.DistEnv,
+                        resume: Checkpoint | None) -> tuple[TrainConfig, str | None]:
+    """--batch-size=auto made a number, and how it was chosen (None: it was given)."""
+    if config.batch_size != AUTO:
+        return config, None
+    if resume is not None:
+        # Exact resume needs the loader's micro-batch of the interrupted run.
+        size = int(resume.state["loader_states"][0]["batch_size"])
+        how = f"the micro-batch of {resume.path.name}"
+    elif device.type in OOM_SEARCH_DEVICES:
+        found = search_micro_batch(model, config, precision, device, env.world_size)
+        size = smallest_over_ranks(found or 0, env, device)
+        if size == 0:
+            raise TrainError(f"--batch-size=auto: not even 1 x {config.seq_len} tokens fit in "
+                             f"{device} memory; try --activation-checkpointing, a shorter "
+                             "--seq-len or a smaller --model")
+        how = "the largest that fits in GPU memory"
+        if env.is_distributed:
+            how += " on every rank"
+    else:
+        size = largest_divisor_at_most(samples_per_rank(config, env.world_size),
+                                       DEFAULT_AUTO_MICRO_BATCH)
+        how = f"the default on {device.type}"
+    return dataclasses.replace(config, batch_size=size), how
+
+
+def time_micro_step(model: GPT, config: TrainConfig, precision: runtime.Precision,
+                    device: torch.device) -> float:
+    """Seconds of one forward and backward of a micro-batch on this machine, now."""
+    for _ in range(2):  # the first call pays one-time allocations; the second is timed
+        start = time.perf_counter()
+        trial_micro_step(model, config.micro_batch, config.seq_len, precision, device)
+    return time.perf_counter() - start
+
+
+def estimate_run_seconds(config: TrainConfig, grad_accum: int,
+                         micro_step_seconds: float) -> float:
+    """Wall time of the training steps and validations (a forward pass alone costs about a
+    third of a forward and backward)."""
+    evaluations = sum(due(config.eval_interval, step, config.max_steps)
+                      for step in range(config.max_steps + 1))
+    micro_steps = config.max_steps * grad_accum + evaluations * config.val_steps / 3
+    return micro_steps * micro_step_seconds
+
+
 # ------------------------------------------------------------------------------- the step
 
 
@@ -378,6 +542,8 @@ def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps
 class StepResult:
     loss: torch.Tensor  # mean loss of this rank's micro-batches (0-d, on device)
     grad_norm: float
+    loss_scale: float  # the GradScaler's scale during this step (1.0 when it is off)
+    skipped: bool  # the GradScaler found inf/nan gradients and left the weights as they were
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -406,9 +572,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     params = [p for g in optimizer.param_groups for p in g["params"]]
     # An infinite max norm measures without clipping (--grad-clip=0).
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    scale = scaler.get_scale()
     scaler.step(optimizer)
     scaler.update()
-    return StepResult(loss_sum, float(norm))
+    # The scaler lowers its scale exactly when it skipped the update for inf/nan gradients.
+    return StepResult(loss_sum, float(norm), scale, scaler.get_scale() < scale)
 
 
 @torch.no_grad()
@@ -518,11 +686,16 @@ def truncate_log(path: Path, checkpoint: Path, resume_step: int) -> None:
 
 
 def format_step(step: int, max_steps: int, loss: float, lr: float, norm: float, dt: float,
-                tok_per_s: float, mfu: float | None) -> str:
+                tok_per_s: float, mfu: float | None, loss_scale: float | None = None,
+                skipped_steps: int = 0) -> str:
+    """The console line of one step; the loss scale and the skipped steps so far when a
+    GradScaler runs (fp16)."""
     line = (f"step {step:6d}/{max_steps} | loss {loss:.4f} | lr {lr:.3e} | norm {norm:.4f} | "
             f"{dt * 1000:8.1f} ms | {tok_per_s:10,.0f} tok/s")
     if mfu is not None:
         line += f" | MFU {100 * mfu:5.1f}%"
+    if loss_scale is not None:
+        line += f" | scale {loss_scale:g} | skipped {skipped_steps}"
     return line
 
 
@@ -590,6 +763,7 @@ class Trainer:
     last_checkpoint: Path | None = None
     hellaswag_examples: list[dict[str, Any]] | None = None
     hellaswag_disabled: bool = False
+    skipped_steps: int = 0  # updates the GradScaler skipped for inf/nan gradients
 
     def write_log(self, step: int, **values: Any) -> None:
         if self.log is not None:
@@ -607,6 +781,7 @@ class Trainer:
             "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "skipped_steps": self.skipped_steps,
             "step": step,
             "loader_states": states,
             "world_size": self.env.world_size,
@@ -628,12 +803,17 @@ class Trainer:
         """Optimizer, loss scaler and loader position of the checkpoint the model was built
         from; returns its step. (The model's weights came with GPT.from_checkpoint.)"""
         state, path = checkpoint.state, checkpoint.path
+        missing = [k for k in ("optimizer", "scaler", "loader_states", "step") if k not in state]
+        if missing:
+            raise TrainError(f"{path}: no {', '.join(missing)} to resume from (written by "
+                             "another trainer?); start a new --out-dir with --init-from=PATH")
         saved_world = state.get("world_size", len(state["loader_states"]))
         if saved_world != self.env.world_size:
             raise TrainError(f"{path}: saved by {saved_world} processes, this run has "
                              f"{self.env.world_size}; resume with the same world size")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         try:
             self.train_loader.load_state_dict(state["loader_states"][self.env.rank])
         except ValueError as exc:
@@ -736,7 +916,7 @@ def train(config: TrainConfig, explicit: set[str], argv: list[str]) -> int:
 
     config = resolve_quickstart(config, explicit, say)
     validate(config)
-    grad_accum = gradient_accumulation(config, env.world_size)
+    check_batch_shape(config, env.world_size)
     out_dir, resume_from = prepare_out_dir(config)
     if config.resume and resume_from is None:
         say(f"--resume: no checkpoint in {out_dir}; starting from scratch")
@@ -751,6 +931,16 @@ def train(config: TrainConfig, explicit: set[str], argv: list[str]) -> int:
         runtime.enable_tf32()
 
     raw_model = build_model(config, resume).to(device)
+    raw_model.activation_checkpointing = config.activation_checkpointing
+    config, chosen = resolve_micro_batch(config, raw_model, precision, device, env, resume)
+    grad_accum = gradient_accumulation(config, env.world_size)
+    if chosen:
+        say(f"--batch-size=auto: micro-batch {config.micro_batch} ({chosen})")
+    if config.quickstart and resume is None:
+        seconds = estimate_run_seconds(config, grad_accum, time_micro_step(
+            raw_model, config, precision, device))
+        say(f"Quickstart: about {seconds / 60:.1f} minutes of training on this machine "
+            "(estimated from one timed step; other work on the CPU makes it longer)")
     loader_vocab = min(raw_model.config.vocab_size, 2**16)
     train_model: torch.nn.Module = raw_model
     if config.compile is None:
@@ -783,12 +973,14 @@ def train(config: TrainConfig, explicit: set[str], argv: list[str]) -> int:
             torch.distributed.barrier()
         if env.is_main:
             trainer.log = JsonlLog(out_dir / LOG_NAME)
+        if chosen and resume is None:
+            trainer.write_log(start_step, micro_batch=config.micro_batch, grad_accum=grad_accum)
 
         say(f"data: {plan.source} ({len(plan.train_files)} train, {len(plan.val_files)} val "
             "shards)")
         say(f"model: {raw_model.config} ({raw_model.num_params() / 1e6:.1f}M parameters), "
             f"device {device}, {precision.name}, world size {env.world_size}")
-        say(f"batch: {config.batch_size} x {config.seq_len} tokens x {env.world_size} ranks x "
+        say(f"batch: {config.micro_batch} x {config.seq_len} tokens x {env.world_size} ranks x "
             f"{grad_accum} accumulation = {config.total_batch_size} tokens per step")
         with StopFlag().installed() as stop:
             return training_loop(trainer, start_step, stop)
@@ -828,14 +1020,18 @@ def training_loop(trainer: Trainer, start_step: int, stop: StopFlag) -> int:
             print(f"error: loss is {loss} at step {step}; stopping. Last good checkpoint: "
                   f"{last}", file=sys.stderr, flush=True)
             return 1
+        trainer.skipped_steps += result.skipped
         tok_per_s = cfg.total_batch_size / dt
         mfu = model_flops_utilization(flops_per_token, tok_per_s, peak, env.world_size)
+        loss_scale = result.loss_scale if trainer.scaler.is_enabled() else None
         runtime.print0(format_step(step, cfg.max_steps, loss, lr, result.grad_norm, dt,
-                                   tok_per_s, mfu), env=env)
+                                   tok_per_s, mfu, loss_scale, trainer.skipped_steps), env=env)
         record: dict[str, Any] = dict(loss=loss, lr=lr, grad_norm=result.grad_norm,
                                       dt_ms=dt * 1000, tok_per_s=tok_per_s)
         if mfu is not None:
             record["mfu"] = mfu
+        if loss_scale is not None:
+            record.update(loss_scale=loss_scale, skipped_steps=trainer.skipped_steps)
         trainer.write_log(step, **record)
         step += 1
         if due(cfg.checkpoint_interval, step, cfg.max_steps) or stop_requested:

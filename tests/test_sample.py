@@ -1,17 +1,29 @@
-"""sample.py and the model's sampling helpers, on random tiny models, offline."""
+"""sample.py and the model's sampling helpers, on random tiny models, offline.
+
+Tests taking `device` run on CPU, and on CUDA when a GPU is present (generation there goes
+through the recorded CUDA graph); `pytest -k cuda` selects the CUDA runs.
+"""
 
 from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import cli
+import model as model_module
+import runtime
 import sample
 from data import get_tokenizer
 from model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig, sample_next_token
 
 PROMPT = "Hello, I'm a language model,"
 DRAWS = 20_000
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +32,28 @@ def tiny() -> GPT:
     return GPT(GPTConfig.from_preset("gpt2-tiny")).eval()
 
 
-def draw_counts(logits: torch.Tensor, seed: int = 0, **kwargs: object) -> torch.Tensor:
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=NO_CUDA)])
+def device(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each device in turn, with exact fp32 matmuls (TF32 could flip a near-tie argmax)."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield request.param
+    torch.set_float32_matmul_precision(precision)
+
+
+def on(device: str, model: GPT) -> GPT:
+    """`model` on `device`, leaving the shared CPU fixture where it is."""
+    return model if device == "cpu" else copy.deepcopy(model).to(device)
+
+
+def draw_counts(logits: torch.Tensor, seed: int = 0, device: str = "cpu",
+                **kwargs: Any) -> torch.Tensor:
     """How often sample_next_token picks each token in DRAWS independent draws from the
     one row `logits` (V,)."""
-    rows = logits.expand(DRAWS, -1)
-    picks = sample_next_token(rows, generator=torch.Generator().manual_seed(seed), **kwargs)
-    return torch.bincount(picks.flatten(), minlength=logits.numel()).double()
+    rows = logits.to(device).expand(DRAWS, -1)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    picks = sample_next_token(rows, generator=generator, **kwargs)
+    return torch.bincount(picks.flatten(), minlength=logits.numel()).double().cpu()
 
 
 def assert_follows(counts: torch.Tensor, probs: torch.Tensor) -> None:
@@ -62,35 +90,38 @@ LOGITS = torch.tensor([2.0, 1.6, 1.5, 1.2, 0.9, 0.4, 0.0, -0.5, -1.0, -3.0], dty
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
-def test_draws_follow_softmax_of_logits_over_temperature(temperature: float) -> None:
+def test_draws_follow_softmax_of_logits_over_temperature(temperature: float, device: str) -> None:
     probs = torch.softmax(LOGITS / temperature, dim=-1)
-    assert_follows(draw_counts(LOGITS, temperature=temperature), probs)
+    assert_follows(draw_counts(LOGITS, device=device, temperature=temperature), probs)
 
 
-def test_small_temperature_converges_to_the_argmax() -> None:
-    counts = draw_counts(LOGITS, temperature=0.01)
+def test_small_temperature_converges_to_the_argmax(device: str) -> None:
+    counts = draw_counts(LOGITS, device=device, temperature=0.01)
     assert counts[0] == DRAWS
-    assert torch.equal(sample_next_token(LOGITS[None], temperature=0), torch.tensor([[0]]))
+    greedy = sample_next_token(LOGITS[None].to(device), temperature=0)
+    assert torch.equal(greedy.cpu(), torch.tensor([[0]]))
 
 
 @pytest.mark.parametrize("k", [1, 2, 5, 9])
-def test_top_k_draws_only_the_k_largest_in_softmax_proportion(k: int) -> None:
+def test_top_k_draws_only_the_k_largest_in_softmax_proportion(k: int, device: str) -> None:
     logits = LOGITS[torch.randperm(LOGITS.numel(), generator=torch.Generator().manual_seed(k))]
     probs = restricted(torch.softmax(logits, dim=-1), brute_top_k(logits, k))
-    assert_follows(draw_counts(logits, top_k=k), probs)
+    assert_follows(draw_counts(logits, device=device, top_k=k), probs)
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.8, 0.99])
-def test_top_p_draws_only_the_smallest_set_reaching_p(p: float) -> None:
+def test_top_p_draws_only_the_smallest_set_reaching_p(p: float, device: str) -> None:
     full = torch.softmax(LOGITS, dim=-1)
-    assert_follows(draw_counts(LOGITS, top_p=p), restricted(full, brute_nucleus(full, p)))
+    counts = draw_counts(LOGITS, device=device, top_p=p)
+    assert_follows(counts, restricted(full, brute_nucleus(full, p)))
 
 
-def test_top_k_then_top_p_is_the_nucleus_of_the_renormalised_top_k() -> None:
+def test_top_k_then_top_p_is_the_nucleus_of_the_renormalised_top_k(device: str) -> None:
     top3 = restricted(torch.softmax(LOGITS, dim=-1), brute_top_k(LOGITS, 3))
     nucleus = brute_nucleus(top3, 0.6)
     assert len(nucleus) == 2  # the filters compose: top-p alone would keep a different set
-    assert_follows(draw_counts(LOGITS, top_k=3, top_p=0.6), restricted(top3, nucleus))
+    counts = draw_counts(LOGITS, device=device, top_k=3, top_p=0.6)
+    assert_follows(counts, restricted(top3, nucleus))
 
 
 def reference_greedy(model: GPT, idx: torch.Tensor, steps: int) -> torch.Tensor:
@@ -102,23 +133,85 @@ def reference_greedy(model: GPT, idx: torch.Tensor, steps: int) -> torch.Tensor:
     return idx
 
 
-def test_sampling_is_deterministic_under_a_seed(tiny):
-    first = sample.generate_text(tiny, PROMPT, 3, 24, seed=7)
-    again = sample.generate_text(tiny, PROMPT, 3, 24, seed=7)
-    other = sample.generate_text(tiny, PROMPT, 3, 24, seed=8)
+@pytest.fixture(scope="module")
+def hf_tiny(tiny: GPT, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """transformers' GPT2LMHeadModel with tiny's weights, exported by GPT.save_hf."""
+    from transformers import GPT2LMHeadModel
+
+    directory = tmp_path_factory.mktemp("hf_tiny")
+    tiny.save_hf(directory)
+    hf = GPT2LMHeadModel.from_pretrained(directory).eval()
+    hf.generation_config.eos_token_id = None  # run to max_new_tokens, as GPT.generate does
+    return hf
+
+
+def hf_greedy(hf: Any, idx: torch.Tensor, steps: int) -> torch.Tensor:
+    with torch.no_grad():
+        return hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
+                           max_new_tokens=steps, pad_token_id=GPT2_VOCAB_SIZE - 1)
+
+
+def random_prompt(batch: int, length: int, device: str, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, GPT2_VOCAB_SIZE, (batch, length), generator=generator).to(device)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("prompt_len", [1, 7, 30, 236])  # 236 + 20 fills the whole block
+def test_greedy_decoding_equals_uncached_reference_and_transformers(
+        tiny: GPT, hf_tiny: Any, device: str, batch: int, prompt_len: int) -> None:
+    model, hf = on(device, tiny), copy.deepcopy(hf_tiny).to(device)
+    idx = random_prompt(batch, prompt_len, device, seed=prompt_len)
+    want = reference_greedy(model, idx, 20)
+    assert torch.equal(model.generate(idx, 20, temperature=0), want)
+    assert torch.equal(model.generate(idx, 20, top_k=1), want)
+    assert torch.equal(hf_greedy(hf, idx, 20), want)
+
+
+def test_sampling_is_deterministic_under_a_seed(tiny: GPT, device: str) -> None:
+    model = on(device, tiny)
+    first = sample.generate_text(model, PROMPT, 3, 24, seed=7, device=device)
+    again = sample.generate_text(model, PROMPT, 3, 24, seed=7, device=device)
+    other = sample.generate_text(model, PROMPT, 3, 24, seed=8, device=device)
     assert first == again
     assert first != other
     assert len(set(first)) == 3  # the batch rows are independent samples
 
 
-@pytest.mark.parametrize("batch", [1, 4])
-def test_cached_greedy_decoding_equals_full_forward_passes(tiny: GPT, batch: int) -> None:
-    idx = torch.randint(0, GPT2_VOCAB_SIZE, (batch, 7), generator=torch.Generator().manual_seed(1))
-    assert torch.equal(tiny.generate(idx, 20, temperature=0), reference_greedy(tiny, idx, 20))
-    assert torch.equal(tiny.generate(idx, 20, top_k=1), reference_greedy(tiny, idx, 20))
+def allowed_tokens(logits: torch.Tensor, temperature: float, top_k: int | None,
+                   top_p: float | None) -> set[int]:
+    """What a draw from the row `logits` (V,) may return, by brute force over its 64 most
+    likely tokens (asserted to hold the whole top-p set)."""
+    probs = torch.softmax(logits[:GPT2_VOCAB_SIZE].double() / temperature, dim=-1)
+    top = torch.topk(probs, 64)
+    candidates = top.values[:top_k] / top.values[:top_k].sum() if top_k else top.values
+    if top_p is None:
+        return set(top.indices[:top_k].tolist())
+    assert top_k or candidates.sum() >= top_p
+    return {int(top.indices[i]) for i in brute_nucleus(candidates, top_p)}
 
 
-def test_max_length_counts_prompt_and_new_tokens(tiny):
+@pytest.mark.parametrize("temperature, top_k, top_p",
+                         [(1.0, 3, None), (1.0, None, 0.5), (0.8, 10, 0.3)])
+def test_generated_tokens_come_from_the_top_k_and_top_p_sets(
+        tiny: GPT, device: str, temperature: float, top_k: int | None,
+        top_p: float | None) -> None:
+    peaky = copy.deepcopy(tiny)
+    with torch.no_grad():  # sharper distributions, so that top-p keeps only a few tokens
+        peaky.transformer.wte.weight *= 20
+    model = on(device, peaky)
+    idx = random_prompt(4, 7, device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    out = model.generate(idx, 24, temperature, top_k, top_p, generator)
+    with torch.no_grad():
+        logits = model(out)[0].cpu()
+    for row in range(out.size(0)):
+        for t in range(idx.size(1), out.size(1)):
+            allowed = allowed_tokens(logits[row, t - 1], temperature, top_k, top_p)
+            assert len(allowed) < 40 and int(out[row, t]) in allowed, (row, t)
+
+
+def test_max_length_counts_prompt_and_new_tokens(tiny: GPT) -> None:
     prompt_len = len(get_tokenizer().encode(PROMPT))
     steps = list(sample.stream_tokens(tiny, PROMPT, 2, prompt_len + 9, seed=1))
     assert len(steps) == 9 and all(len(s) == 2 for s in steps)
@@ -128,20 +221,97 @@ def test_max_length_counts_prompt_and_new_tokens(tiny):
         assert text == enc.decode(enc.encode(PROMPT) + [s[row] for s in steps])
 
 
-def test_never_samples_a_padding_id_of_a_padded_vocab_model():
+def test_tokens_copied_in_chunks_are_the_same_steps(tiny: GPT) -> None:
+    length = len(get_tokenizer().encode(PROMPT)) + 12
+    one_by_one = list(sample.stream_tokens(tiny, PROMPT, 3, length, seed=3, chunk=1))
+    assert len(one_by_one) == 12
+    for chunk in (5, 12, 100):  # a short last chunk, one exact chunk, more than needed
+        assert list(sample.stream_tokens(tiny, PROMPT, 3, length, seed=3,
+                                         chunk=chunk)) == one_by_one
+
+
+def test_never_samples_a_padding_id_of_a_padded_vocab_model(device: str) -> None:
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("gpt2-tiny", vocab_size=PADDED_VOCAB_SIZE)).eval()
     with torch.no_grad():  # make the padding rows by far the most likely outputs
         model.transformer.wte.weight[:GPT2_VOCAB_SIZE] *= 0.01
         model.transformer.wte.weight[GPT2_VOCAB_SIZE:] *= 100.0
-    idx = torch.tensor([get_tokenizer().encode(PROMPT)] * 4)
-    logits, _ = model(idx)
+    model.to(device)
+    idx = torch.tensor([get_tokenizer().encode(PROMPT)] * 4, device=device)
+    with torch.no_grad():
+        logits, _ = model(idx)
     assert int(logits[:, -1].argmax(dim=-1).min()) >= GPT2_VOCAB_SIZE  # the trap is set
+    kwargs: dict[str, Any]
     for kwargs in ({}, {"top_k": 5}, {"top_p": 0.9}, {"temperature": 0.0}):
-        out = model.generate(idx, 30, generator=torch.Generator().manual_seed(0), **kwargs)
+        generator = torch.Generator(device=device).manual_seed(0)
+        out = model.generate(idx, 30, generator=generator, **kwargs)
         assert int(out.max()) < GPT2_VOCAB_SIZE, kwargs
-    direct = sample_next_token(logits[:, -1], generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator(device=device).manual_seed(0)
+    direct = sample_next_token(logits[:, -1], generator=generator)
     assert int(direct.max()) < GPT2_VOCAB_SIZE
+
+
+def test_the_cache_takes_the_autocast_dtype(tiny: GPT, monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[model_module.KVCache] = []
+
+    class RecordedCache(model_module.KVCache):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(model_module, "KVCache", RecordedCache)
+    idx = random_prompt(2, 5, "cpu")
+    tiny.generate(idx, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tiny.generate(idx, 3, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert [cache.keys.dtype for cache in made] == [torch.float32, torch.bfloat16]
+    assert out.shape == (2, 8) and int(out.max()) < GPT2_VOCAB_SIZE
+
+
+@NO_CUDA
+@pytest.mark.parametrize("weights", [torch.bfloat16, torch.float32])
+def test_cuda_graph_replays_equal_eager_steps(tiny: GPT, weights: torch.dtype,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 weights (sample.py) and fp32 weights under bf16 autocast (the trainer's samples,
+    where the graph re-casts the weights in every replay)."""
+    model = copy.deepcopy(tiny).to("cuda", weights)
+    idx = random_prompt(4, 9, "cuda")
+    runs = []
+    for graphed in (True, False):
+        if not graphed:
+            monkeypatch.setattr(model_module, "CUDAGraphStep", lambda step: step)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            generator = torch.Generator(device="cuda").manual_seed(0)
+            runs.append((model.generate(idx, 40, temperature=0),
+                         model.generate(idx, 40, top_k=50, generator=generator)))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert torch.equal(runs[0][1], runs[1][1])
+
+
+@NO_CUDA
+def test_cuda_decoding_steps_never_wait_for_the_host(tiny: GPT) -> None:
+    model = on("cuda", tiny)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    steps = model.generate_stream(random_prompt(4, 9, "cuda"), 30, top_k=50, top_p=0.9,
+                                  generator=generator)
+    next(steps), next(steps)  # the prefill, then the step that is recorded (which syncs)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rest = list(steps)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(rest) == 28
+
+
+def test_cli_samples_in_bf16_with_bf16_weights(tmp_path: Path, tiny: GPT,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    tiny.save_hf(tmp_path / "hf")
+    assert sample.main([f"--pretrained={tmp_path / 'hf'}", "--max-length=16", "--device=cpu",
+                        "--dtype=bf16", "--num-samples=2", PROMPT]) == 0
+    bf16 = copy.deepcopy(tiny).to(torch.bfloat16)
+    precision = runtime.resolve_precision(torch.device("cpu"), "bf16")
+    expected = sample.generate_text(bf16, PROMPT, 2, 16, precision=precision)
+    assert capsys.readouterr().out == "".join(f"> {text}\n\n" for text in expected)
 
 
 def test_load_model_reads_hf_dir_and_checkpoint(tmp_path, tiny):

@@ -6,6 +6,7 @@ tests write themselves, so each training run takes a second or two on a 2-core C
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,7 +16,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,6 +26,7 @@ import torch
 from torch.nn import functional as F
 
 import data
+import model as model_module
 import runtime
 import train_gpt2
 from model import GPT, GPTConfig
@@ -194,8 +198,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
     losses_b = [e["loss"] for e in read_log(tmp_path / "big") if "loss" in e]
     assert losses_a == pytest.approx(losses_b, rel=1e-5)
     # The model did move: the weights differ from a fresh init with the same seed.
+    config = GPT.from_checkpoint(tmp_path / "big" / "ckpt_0000003.pt").config
     torch.manual_seed(1337)
-    fresh = GPT(GPT.from_checkpoint(tmp_path / "big" / "ckpt_0000003.pt").config)
+    fresh = GPT(config)
     assert not torch.equal(fresh.state_dict()["transformer.h.0.mlp.c_fc.weight"],
                            b["transformer.h.0.mlp.c_fc.weight"])
 
@@ -473,6 +478,15 @@ def test_plot_log_reads_the_three_series(tmp_path: Path) -> None:
         assert log.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def gradient_vector(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Every parameter's gradient (each has one), as one vector."""
+    flat = []
+    for p in params:
+        assert p.grad is not None
+        flat.append(p.grad.flatten())
+    return torch.cat(flat)
+
+
 def test_train_step_applies_the_clipped_gradient_and_reports_the_raw_norm() -> None:
     """The gradient the optimizer sees has norm <= --grad-clip; the logged norm is the norm
     before clipping, as an independent backward pass on the same batch measures it."""
@@ -486,17 +500,262 @@ def test_train_step_applies_the_clipped_gradient_and_reports_the_raw_norm() -> N
     for x, y in batches:  # the mean over two micro-batches, as grad_accum=2 computes it
         logits, _ = reference(x)
         (F.cross_entropy(logits.flatten(0, 1), y.flatten()) / 2).backward()
-    raw_norm = torch.cat([p.grad.flatten() for p in reference.parameters()]).norm().item()
+    raw_norm = gradient_vector(reference.parameters()).norm().item()
 
     clip = 0.01
     assert raw_norm > 10 * clip  # so that clipping has something to do
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     applied: list[float] = []
-    optimizer.register_step_pre_hook(lambda opt, *_: applied.append(torch.cat(
-        [p.grad.flatten() for g in opt.param_groups for p in g["params"]]).norm().item()))
+    optimizer.register_step_pre_hook(lambda opt, *_: applied.append(gradient_vector(
+        p for g in opt.param_groups for p in g["params"]).norm().item()))
     precision = runtime.resolve_precision(torch.device("cpu"), "fp32")
     result = train_gpt2.train_step(model, optimizer, runtime.make_grad_scaler(
         precision, torch.device("cpu")), iter(batches).__next__, 2, precision,
         torch.device("cpu"), lr=0.0, grad_clip=clip)
     assert result.grad_norm == pytest.approx(raw_norm, rel=1e-5)
     assert applied == [pytest.approx(clip, rel=1e-4)]
+
+
+# ------------------------------------------------- memory: --batch-size=auto, checkpointing
+
+
+def test_micro_batch_candidates_halve_down_to_divisors() -> None:
+    assert train_gpt2.micro_batch_candidates(512) == [512, 256, 128, 64, 32, 16, 8, 4, 2, 1]
+    assert train_gpt2.micro_batch_candidates(96) == [96, 48, 24, 12, 6, 3, 1]
+    assert train_gpt2.micro_batch_candidates(10) == [10, 5, 2, 1]
+    assert train_gpt2.micro_batch_candidates(9) == [9, 3, 1]
+    assert train_gpt2.micro_batch_candidates(1) == [1]
+    for n in range(1, 200):
+        sizes = train_gpt2.micro_batch_candidates(n)
+        assert all(n % b == 0 for b in sizes)
+        assert all(b <= a // 2 for a, b in zip(sizes, sizes[1:], strict=False))
+        # Nothing skipped: no divisor of n lies between a candidate and half of it.
+        for a, b in zip(sizes, sizes[1:], strict=False):
+            assert not [d for d in range(b + 1, a // 2 + 1) if n % d == 0]
+
+
+def oom_above(limit: int, tried: list[int]):
+    """trial_micro_step as on a GPU with room for `limit` samples: larger ones raise the
+    error CUDA's allocator raises; the others run the real trial."""
+    real = train_gpt2.trial_micro_step
+
+    def trial(model, batch_size, *args, **kwargs):
+        tried.append(batch_size)
+        if batch_size > limit:
+            raise torch.OutOfMemoryError(f"simulated: {batch_size} samples do not fit")
+        real(model, batch_size, *args, **kwargs)
+    return trial
+
+
+def test_batch_size_auto_halves_after_out_of_memory_and_keeps_the_total_batch(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    shards = write_shards(tmp_path / "shards")
+    common = ["--max-steps=4", "--eval-interval=4", "--checkpoint-interval=4",
+              f"--total-batch-size={8 * SEQ}"]
+    # The total batch is 8 samples; the simulated GPU has room for 2 at a time.
+    tried: list[int] = []
+    monkeypatch.setattr(train_gpt2, "OOM_SEARCH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(train_gpt2, "trial_micro_step", oom_above(2, tried))
+    assert train_gpt2.main(tiny_args(shards, tmp_path / "auto", *common,
+                                     "--batch-size=auto")) == 0
+    assert tried == [8, 4, 2]
+    stdout = capsys.readouterr().out
+    assert "--batch-size=auto: micro-batch 2 (the largest that fits in GPU memory)" in stdout
+    assert f"batch: 2 x {SEQ} tokens x 1 ranks x 4 accumulation = {8 * SEQ} tokens" in stdout
+    log = read_log(tmp_path / "auto")
+    assert log[0] == {"step": 0, "micro_batch": 2, "grad_accum": 4}
+    state = load_ckpt(tmp_path / "auto" / "ckpt_0000004.pt")
+    assert state["loader_states"][0]["batch_size"] == 2
+
+    monkeypatch.undo()
+    # The trials leave nothing behind: the same run as an explicit --batch-size=2 ...
+    assert train_gpt2.main(tiny_args(shards, tmp_path / "two", *common,
+                                     "--batch-size=2")) == 0
+    losses = {name: [e["loss"] for e in read_log(tmp_path / name) if "loss" in e]
+              for name in ("auto", "two")}
+    assert losses["auto"] == losses["two"]
+    explicit = load_ckpt(tmp_path / "two" / "ckpt_0000004.pt")["model"]
+    for key, value in explicit.items():
+        assert torch.equal(state["model"][key], value), key
+    # ... and the total batch is kept: one micro-batch of all 8 samples gives the same steps.
+    assert train_gpt2.main(tiny_args(shards, tmp_path / "eight", *common,
+                                     "--batch-size=8")) == 0
+    eight = [e["loss"] for e in read_log(tmp_path / "eight") if "loss" in e]
+    assert losses["auto"] == pytest.approx(eight, rel=1e-5)
+
+
+def test_batch_size_auto_with_nothing_fitting_is_one_error_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    shards = write_shards(tmp_path / "shards")
+    tried: list[int] = []
+    monkeypatch.setattr(train_gpt2, "OOM_SEARCH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(train_gpt2, "trial_micro_step", oom_above(0, tried))
+    out = tmp_path / "out"
+    assert train_gpt2.main(tiny_args(shards, out, "--batch-size=auto")) == 1
+    assert tried == [8, 4, 2, 1]
+    assert_one_error_line(capsys, "--batch-size=auto", f"1 x {SEQ}", "--activation-checkpointing")
+    assert not out.exists()
+    assert train_gpt2.main(tiny_args(shards, out, "--batch-size=auto",
+                                     "--total-batch-size=100")) == 2
+    assert_one_error_line(capsys, "--total-batch-size=100", f"{SEQ} x 1 = {SEQ}")
+
+
+def test_batch_size_auto_on_cpu_takes_the_default_and_resume_keeps_the_saved_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shards = write_shards(tmp_path / "shards")
+    out = tmp_path / "out"
+    # 12 samples per step: the default 8 does not divide it, 6 does.
+    common = ["--batch-size=auto", f"--total-batch-size={12 * SEQ}", "--eval-interval=0",
+              "--checkpoint-interval=2"]
+    assert train_gpt2.main(tiny_args(shards, out, *common, "--max-steps=2")) == 0
+    assert read_log(out)[0] == {"step": 0, "micro_batch": 6, "grad_accum": 2}
+    # Resumed where the default differs (another machine): the checkpoint's micro-batch,
+    # which the loader's exact resume needs; no second choice in the log.
+    monkeypatch.setattr(train_gpt2, "DEFAULT_AUTO_MICRO_BATCH", 4)
+    assert train_gpt2.main(tiny_args(shards, out, *common, "--max-steps=4", "--resume")) == 0
+    assert [e for e in read_log(out) if "micro_batch" in e] == [
+        {"step": 0, "micro_batch": 6, "grad_accum": 2}]
+    assert load_ckpt(out / "ckpt_0000004.pt")["loader_states"][0]["batch_size"] == 6
+
+
+def search_on_rank(rank: int, port: int, room: list[int], out_dir: str) -> None:
+    """One gloo rank of two: --batch-size=auto on a simulated GPU with room for room[rank]
+    samples; writes the micro-batch it settles on."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                         rank=rank, world_size=2)
+    try:
+        train_gpt2.OOM_SEARCH_DEVICES = ("cpu",)
+        train_gpt2.trial_micro_step = oom_above(room[rank], [])  # type: ignore[assignment]
+        config = train_gpt2.TrainConfig(batch_size="auto", seq_len=SEQ,
+                                        total_batch_size=16 * SEQ * 2)
+        model = GPT(GPTConfig(block_size=SEQ, vocab_size=VOCAB, n_layer=1, n_head=2,
+                              n_embd=32))
+        resolved, _ = train_gpt2.resolve_micro_batch(
+            config, model, runtime.resolve_precision(torch.device("cpu"), "fp32"),
+            torch.device("cpu"), runtime.DistEnv(rank, rank, 2), None)
+        Path(out_dir, f"rank{rank}").write_text(str(resolved.micro_batch))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_batch_size_auto_ranks_agree_on_the_smallest_fit(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # 16 samples per rank and step; rank 0 has room for 8, rank 1 for 2.
+    torch.multiprocessing.spawn(search_on_rank, args=(port, [8, 2], str(tmp_path)), nprocs=2)
+    assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["2", "2"]
+
+
+def test_activation_checkpointing_recomputes_blocks_with_equal_fp32_losses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shards = write_shards(tmp_path / "shards")
+    common = ["--max-steps=20", "--eval-interval=0", "--checkpoint-interval=20"]
+    assert train_gpt2.main(tiny_args(shards, tmp_path / "plain", *common)) == 0
+    assert train_gpt2.main(tiny_args(shards, tmp_path / "ckpt", *common,
+                                     "--activation-checkpointing")) == 0
+    plain = [e["loss"] for e in read_log(tmp_path / "plain") if "loss" in e]
+    recomputed = [e["loss"] for e in read_log(tmp_path / "ckpt") if "loss" in e]
+    assert len(plain) == 20
+    assert recomputed == pytest.approx(plain, abs=1e-6, rel=0)
+
+    # What it does: each block runs twice per step (forward, then again in backward), and
+    # the forward pass keeps fewer tensors for backward.
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=SEQ, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32))
+    x = torch.randint(0, VOCAB, (4, SEQ))
+    calls: list[int] = []
+    block_forward = model_module.Block.forward
+
+    def counted_forward(self: model_module.Block, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Module hooks do not fire in the recomputation, so the method itself counts.
+        calls.append(1)
+        return block_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_module.Block, "forward", counted_forward)
+
+    def forward_backward() -> tuple[int, int]:
+        calls.clear()
+        saved: list[int] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _, loss = model(x, x)
+        assert loss is not None
+        loss.backward()
+        return len(calls), sum(saved)
+
+    plain_calls, plain_bytes = forward_backward()
+    model.activation_checkpointing = True
+    ckpt_calls, ckpt_bytes = forward_backward()
+    assert (plain_calls, ckpt_calls) == (2, 4)
+    assert ckpt_bytes < plain_bytes / 2
+
+
+# ------------------------------------------------------------------------ fp16 loss scaling
+
+
+def test_fp16_steps_skipped_for_inf_gradients_are_counted_with_the_loss_scale(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU fp16 with a GradScaler whose first scale is far too large, as a GPU's scaler is
+    at the start of a run: the scaled fp16 gradients overflow until the scale has halved
+    enough. A skipped step is one whose update left the weights untouched."""
+    assert runtime.resolve_precision(torch.device("cpu"), "fp16").use_grad_scaler
+    monkeypatch.setattr(runtime, "make_grad_scaler", lambda precision, device:
+                        torch.amp.GradScaler(device.type, init_scale=2.0**24,
+                                             enabled=precision.use_grad_scaler))
+    shards = write_shards(tmp_path / "shards")
+    out = tmp_path / "out"
+    steps = 12
+    assert train_gpt2.main(tiny_args(shards, out, "--dtype=fp16", f"--max-steps={steps}",
+                                     "--eval-interval=0", "--checkpoint-interval=1",
+                                     "--keep-checkpoints=0")) == 0
+    log = [e for e in read_log(out) if "loss" in e]
+    assert len(log) == steps
+
+    config = GPT.from_checkpoint(out / "ckpt_0000001.pt").config
+    torch.manual_seed(1337)  # the run's seed: the weights before step 0
+    before = GPT(config).state_dict()
+    unchanged = []
+    for step in range(steps):
+        after = load_ckpt(out / f"ckpt_{step + 1:07d}.pt")["model"]
+        unchanged.append(all(torch.equal(before[k], after[k]) for k in after))
+        before = after
+    assert 0 < sum(unchanged) < steps  # some updates were skipped, training went on
+
+    counted = [e["skipped_steps"] for e in log]
+    assert counted == [sum(unchanged[:s + 1]) for s in range(steps)]
+    scales = [e["loss_scale"] for e in log]
+    assert scales[0] == 2.0**24
+    for s in range(steps - 1):  # halved after each skipped step, kept after the others
+        assert scales[s + 1] == scales[s] / 2 if unchanged[s] else scales[s]
+    assert all(math.isinf(e["grad_norm"]) or math.isnan(e["grad_norm"])
+               for e, skipped in zip(log, unchanged, strict=True) if skipped)
+    stdout = capsys.readouterr().out
+    last_line = [line for line in stdout.splitlines() if line.startswith(f"step {steps - 1:6d}/")]
+    assert last_line and last_line[0].endswith(f"| scale {scales[-1]:g} | skipped {counted[-1]}")
+    assert load_ckpt(out / f"ckpt_{steps:07d}.pt")["skipped_steps"] == counted[-1]
+
+
+def test_fp32_steps_show_no_loss_scale(tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    shards = write_shards(tmp_path / "shards")
+    assert train_gpt2.main(tiny_args(shards, tmp_path / "out", "--max-steps=1",
+                                     "--eval-interval=0")) == 0
+    assert "scale" not in capsys.readouterr().out
+    assert not any("loss_scale" in e for e in read_log(tmp_path / "out"))
+
+
+def test_quickstart_estimate_counts_steps_accumulation_and_validations() -> None:
+    config = dataclasses.replace(train_gpt2.TrainConfig(), max_steps=300, eval_interval=50,
+                                 val_steps=6)
+    # 300 steps of 2 micro-steps, and 7 validations (steps 0, 50, ..., 300) of 6 forwards.
+    assert train_gpt2.estimate_run_seconds(config, 2, 0.5) == pytest.approx(
+        0.5 * (600 + 7 * 6 / 3))
