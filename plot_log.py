@@ -8,13 +8,13 @@ matplotlib is an optional extra: pip install -e ".[plot]".
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cli
 from data import atomic_output
 
 
@@ -81,34 +81,27 @@ def plot(curves: Curves, output: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("log", help="a train_gpt2.py log.jsonl")
     p.add_argument("--output", default=None, help="PNG path (default: the log's, .png)")
     args = p.parse_args(argv)
-    log = Path(args.log)
-    output = Path(args.output) if args.output else log.with_suffix(".png")
+    return cli.run_script(lambda: run(Path(args.log), args.output), debug=False)
+
+
+def run(log: Path, output_name: str | None) -> None:
+    output = Path(output_name) if output_name else log.with_suffix(".png")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        print('error: plot_log.py needs matplotlib: pip install -e ".[plot]" (or pip install '
-              'matplotlib)', file=sys.stderr)
-        return 1
+        raise RuntimeError('plot_log.py needs matplotlib: pip install -e ".[plot]" (or pip '
+                           'install matplotlib)') from None
     if not log.is_file():
-        print(f"error: {log}: no such log; train_gpt2.py writes OUT_DIR/log.jsonl",
-              file=sys.stderr)
-        return 1
-    try:
-        curves = read_curves(log)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        raise FileNotFoundError(f"{log}: no such log; train_gpt2.py writes OUT_DIR/log.jsonl")
+    curves = read_curves(log)
     if not (curves.train or curves.val):
-        print(f"error: {log}: no loss or val_loss entries to plot", file=sys.stderr)
-        return 1
+        raise ValueError(f"{log}: no loss or val_loss entries to plot")
     plot(curves, output, title=str(log))
     print(f"wrote {output}")
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
