@@ -22,6 +22,8 @@ import torch.utils.checkpoint
 from torch.nn import functional as F
 
 GPT2_VOCAB_SIZE = 50257  # real GPT-2 BPE tokens; ids at or above this are padding rows
+# The non-tensor state (config, step, loader position) inside a sharded checkpoint folder.
+SHARDED_STATE_NAME = "train_state.pt"
 PADDED_VOCAB_SIZE = 50304  # next multiple of 128: faster matmuls when training from scratch
 
 
@@ -431,17 +433,15 @@ class GPT(nn.Module):
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A train_gpt2.py checkpoint as saved, on CPU. weights_only loading runs no code from
-    the file; anything that is not such a checkpoint is one ValueError naming the file."""
+    the file; anything that is not such a checkpoint is one ValueError naming the file.
+    A ckpt_* folder (--fsdp) comes back the same way, its shards gathered into full weights
+    (without its optimizer state, which train_gpt2.py reads from the folder itself)."""
+    if Path(path).is_dir():
+        return _load_sharded_checkpoint(Path(path))
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: checkpoint file not found; pass the path of a "
                                 "ckpt_*.pt file written by train_gpt2.py")
-    try:
-        with warnings.catch_warnings():  # torch warns about foreign pickle protocols
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling fails in many types
-        raise ValueError(f"{path}: not a readable train_gpt2.py checkpoint "
-                         f"({type(exc).__name__}); pass a ckpt_*.pt file") from None
+    state = _load_state_file(path)
     fields = set(GPTConfig.__dataclass_fields__)
     if (not isinstance(state, dict) or not isinstance(state.get("model"), dict)
             or not isinstance(state.get("model_config"), dict)
@@ -449,6 +449,36 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError(f"{path}: not a train_gpt2.py checkpoint (no model_config/model "
                          "entries); pass a ckpt_*.pt file")
     return state
+
+
+def _load_state_file(path: str | os.PathLike[str]) -> Any:
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling fails in many types
+        raise ValueError(f"{path}: not a readable train_gpt2.py checkpoint "
+                         f"({type(exc).__name__}); pass a ckpt_*.pt file") from None
+
+
+def _load_sharded_checkpoint(path: Path) -> dict[str, Any]:
+    """Works in a single process whatever number of ranks wrote the folder: the shards are
+    stored by parameter name and offset, not by rank."""
+    import torch.distributed.checkpoint as dcp
+
+    state_file = path / SHARDED_STATE_NAME
+    if not state_file.is_file():
+        raise ValueError(f"{path}: no {SHARDED_STATE_NAME} (not a train_gpt2.py --fsdp "
+                         "checkpoint, or one a kill left half-written)")
+    state = _load_state_file(state_file)
+    if not isinstance(state, dict) or not isinstance(state.get("model_config"), dict):
+        raise ValueError(f"{state_file}: not a train_gpt2.py checkpoint (no model_config)")
+    with torch.random.fork_rng(devices=[]):  # the init is overwritten; keep the caller's RNG
+        weights = GPT(GPTConfig(**state["model_config"])).state_dict()
+    with warnings.catch_warnings():  # dcp warns that no process group is initialized
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": weights}, checkpoint_id=path, no_dist=True)
+    return {**state, "model": weights}
 
 
 _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import signal
 import sys
 import time
@@ -38,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 import cli
 import data
 import runtime
+import sharding
 from cli import UsageError
 from model import GPT, PADDED_VOCAB_SIZE, PRESETS, GPTConfig, load_checkpoint
 
@@ -174,6 +176,9 @@ class TrainConfig:
                         "fp32 on CPU", choices=runtime.DTYPE_CHOICES)
     compile: bool | None = option(None, "torch.compile the training forward/backward "
                                   "(default: on for CUDA, off elsewhere)")
+    fsdp: bool = option(False, "under torchrun, shard weights, gradients and optimizer state "
+                        "over the ranks (torch.distributed.fsdp.fully_shard) instead of DDP; "
+                        "checkpoints become torch.distributed.checkpoint folders")
     activation_checkpointing: bool = option(False, "recompute each block's activations in "
                                             "the backward pass: less memory, more compute")
     debug: bool = option(False, "show tracebacks on errors")
@@ -359,6 +364,17 @@ def check_batch_shape(config: TrainConfig, world_size: int) -> None:
         samples_per_rank(config, world_size)
     else:
         gradient_accumulation(config, world_size)
+
+
+def check_fsdp(config: TrainConfig, env: runtime.DistEnv, precision: runtime.Precision) -> None:
+    if not config.fsdp:
+        return
+    if not env.is_distributed:
+        raise UsageError("--fsdp shards over two or more torchrun ranks; a single process "
+                         "trains (and resumes an --fsdp checkpoint) without it")
+    if precision.use_grad_scaler:
+        raise UsageError("--fsdp with fp16: the GradScaler does not handle sharded gradients "
+                         "here; pass --dtype=bf16 or --dtype=fp32")
 
 
 def make_loader(files: list[Path], config: TrainConfig, env: runtime.DistEnv,
@@ -550,7 +566,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, next_batch: Callable[[], Batch], grad_accum: int,
                precision: runtime.Precision, device: torch.device, lr: float,
                grad_clip: float) -> StepResult:
-    """One optimizer step over `grad_accum` micro-batches; DDP syncs only on the last."""
+    """One optimizer step over `grad_accum` micro-batches; DDP and FSDP reduce gradients
+    only on the last."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
@@ -558,9 +575,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     for micro_step in range(grad_accum):
         x, y = next_batch()
         last = micro_step == grad_accum - 1
-        sync = (model.no_sync() if isinstance(model, DistributedDataParallel) and not last
-                else contextlib.nullcontext())
-        with sync:
+        with sharding.gradient_sync(model, enabled=last):
             with precision.autocast(device):
                 _, loss = model(x, y)
             assert loss is not None
@@ -576,7 +591,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     scaler.step(optimizer)
     scaler.update()
     # The scaler lowers its scale exactly when it skipped the update for inf/nan gradients.
-    return StepResult(loss_sum, float(norm), scale, scaler.get_scale() < scale)
+    return StepResult(loss_sum, sharding.full_norm(norm), scale, scaler.get_scale() < scale)
 
 
 @torch.no_grad()
@@ -613,12 +628,23 @@ def reduce_step(loss: torch.Tensor, stop: bool, env: runtime.DistEnv) -> tuple[f
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_path(out_dir: Path, step: int) -> Path:
-    return out_dir / f"ckpt_{step:07d}.pt"
+def checkpoint_path(out_dir: Path, step: int, sharded: bool = False) -> Path:
+    """ckpt_0000040.pt, or the folder ckpt_0000040 of a torch.distributed.checkpoint."""
+    return out_dir / (f"ckpt_{step:07d}" if sharded else f"ckpt_{step:07d}.pt")
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
-    return sorted(out_dir.glob(CHECKPOINT_GLOB))
+    """Both kinds, oldest first (the step's fixed width sorts them by name)."""
+    found = [p for p in out_dir.glob(CHECKPOINT_GLOB) if p.is_file()]
+    found += [p for p in out_dir.glob("ckpt_*") if p.is_dir()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def remove_checkpoint(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -631,7 +657,7 @@ def prune_checkpoints(out_dir: Path, keep: int) -> None:
     if keep <= 0:
         return
     for old in list_checkpoints(out_dir)[:-keep]:
-        old.unlink(missing_ok=True)
+        remove_checkpoint(old)
 
 
 @dataclass
@@ -776,10 +802,12 @@ class Trainer:
             torch.distributed.all_gather_object(states, loader_state)
         else:
             states = [loader_state]
+        # Under --fsdp the weights and optimizer state go into the sharded folder instead.
+        tensors = {} if self.config.fsdp else {"model": self.raw_model.state_dict(),
+                                               "optimizer": self.optimizer.state_dict()}
         return {
             "model_config": dataclasses.asdict(self.raw_model.config),
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **tensors,
             "scaler": self.scaler.state_dict(),
             "skipped_steps": self.skipped_steps,
             "step": step,
@@ -791,9 +819,12 @@ class Trainer:
 
     def save(self, step: int) -> None:
         state = self.checkpoint_state(step)  # every rank joins the loader-state gather
-        if self.env.is_main:
-            path = checkpoint_path(self.out_dir, step)
+        path = checkpoint_path(self.out_dir, step, sharded=self.config.fsdp)
+        if self.config.fsdp:
+            sharding.save_checkpoint(path, self.raw_model, self.optimizer, state, self.env)
+        elif self.env.is_main:
             save_checkpoint(path, state)
+        if self.env.is_main:
             prune_checkpoints(self.out_dir, self.config.keep_checkpoints)
             self.last_checkpoint = path
             runtime.print0(f"saved {path}")
@@ -803,23 +834,54 @@ class Trainer:
         """Optimizer, loss scaler and loader position of the checkpoint the model was built
         from; returns its step. (The model's weights came with GPT.from_checkpoint.)"""
         state, path = checkpoint.state, checkpoint.path
-        missing = [k for k in ("optimizer", "scaler", "loader_states", "step") if k not in state]
+        sharded = path.is_dir()  # its optimizer state is read from the folder below
+        wanted = ("scaler", "loader_states", "step") + (() if sharded else ("optimizer",))
+        missing = [k for k in wanted if k not in state]
         if missing:
             raise TrainError(f"{path}: no {', '.join(missing)} to resume from (written by "
                              "another trainer?); start a new --out-dir with --init-from=PATH")
-        saved_world = state.get("world_size", len(state["loader_states"]))
-        if saved_world != self.env.world_size:
-            raise TrainError(f"{path}: saved by {saved_world} processes, this run has "
-                             f"{self.env.world_size}; resume with the same world size")
-        self.optimizer.load_state_dict(state["optimizer"])
+        loader_state = self.loader_state_from(state, path)
+        if sharded:
+            sharding.load_optimizer_state(path, self.raw_model, self.optimizer)
+        elif self.config.fsdp:
+            raise TrainError(f"{path}: a .pt checkpoint cannot resume under --fsdp yet; "
+                             "resume it without --fsdp")
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         try:
-            self.train_loader.load_state_dict(state["loader_states"][self.env.rank])
+            self.train_loader.load_state_dict(loader_state)
         except ValueError as exc:
             raise TrainError(f"{path}: {exc}") from None
         self.last_checkpoint = path
         return int(state["step"])
+
+    def loader_state_from(self, state: dict[str, Any], path: Path) -> dict[str, Any]:
+        """This rank's loader position in a checkpoint saved by any number of ranks. The
+        loader's step counts global batches of world_size x batch_size samples, rank r taking
+        the r-th slice, so another world size continues at the same sample (and the same
+        global order) when that product, the global micro-batch, is unchanged."""
+        saved_world = state.get("world_size", len(state["loader_states"]))
+        if saved_world == self.env.world_size:
+            return dict(state["loader_states"][self.env.rank])
+        saved = state["loader_states"][0]
+        loader = self.train_loader
+        if saved["batch_size"] * saved_world != loader.batch_size * loader.world_size:
+            raise TrainError(f"{path}: saved by {saved_world} processes with --batch-size="
+                             f"{saved['batch_size']}; with {loader.world_size} processes "
+                             "resume with --batch-size="
+                             f"{saved['batch_size'] * saved_world / loader.world_size:g} so "
+                             "the global micro-batch, and with it the data order, is the same")
+        return {**saved, "rank": loader.rank, "world_size": loader.world_size,
+                "batch_size": loader.batch_size}
+
+    def eval_model(self) -> GPT:
+        """The model HellaSwag and samples run on: under --fsdp a full copy (every rank must
+        call this), as those do not run every rank through the same forward passes."""
+        if self.config.fsdp:
+            return sharding.full_weights_copy(self.raw_model, self.device)
+        return self.raw_model
 
     def run_evals(self, step: int) -> None:
         cfg = self.config
@@ -828,14 +890,20 @@ class Trainer:
                                     self.precision, self.device, self.env)
             runtime.print0(f"step {step:6d} | val loss {val:.4f}", env=self.env)
             self.write_log(step, val_loss=val)
-        if due(interval_or_eval(cfg.hellaswag_interval, cfg), step, cfg.max_steps):
-            self.run_hellaswag(step)
+        hellaswag = due(interval_or_eval(cfg.hellaswag_interval, cfg), step, cfg.max_steps)
         # Samples from the untrained weights at step 0 would only show noise.
-        if (step > 0 and due(interval_or_eval(cfg.sample_interval, cfg), step, cfg.max_steps)
-                and self.env.is_main):
-            self.print_samples(step)
+        samples = step > 0 and due(interval_or_eval(cfg.sample_interval, cfg), step,
+                                   cfg.max_steps)
+        if not (hellaswag or samples):
+            return
+        model = self.eval_model()
+        if hellaswag:
+            self.run_hellaswag(step, model)
+        if samples and self.env.is_main:
+            self.print_samples(step, model)
+        model.train()
 
-    def run_hellaswag(self, step: int) -> None:
+    def run_hellaswag(self, step: int, model: GPT) -> None:
         if self.hellaswag_disabled:
             return
         import eval_hellaswag
@@ -852,22 +920,21 @@ class Trainer:
                           "--hellaswag-data=JSONL, or --hellaswag-interval=0 to silence this)",
                           file=sys.stderr, flush=True)
                 return
-        score = eval_hellaswag.evaluate(self.raw_model, self.hellaswag_examples, self.device,
+        score = eval_hellaswag.evaluate(model, self.hellaswag_examples, self.device,
                                         precision=self.precision, rank=self.env.rank,
                                         world_size=self.env.world_size)
         runtime.print0(f"step {step:6d} | HellaSwag acc_norm {score.correct_norm}/"
                        f"{score.total} = {score.acc_norm:.4f}", env=self.env)
         self.write_log(step, hellaswag_acc_norm=score.acc_norm, hellaswag_acc=score.acc)
 
-    def print_samples(self, step: int) -> None:
+    def print_samples(self, step: int, model: GPT) -> None:
         import sample
 
         cfg = self.config
-        length = min(cfg.sample_length, self.raw_model.config.block_size)
-        texts = sample.generate_text(self.raw_model, cfg.sample_prompt, cfg.num_samples,
+        length = min(cfg.sample_length, model.config.block_size)
+        texts = sample.generate_text(model, cfg.sample_prompt, cfg.num_samples,
                                      length, seed=cfg.seed, device=self.device,
                                      precision=self.precision)
-        self.raw_model.train()
         print(f"step {step:6d} | samples:", flush=True)
         for text in texts:
             print(f"> {text}", flush=True)
@@ -895,15 +962,15 @@ def start_fresh_out_dir(out_dir: Path, env: runtime.DistEnv) -> None:
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         for old in list_checkpoints(out_dir):
-            old.unlink()
+            remove_checkpoint(old)
         (out_dir / LOG_NAME).unlink(missing_ok=True)
 
 
 def remove_stale_temp_files(out_dir: Path) -> None:
     """Temp files of a checkpoint or log rewrite that a kill interrupted."""
-    for pattern in (".ckpt_*.pt.*.tmp", f".{LOG_NAME}.*.tmp"):
+    for pattern in (".ckpt_*.pt.*.tmp", f".{LOG_NAME}.*.tmp", sharding.STALE_GLOB):
         for stale in out_dir.glob(pattern):
-            stale.unlink(missing_ok=True)
+            remove_checkpoint(stale)
 
 
 def train(config: TrainConfig, explicit: set[str], argv: list[str]) -> int:
@@ -917,6 +984,7 @@ def train(config: TrainConfig, explicit: set[str], argv: list[str]) -> int:
     config = resolve_quickstart(config, explicit, say)
     validate(config)
     check_batch_shape(config, env.world_size)
+    check_fsdp(config, env, precision)
     out_dir, resume_from = prepare_out_dir(config)
     if config.resume and resume_from is None:
         say(f"--resume: no checkpoint in {out_dir}; starting from scratch")
@@ -945,9 +1013,13 @@ def train(config: TrainConfig, explicit: set[str], argv: list[str]) -> int:
     train_model: torch.nn.Module = raw_model
     if config.compile is None:
         config = dataclasses.replace(config, compile=device.type == "cuda")
+    if config.fsdp:
+        # Sharded in place: raw_model is the sharded module, so the optimizer built below
+        # holds only this rank's shards and validation runs on it directly.
+        sharding.shard_model(raw_model, precision, device)
     if config.compile:
         train_model = torch.compile(raw_model)  # type: ignore[assignment]
-    if env.is_distributed:
+    if env.is_distributed and not config.fsdp:
         ids = [device.index] if device.type == "cuda" else None
         train_model = DistributedDataParallel(train_model, device_ids=ids)
     trainer = Trainer(

@@ -78,6 +78,7 @@ NOT_APPLICABLE = {
     "compile": "JAX compiles every step function",
     "hellaswag_data": "train_jax.py runs no HellaSwag evaluation",
     "hellaswag_limit": "train_jax.py runs no HellaSwag evaluation",
+    "fsdp": "train_jax.py replicates the weights on its local devices",
 }
 SAMPLE_TOP_K = 50  # sample.py's default
 

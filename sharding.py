@@ -1,0 +1,129 @@
+"""--fsdp for train_gpt2.py: torch.distributed.fsdp.fully_shard and checkpoints written with
+torch.distributed.checkpoint (each rank its shard), which any number of ranks, or a single
+process, can read back (model.load_checkpoint gathers them into one full state)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+import data
+import runtime
+from model import GPT, SHARDED_STATE_NAME
+
+# Temp folders of sharded checkpoints that a kill left half-written.
+STALE_GLOB = ".ckpt_*.tmp"
+
+
+def mixed_precision_policy(precision: runtime.Precision,
+                           device: torch.device) -> MixedPrecisionPolicy:
+    """bf16 compute over fp32 master weights where autocast would be bf16 (CUDA); plain fp32
+    elsewhere. Gradients are reduced in fp32 so the sum over ranks loses nothing."""
+    if device.type == "cuda" and precision.autocast_dtype == torch.bfloat16:
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def shard_model(model: GPT, precision: runtime.Precision, device: torch.device) -> None:
+    """Each block its own FSDP unit, so only one block's full weights exist at a time; the
+    root unit holds the embeddings (tied to the output head) and the final norm."""
+    policy = mixed_precision_policy(precision, device)
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "_orig_mod", model)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Reduce gradients only when `enabled` (the last micro-step of gradient accumulation);
+    the other micro-steps accumulate locally, under DDP and FSDP alike."""
+    inner = unwrap_compiled(model)
+    if isinstance(inner, FSDPModule):
+        inner.set_requires_gradient_sync(enabled)
+        yield
+    elif isinstance(model, torch.nn.parallel.DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def full_norm(norm: torch.Tensor) -> float:
+    """clip_grad_norm_ over DTensor gradients returns a DTensor; the norm over all shards."""
+    full_tensor = getattr(norm, "full_tensor", None)
+    return float(full_tensor() if full_tensor is not None else norm)
+
+
+def full_weights_copy(model: GPT, device: torch.device) -> GPT:
+    """A plain GPT with the sharded model's full weights, on every rank (a collective).
+    Sampling runs on rank 0 alone and HellaSwag gives ranks different numbers of forward
+    passes; the sharded model's forward is a collective that needs every rank in step."""
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    # The copy's own random init is overwritten; it must not move the run's RNG.
+    with torch.random.fork_rng(devices=[]):
+        copy = GPT(model.config)
+    copy.load_state_dict(weights)
+    return copy.to(device).eval()
+
+
+def temp_folder(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    train_state: dict[str, Any], env: runtime.DistEnv) -> None:
+    """Every rank writes its shards into a temp folder; rank 0 adds the non-tensor state and
+    renames the folder into place, so `path` appears only once complete."""
+    tmp = temp_folder(path)
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    torch.distributed.barrier()
+    tensors = {"model": get_model_state_dict(model),
+               "optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(tensors, checkpoint_id=tmp)  # returns on every rank once the metadata is written
+    if env.is_main:
+        with data.atomic_output(tmp / SHARDED_STATE_NAME) as f:
+            torch.save(train_state, f)
+        replace_folder(tmp, path)
+    torch.distributed.barrier()
+
+
+def replace_folder(source: Path, target: Path) -> None:
+    """Rename `source` to `target`; an older `target` (a run resumed from an earlier step
+    saves the same step again) is moved aside first, as a rename cannot replace a folder."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old.tmp")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(source, target)
+
+
+def load_optimizer_state(path: Path, model: torch.nn.Module,
+                         optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer state of a sharded checkpoint, resharded to this run: FSDP on any number
+    of ranks, DDP or a single process (the state is keyed by parameter name, not by rank)."""
+    state = get_optimizer_state_dict(model, optimizer)
+    dcp.load({"optimizer": state}, checkpoint_id=path,
+             no_dist=not torch.distributed.is_initialized())
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state)
