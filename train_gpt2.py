@@ -337,33 +337,20 @@ def plan_data(config: TrainConfig) -> DataPlan:
     return DataPlan(train, val, str(directory))
 
 
-def gradient_accumulation(config: TrainConfig, world_size: int) -> int:
-    per_micro_step = config.micro_batch * config.seq_len * world_size
+def samples_per_rank(config: TrainConfig, world_size: int, micro_batch: int = 1) -> int:
+    """Samples each rank contributes to one optimizer step, which must split into whole
+    micro-batches of `micro_batch` (1 while --batch-size=auto is still unresolved)."""
+    per_micro_step = micro_batch * config.seq_len * world_size
     if config.total_batch_size % per_micro_step != 0:
         raise UsageError(
             f"--total-batch-size={config.total_batch_size} is not divisible by "
-            f"batch-size x seq-len x world-size = {config.micro_batch} x {config.seq_len} x "
+            f"batch-size x seq-len x world-size = {micro_batch} x {config.seq_len} x "
             f"{world_size} = {per_micro_step}; pick a multiple of {per_micro_step}")
-    return config.total_batch_size // per_micro_step
+    return config.total_batch_size // (config.seq_len * world_size)
 
 
-def samples_per_rank(config: TrainConfig, world_size: int) -> int:
-    """Samples each rank contributes to one optimizer step: the largest micro-batch."""
-    per_sample = config.seq_len * world_size
-    if config.total_batch_size % per_sample != 0:
-        raise UsageError(
-            f"--total-batch-size={config.total_batch_size} is not divisible by seq-len x "
-            f"world-size = {config.seq_len} x {world_size} = {per_sample}; pick a multiple "
-            f"of {per_sample}")
-    return config.total_batch_size // per_sample
-
-
-def check_batch_shape(config: TrainConfig, world_size: int) -> None:
-    """The total batch splits into whole micro-batches (any micro-batch, for auto)."""
-    if config.batch_size == AUTO:
-        samples_per_rank(config, world_size)
-    else:
-        gradient_accumulation(config, world_size)
+def gradient_accumulation(config: TrainConfig, world_size: int) -> int:
+    return samples_per_rank(config, world_size, config.micro_batch) // config.micro_batch
 
 
 def check_fsdp(config: TrainConfig, env: runtime.DistEnv, precision: runtime.Precision) -> None:
@@ -983,7 +970,8 @@ def train(config: TrainConfig, explicit: set[str], argv: list[str]) -> int:
 
     config = resolve_quickstart(config, explicit, say)
     validate(config)
-    check_batch_shape(config, env.world_size)
+    samples_per_rank(config, env.world_size,
+                     1 if config.batch_size == AUTO else config.micro_batch)
     check_fsdp(config, env, precision)
     out_dir, resume_from = prepare_out_dir(config)
     if config.resume and resume_from is None:

@@ -6,7 +6,6 @@ on random-token shards, and both scripts start from the same train_gpt2.py check
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -23,8 +22,8 @@ pytest.importorskip("optax")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from test_train import read_log, tiny_args, write_shards  # noqa: E402
 
-import data  # noqa: E402
 import model_jax  # noqa: E402
 import sample  # noqa: E402
 import train_gpt2  # noqa: E402
@@ -32,8 +31,6 @@ import train_jax  # noqa: E402
 from model import GPT, GPTConfig, load_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-VOCAB = 256
-SEQ = 32
 STEPS = 30
 
 
@@ -110,29 +107,6 @@ def test_hugging_face_directory_and_checkpoint_round_trips(tmp_path: Path) -> No
 
 
 # ------------------------------------------------------------------------------- training
-
-
-def write_shards(directory: Path) -> Path:
-    directory.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        data.write_shard(directory / f"syn_train_{i:06d}.bin", rng.integers(0, VOCAB, 12_000))
-    data.write_shard(directory / "syn_val_000000.bin", rng.integers(0, VOCAB, 4_000))
-    return directory
-
-
-def tiny_args(shards: Path, out_dir: Path, *extra: str) -> list[str]:
-    """tests/test_train.py's tiny run: micro-batch 4, two micro-batches per step."""
-    return [
-        f"--data-dir={shards}", f"--out-dir={out_dir}", "--device=cpu", "--model=gpt2-tiny",
-        "--n-embd=32", f"--vocab-size={VOCAB}", f"--seq-len={SEQ}", "--batch-size=4",
-        f"--total-batch-size={2 * 4 * SEQ}", "--warmup-steps=2", "--max-lr=3e-3",
-        "--val-steps=2", "--hellaswag-interval=0", "--sample-interval=0", *extra,
-    ]
-
-
-def read_log(out_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
 
 
 def losses(log: list[dict[str, Any]]) -> dict[int, float]:
