@@ -66,10 +66,11 @@ def gradient_sync(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
-def full_norm(norm: torch.Tensor) -> float:
-    """clip_grad_norm_ over DTensor gradients returns a DTensor; the norm over all shards."""
+def full_norm(norm: torch.Tensor) -> torch.Tensor:
+    """clip_grad_norm_ over DTensor gradients returns a DTensor; the norm over all shards,
+    as a plain tensor on the device."""
     full_tensor = getattr(norm, "full_tensor", None)
-    return float(full_tensor() if full_tensor is not None else norm)
+    return full_tensor() if full_tensor is not None else norm
 
 
 def full_weights_copy(model: GPT, device: torch.device) -> GPT:

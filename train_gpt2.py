@@ -544,7 +544,7 @@ def estimate_run_seconds(config: TrainConfig, grad_accum: int,
 @dataclass
 class StepResult:
     loss: torch.Tensor  # mean loss of this rank's micro-batches (0-d, on device)
-    grad_norm: float
+    grad_norm: torch.Tensor  # before clipping, over all shards (0-d, on device)
     loss_scale: float  # the GradScaler's scale during this step (1.0 when it is off)
     skipped: bool  # the GradScaler found inf/nan gradients and left the weights as they were
 
@@ -554,7 +554,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                precision: runtime.Precision, device: torch.device, lr: float,
                grad_clip: float) -> StepResult:
     """One optimizer step over `grad_accum` micro-batches; DDP and FSDP reduce gradients
-    only on the last."""
+    only on the last. Nothing is read back to the host (but the fp16 GradScaler's scale), so
+    the CPU queues the optimizer step while the GPU still runs the backward pass."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
@@ -603,13 +604,15 @@ def evaluate_val_loss(model: torch.nn.Module, loader: Any, steps: int,
     return float(total)
 
 
-def reduce_step(loss: torch.Tensor, stop: bool, env: runtime.DistEnv) -> tuple[float, bool]:
-    """Mean loss over ranks and whether any rank was asked to stop: one all_reduce."""
-    if not env.is_distributed:
-        return float(loss), stop
-    packed = torch.stack([loss.float(), torch.tensor(float(stop), device=loss.device)])
-    torch.distributed.all_reduce(packed)
-    return float(packed[0]) / env.world_size, bool(packed[1] > 0)
+def read_step(result: StepResult, stop: bool, env: runtime.DistEnv) -> tuple[float, float, bool]:
+    """(mean loss over ranks, gradient norm, whether any rank was asked to stop): one
+    all_reduce and one read back, once the whole step is queued."""
+    loss = result.loss.float()
+    loss_and_stop = torch.stack([loss, torch.tensor(float(stop), device=loss.device)])
+    if env.is_distributed:
+        torch.distributed.all_reduce(loss_and_stop)
+    loss_sum, stops, norm = torch.cat([loss_and_stop, result.grad_norm.float()[None]]).tolist()
+    return loss_sum / env.world_size, norm, stops > 0
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -1069,7 +1072,7 @@ def training_loop(trainer: Trainer, start_step: int, stop: StopFlag) -> int:
         result = train_step(trainer.train_model, trainer.optimizer, trainer.scaler,
                             trainer.train_loader.next_batch, trainer.grad_accum,
                             trainer.precision, trainer.device, lr, cfg.grad_clip)
-        loss, stop_requested = reduce_step(result.loss, stop.requested, env)
+        loss, grad_norm, stop_requested = read_step(result, stop.requested, env)
         if trainer.device.type == "cuda":
             torch.cuda.synchronize(trainer.device)
         dt = time.perf_counter() - t0
@@ -1084,9 +1087,9 @@ def training_loop(trainer: Trainer, start_step: int, stop: StopFlag) -> int:
         tok_per_s = cfg.total_batch_size / dt
         mfu = model_flops_utilization(flops_per_token, tok_per_s, peak, env.world_size)
         loss_scale = result.loss_scale if trainer.scaler.is_enabled() else None
-        runtime.print0(format_step(step, cfg.max_steps, loss, lr, result.grad_norm, dt,
+        runtime.print0(format_step(step, cfg.max_steps, loss, lr, grad_norm, dt,
                                    tok_per_s, mfu, loss_scale, trainer.skipped_steps), env=env)
-        record: dict[str, Any] = dict(loss=loss, lr=lr, grad_norm=result.grad_norm,
+        record: dict[str, Any] = dict(loss=loss, lr=lr, grad_norm=grad_norm,
                                       dt_ms=dt * 1000, tok_per_s=tok_per_s)
         if mfu is not None:
             record["mfu"] = mfu

@@ -1,13 +1,18 @@
-"""Training-step throughput: tokens/s and MFU with the real loader vs one resident batch.
+"""Training-step throughput: tokens/s, MFU and peak memory of three modes, step by step.
 
-The baseline reuses one batch already on the device, so it measures the model step alone;
-the difference to the run that pulls every batch from data.ShardLoader is the loader's share
-of step time (target: under 1%). Shards of random tokens are written to a temp folder, so no
-prepared data is needed.
+- resident batch: the model's own loss on one batch already on the device: the model step.
+- full logits: the same step with the plain loss, F.cross_entropy over the full fp32
+  (B*T, vocab) logits: the baseline of model.linear_cross_entropy's chunked loss.
+- ShardLoader: the model's loss on batches pulled from data.ShardLoader; its difference to
+  the resident batch is the loader's share of step time (target: under 1%).
+
+Shards of random tokens are written to a temp folder, so no prepared data is needed.
 
     python bench/bench_train.py                          # CPU: gpt2-tiny, B=4, T=128
     python bench/bench_train.py --device=cuda --model=gpt2 --batch-size=16 --seq-len=1024 \
         --compile --dtype=bf16 --steps=50
+    python bench/bench_train.py --device=cuda --model=gpt2-medium --batch-size=auto \
+        --compile --dtype=bf16 --no-baseline
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import data
 import runtime
@@ -38,6 +44,7 @@ class Timing:
     mode: str
     step_s: list[float]  # one entry per timed step
     wait_s: list[float]  # time spent inside next_batch() per timed step
+    peak_bytes: int = 0  # the most device memory allocated during a step (CUDA only)
 
     @property
     def median_step(self) -> float:
@@ -52,9 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
     p.add_argument("--model", default=None,
-                   help="preset (default: gpt2 on a GPU, gpt2-mini on CPU)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="micro-batch (default: 16 on a GPU, 4 on CPU)")
+                   help="preset (default: gpt2 on a GPU, gpt2-tiny on CPU)")
+    p.add_argument("--batch-size", type=train_gpt2.micro_batch_arg, default=None,
+                   help="micro-batch, or auto: the largest that fits in GPU memory with the "
+                   "model's loss (default: 16 on a GPU, 4 on CPU)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per sample (default: 1024 on a GPU, 128 on CPU)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
@@ -65,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=runtime.DTYPE_CHOICES)
     p.add_argument("--compile", action="store_true", help="torch.compile the training model")
     p.add_argument("--loader-backend", default="auto", choices=("auto", "native", "numpy"))
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the full-logits loss (--no-baseline saves its compile)")
     return p.parse_args(argv)
 
 
@@ -90,9 +100,23 @@ def write_random_shards(directory: Path, tokens_needed: int, seed: int = 0) -> l
     return paths
 
 
+class FullLogitsLoss(torch.nn.Module):
+    """The model with the plain loss: F.cross_entropy over all of the fp32 logits."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: torch.Tensor,
+                targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model.lm_head(self.model.hidden_states(idx))
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+
 def timed_step(step: Callable[[Callable[[], Batch]], None], next_batch: Callable[[], Batch],
-               device: torch.device) -> tuple[float, float]:
-    """(seconds for one optimizer step, seconds of it spent inside next_batch)."""
+               device: torch.device) -> tuple[float, float, int]:
+    """(seconds for one optimizer step, seconds of it inside next_batch, peak bytes)."""
     wait = 0.0
 
     def timed_next_batch() -> Batch:
@@ -103,15 +127,34 @@ def timed_step(step: Callable[[Callable[[], Batch]], None], next_batch: Callable
         return batch
 
     synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     step(timed_next_batch)
     synchronize(device)
-    return time.perf_counter() - t0, wait
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return seconds, wait, peak
 
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def resolve_batch_size(args: argparse.Namespace, model: GPT, config: train_gpt2.TrainConfig,
+                       precision: runtime.Precision, device: torch.device) -> None:
+    """--batch-size=auto: the trainer's own search (the eager model, the model's loss)."""
+    if args.batch_size != train_gpt2.AUTO:
+        return
+    if device.type != "cuda":
+        raise ValueError("--batch-size=auto searches GPU memory: give a number on "
+                         f"{device.type}")
+    found = train_gpt2.search_micro_batch(model, config, precision, device, world_size=1)
+    if found is None:
+        raise ValueError(f"--batch-size=auto: not even 1 x {args.seq_len} tokens fit")
+    args.batch_size = found
+    print(f"--batch-size=auto: {found}, the largest that fits")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,28 +167,34 @@ def main(argv: list[str] | None = None) -> int:
                                         seq_len=args.seq_len, device=args.device,
                                         dtype=args.dtype, compile=args.compile)
         gpt_config = train_gpt2.model_config(config)
+        if args.seq_len > gpt_config.block_size:
+            raise ValueError(f"--seq-len={args.seq_len} exceeds block size "
+                             f"{gpt_config.block_size} of {args.model}")
+        torch.manual_seed(1337)
+        if device.type == "cuda":
+            runtime.enable_tf32()
+        model = GPT(gpt_config).to(device)
+        resolve_batch_size(args, model, config, precision, device)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.seq_len > gpt_config.block_size:
-        print(f"error: --seq-len={args.seq_len} exceeds block size {gpt_config.block_size} of "
-              f"{args.model}", file=sys.stderr)
-        return 2
-    torch.manual_seed(1337)
-    if device.type == "cuda":
-        runtime.enable_tf32()
 
-    model = GPT(gpt_config).to(device)
     optimizer = train_gpt2.build_optimizer(model, config, device)
     scaler = runtime.make_grad_scaler(precision, device)
-    train_model: torch.nn.Module = torch.compile(model) if args.compile else model  # type: ignore[assignment]
 
-    def step(next_batch: Callable[[], Batch]) -> None:
-        train_gpt2.train_step(train_model, optimizer, scaler, next_batch, args.grad_accum,
-                              precision, device, lr=config.max_lr, grad_clip=config.grad_clip)
+    def compiled(module: torch.nn.Module) -> torch.nn.Module:
+        return torch.compile(module) if args.compile else module  # type: ignore[return-value]
 
+    def step_with(train_model: torch.nn.Module) -> Callable[[Callable[[], Batch]], None]:
+        def step(next_batch: Callable[[], Batch]) -> None:
+            train_gpt2.train_step(train_model, optimizer, scaler, next_batch, args.grad_accum,
+                                  precision, device, lr=config.max_lr,
+                                  grad_clip=config.grad_clip)
+        return step
+
+    ours, full_logits = step_with(compiled(model)), step_with(compiled(FullLogitsLoss(model)))
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
-    total_steps = args.warmup + 2 * args.steps + 1
+    total_steps = 2 * args.warmup + 3 * args.steps + 1
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         files = write_random_shards(Path(tmp), total_steps * tokens_per_step + args.seq_len + 1)
         with data.ShardLoader(files, args.batch_size, args.seq_len, device=device,
@@ -153,19 +202,30 @@ def main(argv: list[str] | None = None) -> int:
                               ) as loader:
             resident = loader.next_batch()
             resident = (resident[0].clone(), resident[1].clone())
+            modes = {"resident batch": (ours, lambda: resident),
+                     "full logits": (full_logits, lambda: resident),
+                     "ShardLoader": (ours, loader.next_batch)}
             for _ in range(args.warmup):
-                step(loader.next_batch)
-            runs = {"resident batch": Timing("resident batch", [], []),
-                    "ShardLoader": Timing("ShardLoader", [], [])}
-            sources = {"resident batch": lambda: resident, "ShardLoader": loader.next_batch}
-            # Alternating step by step (ABBA, so neither mode always goes first) keeps clock
-            # drift and neighbours' load out of the ratio.
+                ours(lambda: resident)
+            try:  # the baseline may not fit where the chunked loss does
+                for _ in range(args.warmup if args.baseline else 0):
+                    full_logits(lambda: resident)
+            except torch.OutOfMemoryError:
+                print(f"full logits: out of memory at B={args.batch_size}; not timed")
+                args.baseline = False
+                optimizer.zero_grad(set_to_none=True)
+            if not args.baseline:
+                del modes["full logits"]
+            runs = {name: Timing(name, [], []) for name in modes}
+            # Alternating step by step (forward and reversed order, so no mode always goes
+            # first) keeps clock drift and neighbours' load out of the ratios.
             for i in range(args.steps):
-                order = list(sources.items())
-                for mode, source in order if i % 2 == 0 else reversed(order):
-                    seconds, wait = timed_step(step, source, device)
-                    runs[mode].step_s.append(seconds)
-                    runs[mode].wait_s.append(wait)
+                order = list(modes.items())
+                for name, (step, source) in order if i % 2 == 0 else reversed(order):
+                    seconds, wait, peak = timed_step(step, source, device)
+                    runs[name].step_s.append(seconds)
+                    runs[name].wait_s.append(wait)
+                    runs[name].peak_bytes = max(runs[name].peak_bytes, peak)
             backend = loader.backend
 
     report(args, device, precision, model, tokens_per_step, backend, runs)
@@ -182,14 +242,23 @@ def report(args: argparse.Namespace, device: torch.device, precision: runtime.Pr
     print(f"model: {args.model} ({model.num_params() / 1e6:.1f}M params), B={args.batch_size} "
           f"T={args.seq_len} grad_accum={args.grad_accum}, {tokens_per_step} tokens/step, "
           f"loader backend {backend}, {args.steps} timed steps per mode, medians")
-    print(f"{'mode':<16}{'ms/step':>10}{'tok/s':>14}{'MFU':>8}{'in next_batch':>16}")
+    print(f"{'mode':<16}{'ms/step':>10}{'tok/s':>14}{'MFU':>8}{'in next_batch':>16}"
+          f"{'peak memory':>14}")
     for timing in runs.values():
         tok_s = tokens_per_step / timing.median_step
         mfu = f"{100 * flops_per_token * tok_s / peak:6.1f}%" if peak else "     n/a"
+        memory = f"{timing.peak_bytes / 2**30:10.2f} GiB" if timing.peak_bytes else "n/a"
         print(f"{timing.mode:<16}{1000 * timing.median_step:10.2f}{tok_s:14,.0f}{mfu:>8}"
-              f"{1000 * timing.median_wait:13.3f} ms")
-    base, real = runs["resident batch"], runs["ShardLoader"]
-    ratio = real.median_step / base.median_step
+              f"{1000 * timing.median_wait:13.3f} ms{memory:>14}")
+    ours, real = runs["resident batch"], runs["ShardLoader"]
+    if "full logits" in runs:
+        base = runs["full logits"]
+        print(f"step time chunked loss / full logits: "
+              f"{ours.median_step / base.median_step:.4f}")
+        if base.peak_bytes:
+            print(f"peak memory chunked loss / full logits: "
+                  f"{ours.peak_bytes / base.peak_bytes:.4f}")
+    ratio = real.median_step / ours.median_step
     print(f"step time ShardLoader / resident: {ratio:.4f} ({100 * (ratio - 1):+.2f}%)")
     print(f"loader share of step time (inside next_batch): "
           f"{100 * real.median_wait / real.median_step:.3f}%")

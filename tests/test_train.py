@@ -512,8 +512,41 @@ def test_train_step_applies_the_clipped_gradient_and_reports_the_raw_norm() -> N
     result = train_gpt2.train_step(model, optimizer, runtime.make_grad_scaler(
         precision, torch.device("cpu")), iter(batches).__next__, 2, precision,
         torch.device("cpu"), lr=0.0, grad_clip=clip)
-    assert result.grad_norm == pytest.approx(raw_norm, rel=1e-5)
+    assert result.grad_norm.item() == pytest.approx(raw_norm, rel=1e-5)
     assert applied == [pytest.approx(clip, rel=1e-4)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_cuda_train_step_never_waits_for_the_gpu(compiled: bool) -> None:
+    """The default CUDA step (autocast, chunked loss, clipping, fused AdamW) makes no host
+    sync: CUDA's sync debug mode turns any into an error. The first step runs outside it,
+    for one-time set-up (compilation, optimizer state)."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=SEQ, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32))
+    model.to(device)
+    config = train_gpt2.TrainConfig(model="gpt2-tiny", batch_size=4, seq_len=SEQ)
+    optimizer = train_gpt2.build_optimizer(model, config, device)
+    precision = runtime.resolve_precision(device, "auto")
+    scaler = runtime.make_grad_scaler(precision, device)
+    if scaler.is_enabled():
+        pytest.skip("the fp16 GradScaler reads its scale back by design")
+    x, y = (torch.randint(0, VOCAB, (4, SEQ), device=device) for _ in range(2))
+    train_model = torch.compile(model) if compiled else model
+
+    def step() -> train_gpt2.StepResult:
+        return train_gpt2.train_step(train_model, optimizer, scaler, lambda: (x, y), 2,
+                                     precision, device, lr=1e-3, grad_clip=1.0)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        result = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert math.isfinite(result.loss.item()) and math.isfinite(result.grad_norm.item())
 
 
 # ------------------------------------------------- memory: --batch-size=auto, checkpointing
