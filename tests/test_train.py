@@ -533,7 +533,9 @@ def test_cuda_train_step_never_waits_for_the_gpu(compiled: bool) -> None:
     if scaler.is_enabled():
         pytest.skip("the fp16 GradScaler reads its scale back by design")
     x, y = (torch.randint(0, VOCAB, (4, SEQ), device=device) for _ in range(2))
-    train_model = torch.compile(model) if compiled else model
+    train_model: torch.nn.Module = model
+    if compiled:
+        train_model = torch.compile(model)  # type: ignore[assignment]
 
     def step() -> train_gpt2.StepResult:
         return train_gpt2.train_step(train_model, optimizer, scaler, lambda: (x, y), 2,
