@@ -194,9 +194,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ours, full_logits = step_with(compiled(model)), step_with(compiled(FullLogitsLoss(model)))
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
-    total_steps = 2 * args.warmup + 3 * args.steps + 1
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        files = write_random_shards(Path(tmp), total_steps * tokens_per_step + args.seq_len + 1)
+        # The loader hands out the resident batch and the ShardLoader mode's steps.
+        tokens = (args.steps + 1) * tokens_per_step + args.seq_len + 1
+        files = write_random_shards(Path(tmp), tokens)
         with data.ShardLoader(files, args.batch_size, args.seq_len, device=device,
                               backend=args.loader_backend, vocab_size=gpt_config.vocab_size
                               ) as loader:
