@@ -103,10 +103,11 @@ def load_model(pretrained: str | None, checkpoint: str | None,
                device: torch.device | str) -> GPT:
     """A GPT from a train_gpt2.py checkpoint (preferred when given) or from pretrained
     weights (hub name or local Hugging Face directory), in eval mode on `device`."""
+    import checkpoint as run_folder
     from model import GPT
 
     if checkpoint is not None:
-        model = GPT.from_checkpoint(checkpoint)
+        model = GPT.from_checkpoint(run_folder.load(checkpoint))
     elif pretrained is not None:
         model = GPT.from_pretrained(pretrained)
     else:

@@ -3,16 +3,18 @@
 Shard format (llm.c's): a 1024-byte header of 256 little-endian int32
 `[20240520, 1, ntok, 0, ...]`, then `ntok` little-endian uint16 tokens; the file size is
 exactly `1024 + 2 * ntok`. One-dimensional uint16 `.npy` files (build-nanogpt's shards)
-are read as well. Shards are always memory-mapped, never read whole.
+are read as well. No shard is ever read whole.
 """
 
 from __future__ import annotations
 
 import base64
+import bisect
 import collections
 import contextlib
 import functools
 import hashlib
+import itertools
 import os
 import sys
 import tempfile
@@ -279,101 +281,75 @@ def _shard_paths(files: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
 
 
 class _NumpyBackend:
-    """Builds each batch on demand from memory-mapped shards (pure NumPy, no thread)."""
+    """Builds any batch on demand from the files (pure NumPy, no thread, no position).
 
-    # Maps are dropped past a budget of 2 MB granules touched: see kGranuleBytes in loader.cpp.
-    _GRANULE_BYTES = 2 << 20
-    _MAP_BUDGET_BYTES = 32 << 20
+    Samples are read(), not memory-mapped: a map keeps the pages it touches resident (up to
+    2 MB a fault), so shuffled reads of a large shard would grow the resident set.
+    """
 
-    def __init__(self, owner: ShardLoader) -> None:
-        self.paths, self.counts, self.device = owner.paths, owner.counts, owner.device
-        self.sizes = [p.stat().st_size for p in owner.paths]
-        self.B, self.T, self.rank, self.W = (owner.batch_size, owner.seq_len, owner.rank,
-                                             owner.world_size)
-        self.shuffle, self.seed, self.vocab_size = owner.shuffle, owner.seed, owner.vocab_size
-        self.per_epoch = sum(self.counts)
-        self.step = 0
-        # Only the orders being read are kept: a batch spans at most two epochs or shards.
-        self._shard_order = functools.lru_cache(maxsize=2)(self._order_shards)
-        self._windows = functools.lru_cache(maxsize=4)(self._order_windows)
-        self._maps: dict[int, np.ndarray] = {}
-        self._mapped_estimate, self._last_granule = 0, (-1, -1)
+    def __init__(self, layouts: list[tuple[str, int, int]], counts: list[int], batch_size: int,
+                 seq_len: int, rank: int, world_size: int, shuffle: bool, seed: int,
+                 vocab_size: int, device: torch.device) -> None:
+        self.layouts, self.counts, self.per_epoch = layouts, counts, sum(counts)
+        self.sizes = [os.stat(path).st_size for path, _, _ in layouts]
+        self.B, self.T, self.rank, self.W = batch_size, seq_len, rank, world_size
+        self.shuffle, self.seed, self.vocab_size, self.device = shuffle, seed, vocab_size, device
+        # Only the orders being read are kept: a batch spans few epochs and shards.
+        self._shards = functools.lru_cache(maxsize=2)(self._shard_order)
+        self._windows = functools.lru_cache(maxsize=4)(self._window_order)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
-        tokens = self.batch(self.step).astype(np.int64)
+        tokens = self.batch(step).astype(np.int64)
         xy = torch.from_numpy(np.stack([tokens[:, :-1], tokens[:, 1:]])).to(self.device)
-        self.step += 1
         return xy[0], xy[1]
 
     def batch(self, step: int) -> np.ndarray:
         """Batch `step` of this rank as a (B, T+1) uint16 array."""
         first = (step * self.W + self.rank) * self.B
-        epochs, index = np.divmod(np.arange(first, first + self.B), self.per_epoch)
-        places = [place for e in np.unique(epochs).tolist()
-                  for place in self._locate(e, index[epochs == e])]
-        self._check_sizes({shard for shard, _ in places})
-        out = np.empty((self.B, self.T + 1), dtype=np.uint16)
-        for row, (shard, offset) in enumerate(places):
-            out[row] = self._tokens(shard, offset)[offset:offset + self.T + 1]
+        places = [self._place(sample) for sample in range(first, first + self.B)]
+        out = np.zeros((self.B, self.T + 1), dtype="<u2")
+        for shard in sorted({shard for shard, _ in places}):
+            path, offset, _ = self.layouts[shard]
+            with open(path, "rb", buffering=0) as f:
+                for row, (row_shard, start) in zip(out, places, strict=True):
+                    if row_shard == shard:
+                        f.seek(offset + 2 * start)
+                        f.readinto(row.data)  # a short read means the file shrank: caught next
+                size = os.fstat(f.fileno()).st_size
+            if size != self.sizes[shard]:
+                raise ShardFormatError(f"{path}: file size changed from {self.sizes[shard]} to "
+                                       f"{size} bytes while the loader was reading it; the "
+                                       "shard was truncated or rewritten")
         if int(out.max()) >= self.vocab_size:
-            row = int(np.argmax(out.max(axis=1) >= self.vocab_size))
-            shard, offset = places[row]
+            bad = int(np.argmax(out.max(axis=1) >= self.vocab_size))
+            shard, start = places[bad]
             raise ShardFormatError(
-                f"{self.paths[shard]}: token id {int(out[row].max())} near token {offset} is "
-                f"not below the vocabulary size {self.vocab_size}; the shard was made with "
+                f"{self.layouts[shard][0]}: token id {int(out[bad].max())} near token {start} "
+                f"is not below the vocabulary size {self.vocab_size}; the shard was made with "
                 "another tokenizer or is corrupt")
         return out
 
-    def _locate(self, epoch: int, index: np.ndarray) -> list[tuple[int, int]]:
-        """(shard id, token offset) of each sample of epoch `epoch` in `index`."""
-        order, starts = self._shard_order(epoch)
-        k = np.searchsorted(starts, index, side="right") - 1
-        shards, local = order[k].tolist(), (index - starts[k]).tolist()
+    def _place(self, sample: int) -> tuple[int, int]:
+        """(shard id, first token) of sample `sample` of the stream."""
+        epoch, index = divmod(sample, self.per_epoch)
+        order, starts = self._shards(epoch)
+        k = bisect.bisect_right(starts, index) - 1  # empty shards share a start: take the last
+        shard, window = order[k], index - starts[k]
         if self.shuffle:
-            local = [int(self._windows(epoch, s)[j]) for s, j in zip(shards, local, strict=True)]
-        return [(s, j * self.T) for s, j in zip(shards, local, strict=True)]
+            window = int(self._windows(epoch, shard)[window])
+        return shard, window * self.T
 
-    def _order_shards(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    def _shard_order(self, epoch: int) -> tuple[list[int], list[int]]:
         """The shards in epoch order, and the epoch index of each one's first sample."""
         n = len(self.counts)
-        order = seeded_permutation(n, order_key(self.seed, epoch, 0)) if self.shuffle else (
-            np.arange(n))
-        return order, np.concatenate([[0], np.cumsum(np.asarray(self.counts)[order])])
+        key = order_key(self.seed, epoch, 0)
+        order = seeded_permutation(n, key).tolist() if self.shuffle else list(range(n))
+        return order, [0, *itertools.accumulate(self.counts[s] for s in order)]
 
-    def _order_windows(self, epoch: int, shard: int) -> np.ndarray:
+    def _window_order(self, epoch: int, shard: int) -> np.ndarray:
         return seeded_permutation(self.counts[shard], order_key(self.seed, epoch, 1 + shard))
-
-    def seek(self, step: int) -> None:
-        self.step = step
-
-    def close(self) -> None:
-        self._maps.clear()
-
-    def _check_sizes(self, shards: set[int]) -> None:
-        # A file shrunk under a live memory map faults (SIGBUS) on access; check first.
-        for shard in shards:
-            size = os.stat(self.paths[shard]).st_size
-            if size != self.sizes[shard]:
-                raise ShardFormatError(f"{self.paths[shard]}: file size changed from "
-                                       f"{self.sizes[shard]} to {size} bytes while the loader "
-                                       "was reading it; the shard was truncated or rewritten")
-
-    def _tokens(self, shard: int, offset: int) -> np.ndarray:
-        """The shard's map, about to be read at token `offset`."""
-        first, last = (2 * offset // self._GRANULE_BYTES,
-                       (2 * (offset + self.T) + 1) // self._GRANULE_BYTES)
-        for granule in range(first, last + 1):
-            if (shard, granule) != self._last_granule:
-                self._mapped_estimate += self._GRANULE_BYTES
-                self._last_granule = (shard, granule)
-        if self._mapped_estimate > self._MAP_BUDGET_BYTES:
-            self._maps.clear()  # unmapping drops the pages from this process, not the cache
-            self._mapped_estimate = 0
-        if shard not in self._maps:
-            self._maps[shard] = read_shard(self.paths[shard])
-        return self._maps[shard]
 
 
 def _native_module() -> Any | None:
@@ -396,44 +372,43 @@ class _NativeBackend:
 
     SLOTS = 8
 
-    def __init__(self, owner: ShardLoader, layouts: list[tuple[str, int, int]]) -> None:
+    def __init__(self, layouts: list[tuple[str, int, int]], batch_size: int, seq_len: int,
+                 rank: int, world_size: int, shuffle: bool, seed: int, vocab_size: int,
+                 device: torch.device) -> None:
+        import _loader  # type: ignore[import-not-found]  # _pick_backend found it built
         import torch
 
-        module = _native_module()
-        assert module is not None
-        self.module, self.device = module, owner.device
-        self.cuda = owner.device.type == "cuda"
-        shape = (2, owner.batch_size, owner.seq_len)
-        self.slots = [torch.empty(shape, dtype=torch.int64, pin_memory=self.cuda)
-                      for _ in range(self.SLOTS)]
-        self.native = self._call(module.BatchLoader, layouts, owner.batch_size, owner.seq_len,
-                                 owner.rank, owner.world_size, owner.shuffle,
-                                 owner.seed & _MASK64, owner.vocab_size,
-                                 [slot.numpy() for slot in self.slots])
+        self.module, self.device, self.cuda = _loader, device, device.type == "cuda"
+        self.slots = [torch.empty((2, batch_size, seq_len), dtype=torch.int64,
+                                  pin_memory=self.cuda) for _ in range(self.SLOTS)]
+        try:
+            self.native = self.module.BatchLoader(
+                layouts, batch_size, seq_len, rank, world_size, shuffle, seed & _MASK64,
+                vocab_size, [slot.numpy() for slot in self.slots])
+        except self.module.ShardError as exc:
+            raise ShardFormatError(str(exc)) from None
         self.copies: collections.deque[tuple[int, torch.cuda.Event]] = collections.deque()
         self._finalizer = weakref.finalize(self, self.native.close)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cuda:
-            return self._next_cuda_batch()
+    def next_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch `step`, which is the ring's next one: the facade seeks it on every jump."""
         import torch
 
-        slot = self._call(self.native.acquire)
+        if self.cuda:  # half the ring at most waits on copies, so the producer has slots to fill
+            self._release_copied(keep=self.SLOTS // 2 - 1)
+        try:
+            slot = self.native.acquire()
+        except self.module.ShardError as exc:
+            raise ShardFormatError(str(exc)) from None
         xy = self.slots[slot]
-        self.slots[slot] = torch.empty_like(xy)
-        self.native.release(slot, self.slots[slot].numpy())
-        return xy[0], xy[1]
-
-    def _next_cuda_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
-
-        # Half the ring at most waits on copies, so the producer always has slots to fill.
-        self._release_copied(keep=self.SLOTS // 2 - 1)
-        slot = self._call(self.native.acquire)
-        xy = self.slots[slot].to(self.device, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record(torch.cuda.current_stream(self.device))
-        self.copies.append((slot, copied))
+        if self.cuda:
+            xy = xy.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(self.device))
+            self.copies.append((slot, copied))
+        else:
+            self.slots[slot] = torch.empty_like(xy)
+            self.native.release(slot, self.slots[slot].numpy())
         return xy[0], xy[1]
 
     def _release_copied(self, keep: int) -> None:
@@ -443,12 +418,6 @@ class _NativeBackend:
             copied.synchronize()
             self.native.release(slot)
 
-    def _call(self, method: Any, *args: Any) -> Any:
-        try:
-            return method(*args)
-        except self.module.ShardError as exc:
-            raise ShardFormatError(str(exc)) from None
-
     def seek(self, step: int) -> None:
         self._release_copied(keep=0)
         self.native.seek(step)
@@ -456,6 +425,16 @@ class _NativeBackend:
     def close(self) -> None:
         self._release_copied(keep=0)
         self._finalizer()
+
+
+def _pick_backend(backend: str) -> str:
+    if backend == "auto":
+        backend = "native" if _native_module() is not None else "numpy"
+        _announce_backend(backend)
+    elif backend == "native" and _native_module() is None:
+        raise RuntimeError("ShardLoader: backend='native' but the _loader extension is not "
+                           "built; run `pip install -e .` or use backend='numpy'")
+    return backend
 
 
 @functools.cache
@@ -492,23 +471,25 @@ class ShardLoader:
         self.paths = _shard_paths(files)
         layouts = [shard_layout(p) for p in self.paths]
         self.num_tokens = [ntok for _, _, ntok in layouts]
-        self.counts = [max(0, (n - 1) // seq_len) for n in self.num_tokens]  # windows per shard
-        self.samples_per_epoch = sum(self.counts)
+        counts = [max(0, (n - 1) // seq_len) for n in self.num_tokens]  # windows per shard
+        self.samples_per_epoch = sum(counts)
         if self.samples_per_epoch == 0:
             raise ValueError(f"ShardLoader: no shard among {len(self.paths)} files (first "
                              f"{self.paths[0]}) holds seq_len+1 = {seq_len + 1} tokens; use a "
                              "shorter seq_len or more data")
         self.batch_size, self.seq_len, self.rank, self.world_size = (batch_size, seq_len,
                                                                      rank, world_size)
-        self.shuffle, self.seed, self.vocab_size = bool(shuffle), int(seed), vocab_size
+        self.shuffle, self.seed = bool(shuffle), int(seed)
+        self.step = 0  # batches taken: the loader's whole position
+        self._consumer = threading.Lock()
+        self.backend = _pick_backend(backend)
         import torch
 
-        self.device = torch.device(device)
-        self.step = 0
-        self._consumer = threading.Lock()
-        self.backend = self._pick_backend(backend)
+        settings = (batch_size, seq_len, rank, world_size, self.shuffle, self.seed, vocab_size,
+                    torch.device(device))
         self._source: _NumpyBackend | _NativeBackend | None = (
-            _NativeBackend(self, layouts) if self.backend == "native" else _NumpyBackend(self))
+            _NativeBackend(layouts, *settings) if self.backend == "native"
+            else _NumpyBackend(layouts, counts, *settings))
 
     @property
     def epoch(self) -> int:
@@ -520,7 +501,7 @@ class ShardLoader:
         with self._single_consumer():
             if self._source is None:
                 raise RuntimeError("ShardLoader: next_batch() after close()")
-            x, y = self._source.next_batch()
+            x, y = self._source.next_batch(self.step)
             self.step += 1
             return x, y
 
@@ -562,9 +543,9 @@ class ShardLoader:
         self._seek(step)
 
     def close(self) -> None:
-        if self._source is not None:
+        if isinstance(self._source, _NativeBackend):
             self._source.close()
-            self._source = None
+        self._source = None
 
     def __enter__(self) -> ShardLoader:
         return self
@@ -587,14 +568,5 @@ class ShardLoader:
     def _seek(self, step: int) -> None:
         with self._single_consumer():
             self.step = step
-            if self._source is not None:
+            if isinstance(self._source, _NativeBackend):  # the NumPy one reads no batch ahead
                 self._source.seek(step)
-
-    def _pick_backend(self, backend: str) -> str:
-        if backend == "auto":
-            backend = "native" if _native_module() is not None else "numpy"
-            _announce_backend(backend)
-        elif backend == "native" and _native_module() is None:
-            raise RuntimeError("ShardLoader: backend='native' but the _loader extension is not "
-                               "built; run `pip install -e .` or use backend='numpy'")
-        return backend

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -75,25 +76,24 @@ def from_pretrained(name_or_dir: str) -> tuple[Params, int]:
 
 def from_checkpoint(path: str | os.PathLike[str]) -> tuple[Params, int]:
     """(params, n_head) of a train_gpt2.py or train_jax.py checkpoint."""
-    from model import load_checkpoint
+    import checkpoint
 
-    state = load_checkpoint(path)
+    state = checkpoint.load(path)
     return params_from_state_dict(state["model"]), int(state["model_config"]["n_head"])
 
 
 def save_checkpoint(path: str | os.PathLike[str], params: Params, n_head: int,
                     **extra: Any) -> None:
-    """A checkpoint in train_gpt2.py's format, so model.load_checkpoint (sample.py,
+    """A checkpoint in train_gpt2.py's format, so checkpoint.load (sample.py,
     eval_hellaswag.py) reads it; `extra` entries go beside "model_config" and "model".
     Written atomically: a kill never leaves half a file under `path`."""
     import torch
 
-    from data import atomic_output
+    import checkpoint
 
     tensors = {key: torch.from_numpy(array) for key, array in state_dict_arrays(params).items()}
-    state = {"model_config": model_config(params, n_head), "model": tensors, **extra}
-    with atomic_output(path) as f:
-        torch.save(state, f)
+    checkpoint.save(Path(path), {"model_config": model_config(params, n_head), "model": tensors,
+                                 **extra})
 
 
 # -------------------------------------------------------------------------------- forward

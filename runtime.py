@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import FrameType
+from typing import Any
 
 import torch
 
@@ -186,6 +190,38 @@ def gpu_peak_flops(device: torch.device) -> float | None:
         if key in name:
             return flops
     return None
+
+
+def model_flops_utilization(flops_per_token: float, tok_per_s: float,
+                            peak_flops: float | None, world_size: int) -> float | None:
+    if peak_flops is None:
+        return None
+    return flops_per_token * tok_per_s / (peak_flops * world_size)
+
+
+class StopFlag:
+    """SIGTERM/SIGINT ask a training loop to finish the current step, checkpoint and exit 0."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: dict[int, Any] = {}
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C aborts at once
+        self.requested = True
+        print(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint",
+              file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopFlag]:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self)
+        try:
+            yield self
+        finally:
+            for signum, handler in self.previous.items():
+                signal.signal(signum, handler)
 
 
 def print0(*args: object, env: DistEnv | None = None) -> None:

@@ -1,12 +1,13 @@
-"""--fsdp for train_gpt2.py: torch.distributed.fsdp.fully_shard and checkpoints written with
-torch.distributed.checkpoint (each rank its shard), which any number of ranks, or a single
-process, can read back (model.load_checkpoint gathers them into one full state)."""
+"""--fsdp for train_gpt2.py: torch.distributed.fsdp.fully_shard, and checkpoint folders
+written with torch.distributed.checkpoint (each rank its shard) that any number of ranks,
+or a single process, reads back (checkpoint.load gathers them into full weights)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-import data
+import checkpoint
 import runtime
-from model import GPT, SHARDED_STATE_NAME
-
-# Temp folders of sharded checkpoints that a kill left half-written.
-STALE_GLOB = ".ckpt_*.tmp"
+from model import GPT, GPTConfig
 
 
 def mixed_precision_policy(precision: runtime.Precision,
@@ -101,8 +99,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                "optimizer": get_optimizer_state_dict(model, optimizer)}
     dcp.save(tensors, checkpoint_id=tmp)  # returns on every rank once the metadata is written
     if env.is_main:
-        with data.atomic_output(tmp / SHARDED_STATE_NAME) as f:
-            torch.save(train_state, f)
+        checkpoint.save(tmp / checkpoint.STATE_NAME, train_state)
         replace_folder(tmp, path)
     torch.distributed.barrier()
 
@@ -128,3 +125,14 @@ def load_optimizer_state(path: Path, model: torch.nn.Module,
     dcp.load({"optimizer": state}, checkpoint_id=path,
              no_dist=not torch.distributed.is_initialized())
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state)
+
+
+def load_full_weights(path: Path, model_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A folder's model weights as one full state dict, in a single process whatever number
+    of ranks wrote it: the shards are stored by parameter name and offset, not by rank."""
+    with torch.random.fork_rng(devices=[]):  # the init is overwritten; keep the caller's RNG
+        weights = GPT(GPTConfig(**model_config)).state_dict()
+    with warnings.catch_warnings():  # dcp warns that no process group is initialized
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": weights}, checkpoint_id=path, no_dist=True)
+    return weights

@@ -6,7 +6,7 @@
 What is train_gpt2.py's, unchanged: the flags and their checks (TrainConfig), the data
 (data.ShardLoader, as NumPy arrays), the LR schedule, AdamW with weight decay on 2-D
 weights, gradient clipping, the step numbering, log.jsonl's keys, and checkpoints that
-model.load_checkpoint reads, so sample.py and eval_hellaswag.py take them. The weights start
+checkpoint.load reads, so sample.py and eval_hellaswag.py take them. The weights start
 where train_gpt2.py's would (its init for the same --seed, or --init-from), so from the same
 start both scripts log the same losses.
 
@@ -38,39 +38,21 @@ import optax
 import torch
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import checkpoint
 import cli
 import data
 import model_jax
 import runtime
 from cli import UsageError
-from model import load_checkpoint
 from train_gpt2 import (
-    AUTO,
-    LOG_NAME,
-    Checkpoint,
-    JsonlLog,
-    StopFlag,
     TrainConfig,
-    TrainError,
     build_model,
-    build_parser,
-    checkpoint_path,
+    configure,
     due,
-    ensure_quickstart_data,
-    flag,
+    find_data,
     format_step,
     get_lr,
-    gradient_accumulation,
-    interval_or_eval,
-    model_flops_utilization,
-    plan_data,
-    prepare_out_dir,
-    prune_checkpoints,
-    remove_stale_temp_files,
-    resolve_quickstart,
-    start_fresh_out_dir,
-    truncate_log,
-    validate,
+    parse_args,
 )
 
 # train_gpt2.py flags with nothing to act on here; giving one is a usage error.
@@ -89,14 +71,15 @@ StepFn = Callable[[model_jax.Params, Any, jax.Array, jax.Array, np.float32],
 # ---------------------------------------------------------------------------- arguments
 
 
-def check_applicable(config: TrainConfig, explicit: set[str]) -> None:
+def check_applicable(config: TrainConfig) -> None:
     for name, reason in NOT_APPLICABLE.items():
-        if name in explicit:
-            raise UsageError(f"{flag(name)}: not used by train_jax.py ({reason}); drop it")
+        if getattr(config, name) != getattr(TrainConfig(), name):
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag}: not used by train_jax.py ({reason}); drop it")
     if config.hellaswag_interval:
         raise UsageError("--hellaswag-interval: train_jax.py runs no HellaSwag evaluation; "
                          "pass 0, and run eval_hellaswag.py --checkpoint=CKPT on a checkpoint")
-    if config.batch_size == AUTO:
+    if config.batch_size == "auto":
         raise UsageError("--batch-size=auto: train_jax.py needs a number (the search for the "
                          "largest micro-batch is train_gpt2.py's)")
 
@@ -206,7 +189,6 @@ class JaxTrainer:
     grad_accum: int
     out_dir: Path
     argv: list[str]
-    log: JsonlLog | None = None
     last_checkpoint: Path | None = None
 
     def sharded(self, array: np.ndarray, *spec: str | None) -> jax.Array:
@@ -235,33 +217,31 @@ class JaxTrainer:
         return total / self.config.val_steps
 
     def write_log(self, step: int, **values: Any) -> None:
-        if self.log is not None:
-            self.log.write(step, **values)
+        checkpoint.append_log(self.out_dir, step, **values)
 
     def save(self, step: int) -> None:
-        path = checkpoint_path(self.out_dir, step)
+        path = checkpoint.path_for(self.out_dir, step)
         leaves = [torch.from_numpy(np.array(leaf)) for leaf in jax.tree.leaves(self.opt_state)]
         model_jax.save_checkpoint(
             path, self.params, self.n_head, optimizer_leaves=leaves, step=step,
             loader_states=[self.train_loader.state_dict()], devices=self.mesh.size,
             args=list(self.argv), config=dataclasses.asdict(self.config))
-        prune_checkpoints(self.out_dir, self.config.keep_checkpoints)
+        checkpoint.prune(self.out_dir, self.config.keep_checkpoints)
         self.last_checkpoint = path
         print(f"saved {path}", flush=True)
         self.write_log(step, checkpoint=str(path))
 
-    def restore(self, checkpoint: Checkpoint) -> int:
+    def restore(self, state: dict[str, Any], path: Path) -> int:
         """Optimizer state and loader position of the checkpoint the weights came from;
         returns its step."""
-        state, path = checkpoint.state, checkpoint.path
         leaves = state.get("optimizer_leaves")
         if leaves is None:
-            raise TrainError(f"{path}: a train_gpt2.py checkpoint, whose PyTorch optimizer "
+            raise RuntimeError(f"{path}: a train_gpt2.py checkpoint, whose PyTorch optimizer "
                              "state train_jax.py cannot continue; resume it with train_gpt2.py, "
                              f"or start from its weights with --init-from={path}")
         expected = len(jax.tree.leaves(self.opt_state))
         if len(leaves) != expected:
-            raise TrainError(f"{path}: optimizer state of another shape ({len(leaves)} "
+            raise RuntimeError(f"{path}: optimizer state of another shape ({len(leaves)} "
                              f"arrays, expected {expected})")
         restored = jax.tree.unflatten(jax.tree.structure(self.opt_state),
                                       [leaf.numpy() for leaf in leaves])
@@ -269,7 +249,7 @@ class JaxTrainer:
         try:
             self.train_loader.load_state_dict(state["loader_states"][0])
         except ValueError as exc:
-            raise TrainError(f"{path}: {exc}") from None
+            raise RuntimeError(f"{path}: {exc}") from None
         self.last_checkpoint = path
         return int(state["step"])
 
@@ -280,7 +260,7 @@ class JaxTrainer:
             print(f"step {step:6d} | val loss {val:.4f}", flush=True)
             self.write_log(step, val_loss=val)
         # Samples from the untrained weights at step 0 would only show noise.
-        if step > 0 and due(interval_or_eval(cfg.sample_interval, cfg), step, cfg.max_steps):
+        if step > 0 and due(cfg.sample_every, step, cfg.max_steps):
             self.print_samples(step)
 
     def print_samples(self, step: int) -> None:
@@ -315,26 +295,23 @@ def make_loader(files: list[Path], config: TrainConfig, devices: int, shuffle: b
                             backend=config.loader_backend, vocab_size=vocab_size)
 
 
-def train(config: TrainConfig, explicit: set[str], argv: list[str]) -> int:
+def train(config: TrainConfig, argv: list[str]) -> int:
     """The recipe, top to bottom, as train_gpt2.train runs it."""
     say: Callable[[str], None] = lambda msg: print(msg, flush=True)  # noqa: E731
-    validate(config)
-    check_applicable(config, explicit)
+    config = configure(config, argv, say)
+    check_applicable(config)
     devices = resolve_devices(config.device)
     dtype = compute_dtype(config.dtype, devices[0].platform)
-    config = resolve_quickstart(config, explicit, say)
-    validate(config)
-    grad_accum = gradient_accumulation(config, len(devices))
-    out_dir, resume_from = prepare_out_dir(config)
-    if config.resume and resume_from is None:
+    grad_accum = config.grad_accum(len(devices))
+    out_dir = Path(config.out_dir).expanduser()
+    resume_path = checkpoint.resume_point(out_dir, config.resume, config.overwrite)
+    if config.resume and resume_path is None:
         say(f"--resume: no checkpoint in {out_dir}; starting from scratch")
-    resume = Checkpoint(resume_from, load_checkpoint(resume_from)) if resume_from else None
-    if config.quickstart:
-        ensure_quickstart_data(config, runtime.DistEnv(), say)
-    plan = plan_data(config)
+    resume = checkpoint.load(resume_path) if resume_path else None
+    train_files, val_files, source = find_data(config, runtime.DistEnv(), say)
 
     torch.manual_seed(config.seed)  # train_gpt2.py's init for the same seed
-    start = build_model(config, resume)
+    start = build_model(config, resume, resume_path)
     mesh = Mesh(np.array(devices), ("data",))
     replicated = NamedSharding(mesh, PartitionSpec())
     params = jax.device_put(model_jax.params_from_state_dict(start.state_dict()), replicated)
@@ -346,38 +323,31 @@ def train(config: TrainConfig, explicit: set[str], argv: list[str]) -> int:
         train_step=make_train_step(optimizer, start.config.n_head, dtype, grad_accum,
                                    config.grad_clip, config.activation_checkpointing),
         mesh=mesh, grad_accum=grad_accum, out_dir=out_dir, argv=argv,
-        train_loader=make_loader(plan.train_files, config, len(devices), config.shuffle,
+        train_loader=make_loader(train_files, config, len(devices), config.shuffle,
                                  loader_vocab),
-        val_loader=make_loader(plan.val_files, config, len(devices), False, loader_vocab))
+        val_loader=make_loader(val_files, config, len(devices), False, loader_vocab))
     try:
         start_step = 0
-        if resume is not None:
-            start_step = trainer.restore(resume)
-            say(f"resumed from {resume.path} at step {start_step}")
-            truncate_log(out_dir / LOG_NAME, resume.path, start_step)
-        else:
-            start_fresh_out_dir(out_dir, runtime.DistEnv())
-        remove_stale_temp_files(out_dir)
-        trainer.log = JsonlLog(out_dir / LOG_NAME)
-        say(f"data: {plan.source} ({len(plan.train_files)} train, {len(plan.val_files)} val "
-            "shards)")
+        if resume is not None and resume_path is not None:
+            start_step = trainer.restore(resume, resume_path)
+            say(f"resumed from {resume_path} at step {start_step}")
+        checkpoint.open_run(out_dir, resume_path, start_step)
+        say(f"data: {source} ({len(train_files)} train, {len(val_files)} val shards)")
         say(f"model: {start.config} ({start.num_params() / 1e6:.1f}M parameters), JAX on "
             f"{len(devices)} x {devices[0].device_kind}, {jnp.dtype(dtype).name} matmuls")
         say(f"batch: {config.micro_batch} x {config.seq_len} tokens x {len(devices)} devices x "
             f"{grad_accum} accumulation = {config.total_batch_size} tokens per step")
         flops_per_token = start.flops_per_token(config.seq_len)
         del start  # the torch copy of the weights is not needed any more
-        with StopFlag().installed() as stop:
+        with runtime.StopFlag().installed() as stop:
             return training_loop(trainer, start_step, stop, flops_per_token, devices)
     finally:
-        if trainer.log is not None:
-            trainer.log.close()
         trainer.train_loader.close()
         trainer.val_loader.close()
 
 
-def training_loop(trainer: JaxTrainer, start_step: int, stop: StopFlag, flops_per_token: float,
-                  devices: list[jax.Device]) -> int:
+def training_loop(trainer: JaxTrainer, start_step: int, stop: runtime.StopFlag,
+                  flops_per_token: float, devices: list[jax.Device]) -> int:
     cfg = trainer.config
     if start_step >= cfg.max_steps:
         print(f"already trained to step {start_step} (--max-steps={cfg.max_steps})")
@@ -399,7 +369,7 @@ def training_loop(trainer: JaxTrainer, start_step: int, stop: StopFlag, flops_pe
                   f"{trainer.last_checkpoint or 'none'}", file=sys.stderr, flush=True)
             return 1
         tok_per_s = cfg.total_batch_size / dt
-        mfu = model_flops_utilization(flops_per_token, tok_per_s, peak, len(devices))
+        mfu = runtime.model_flops_utilization(flops_per_token, tok_per_s, peak, len(devices))
         print(format_step(step, cfg.max_steps, loss, lr, norm, dt, tok_per_s, mfu), flush=True)
         record: dict[str, Any] = dict(loss=loss, lr=lr, grad_norm=norm, dt_ms=dt * 1000,
                                       tok_per_s=tok_per_s)
@@ -414,20 +384,12 @@ def training_loop(trainer: JaxTrainer, start_step: int, stop: StopFlag, flops_pe
             return 0
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
-    """train_gpt2.parse_args with this script's description."""
-    parser = build_parser()
-    parser.description = (f"Train GPT-2 in JAX on token shards, with train_gpt2.py's flags "
-                          f"(not used here: {', '.join(map(flag, NOT_APPLICABLE))}, "
-                          "--batch-size=auto, --dtype=fp16, --hellaswag-interval above 0).")
-    given = vars(parser.parse_args(argv))
-    return TrainConfig(**given), set(given)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    config, explicit = parse_args(argv)
-    return cli.run_script(lambda: train(config, explicit, argv), config.debug)
+    config = parse_args(argv, f"Train GPT-2 in JAX on token shards, with train_gpt2.py's flags "
+                        f"(not used here: --{', --'.join(NOT_APPLICABLE).replace('_', '-')}, "
+                        "--batch-size=auto, --dtype=fp16, --hellaswag-interval above 0).")
+    return cli.run_script(lambda: train(config, argv), config.debug)
 
 
 if __name__ == "__main__":

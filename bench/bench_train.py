@@ -150,9 +150,8 @@ def resolve_batch_size(args: argparse.Namespace, model: GPT, config: train_gpt2.
     if device.type != "cuda":
         raise ValueError("--batch-size=auto searches GPU memory: give a number on "
                          f"{device.type}")
-    found = train_gpt2.search_micro_batch(model, config, precision, device, world_size=1)
-    if found is None:
-        raise ValueError(f"--batch-size=auto: not even 1 x {args.seq_len} tokens fit")
+    found, _ = train_gpt2.auto_micro_batch(config, model, precision, device,
+                                           runtime.DistEnv(), None)
     args.batch_size = found
     print(f"--batch-size=auto: {found}, the largest that fits")
 

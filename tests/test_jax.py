@@ -28,7 +28,8 @@ import model_jax  # noqa: E402
 import sample  # noqa: E402
 import train_gpt2  # noqa: E402
 import train_jax  # noqa: E402
-from model import GPT, GPTConfig, load_checkpoint  # noqa: E402
+from checkpoint import load as load_checkpoint  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 30

@@ -372,11 +372,11 @@ def test_a_second_thread_in_next_batch_gets_an_immediate_error(shards, backend):
         unpatched = source.next_batch
         inside, go_on = threading.Event(), threading.Event()
 
-        def held_next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        def held_next_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
             if threading.current_thread() is first:
                 inside.set()
                 go_on.wait(timeout=30)  # only a broken lock makes this wait time out
-            return unpatched()
+            return unpatched(step)
 
         source.next_batch = held_next_batch  # type: ignore[method-assign]
         got: list[list[bytes]] = []

@@ -25,6 +25,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+import checkpoint
 import data
 import model as model_module
 import runtime
@@ -115,28 +116,27 @@ def test_get_lr_warmup_cosine_and_floor() -> None:
 
 
 def test_recipe_defaults() -> None:
-    config, explicit = train_gpt2.parse_args([])
-    assert explicit == set()
+    config = train_gpt2.parse_args([])
     assert (config.batch_size, config.seq_len, config.total_batch_size) == (64, 1024, 524288)
     assert (config.max_lr, config.final_min_lr) == (6e-4, pytest.approx(6e-5))
     assert (config.warmup_steps, config.max_steps) == (715, 19073)
     assert (config.weight_decay, config.grad_clip, config.vocab_size) == (0.1, 1.0, 50304)
-    assert train_gpt2.gradient_accumulation(config, world_size=8) == 1
-    assert train_gpt2.gradient_accumulation(config, world_size=1) == 8
+    assert config.grad_accum(world_size=8) == 1
+    assert config.grad_accum(world_size=1) == 8
 
 
 def test_quickstart_keeps_explicit_flags(tmp_path: Path) -> None:
-    config, explicit = train_gpt2.parse_args([f"--data-root={tmp_path}", "--max-steps=7"])
+    argv = [f"--data-root={tmp_path}", "--max-steps=7"]
+    config = train_gpt2.parse_args(argv)
     messages: list[str] = []
-    resolved = train_gpt2.resolve_quickstart(config, explicit, messages.append)
+    resolved = train_gpt2.configure(config, argv, messages.append)
     assert resolved.quickstart and resolved.dataset == "stdlib"
-    assert resolved.model == train_gpt2.QUICKSTART["model"]
-    assert resolved.seq_len == train_gpt2.QUICKSTART["seq_len"]
+    assert (resolved.model, resolved.seq_len) == ("gpt2-mini", 256)
     assert resolved.max_steps == 7
     assert any("prepare_dataset.py --dataset=finewebedu" in m for m in messages)
     # Prepared finewebedu shards make it the default instead.
     write_shards(tmp_path / "finewebedu")
-    resolved = train_gpt2.resolve_quickstart(config, explicit, messages.append)
+    resolved = train_gpt2.configure(config, argv, messages.append)
     assert resolved.dataset == "finewebedu" and not resolved.quickstart
 
 
@@ -170,11 +170,11 @@ def test_truncate_log_cuts_back_to_the_resumed_checkpoint(tmp_path: Path) -> Non
               {"step": 2, "checkpoint": str(ckpt)}, {"step": 2, "val_loss": 4.9},
               {"step": 2, "loss": 4.8}, {"step": 3, "loss": 4.7}]
     log.write_text("".join(json.dumps(e) + "\n" for e in events) + '{"step": 4, "lo')
-    train_gpt2.truncate_log(log, ckpt, 2)
+    checkpoint.cut_log(log, ckpt, 2)
     assert [json.loads(line) for line in log.read_text().splitlines()] == events[:4]
     # A kill after the checkpoint's rename but before its log line: the line is restored.
     log.write_text("".join(json.dumps(e) + "\n" for e in events[:3]))
-    train_gpt2.truncate_log(log, ckpt, 2)
+    checkpoint.cut_log(log, ckpt, 2)
     assert [json.loads(line) for line in log.read_text().splitlines()] == events[:4]
 
 
@@ -198,7 +198,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
     losses_b = [e["loss"] for e in read_log(tmp_path / "big") if "loss" in e]
     assert losses_a == pytest.approx(losses_b, rel=1e-5)
     # The model did move: the weights differ from a fresh init with the same seed.
-    config = GPT.from_checkpoint(tmp_path / "big" / "ckpt_0000003.pt").config
+    config = GPT.from_checkpoint(checkpoint.load(tmp_path / "big" / "ckpt_0000003.pt")).config
     torch.manual_seed(1337)
     fresh = GPT(config)
     assert not torch.equal(fresh.state_dict()["transformer.h.0.mlp.c_fc.weight"],
@@ -266,7 +266,7 @@ def test_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
     assert_same_run(killed, straight)
     assert len(list(killed.glob("ckpt_*.pt"))) == 3  # --keep-checkpoints default
     # The checkpoint is what sample.py and eval_hellaswag.py load.
-    model = GPT.from_checkpoint(killed / "ckpt_0000040.pt")
+    model = GPT.from_checkpoint(checkpoint.load(killed / "ckpt_0000040.pt"))
     final = load_ckpt(killed / "ckpt_0000040.pt")["model"]
     assert torch.equal(model.state_dict()["lm_head.weight"], final["lm_head.weight"])
 
@@ -355,7 +355,7 @@ def test_hellaswag_and_samples_during_training(tmp_path: Path,
     log = read_log(out)
     scored = [e for e in log if "hellaswag_acc_norm" in e]
     assert [e["step"] for e in scored] == [0, 2]
-    model = GPT.from_checkpoint(out / "ckpt_0000002.pt")
+    model = GPT.from_checkpoint(checkpoint.load(out / "ckpt_0000002.pt"))
     reference = eval_hellaswag.evaluate(model, eval_hellaswag.load_examples(jsonl), "cpu")
     assert scored[-1]["hellaswag_acc_norm"] == reference.acc_norm
     samples = [(e["step"], e["samples"]) for e in log if "samples" in e]
@@ -554,14 +554,29 @@ def test_cuda_train_step_never_waits_for_the_gpu(compiled: bool) -> None:
 # ------------------------------------------------- memory: --batch-size=auto, checkpointing
 
 
-def test_micro_batch_candidates_halve_down_to_divisors() -> None:
-    assert train_gpt2.micro_batch_candidates(512) == [512, 256, 128, 64, 32, 16, 8, 4, 2, 1]
-    assert train_gpt2.micro_batch_candidates(96) == [96, 48, 24, 12, 6, 3, 1]
-    assert train_gpt2.micro_batch_candidates(10) == [10, 5, 2, 1]
-    assert train_gpt2.micro_batch_candidates(9) == [9, 3, 1]
-    assert train_gpt2.micro_batch_candidates(1) == [1]
+def auto_sizes_tried(samples: int, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The micro-batches --batch-size=auto tries, largest first, when none fits."""
+    tried: list[int] = []
+    monkeypatch.setattr(train_gpt2, "OOM_SEARCH_DEVICES", ("cpu",))
+    monkeypatch.setattr(train_gpt2, "trial_micro_step", oom_above(0, tried))
+    config = train_gpt2.TrainConfig(batch_size="auto", seq_len=SEQ,
+                                    total_batch_size=samples * SEQ)
+    model = GPT(GPTConfig(block_size=SEQ, vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=32))
+    cpu = torch.device("cpu")
+    with pytest.raises(RuntimeError, match="not even 1"):
+        train_gpt2.auto_micro_batch(config, model, runtime.resolve_precision(cpu, "fp32"), cpu,
+                                    runtime.DistEnv(), None)
+    return tried
+
+
+def test_batch_size_auto_halves_down_through_divisors(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert auto_sizes_tried(512, monkeypatch) == [512, 256, 128, 64, 32, 16, 8, 4, 2, 1]
+    assert auto_sizes_tried(96, monkeypatch) == [96, 48, 24, 12, 6, 3, 1]
+    assert auto_sizes_tried(10, monkeypatch) == [10, 5, 2, 1]
+    assert auto_sizes_tried(9, monkeypatch) == [9, 3, 1]
+    assert auto_sizes_tried(1, monkeypatch) == [1]
     for n in range(1, 200):
-        sizes = train_gpt2.micro_batch_candidates(n)
+        sizes = auto_sizes_tried(n, monkeypatch)
         assert all(n % b == 0 for b in sizes)
         assert all(b <= a // 2 for a, b in zip(sizes, sizes[1:], strict=False))
         # Nothing skipped: no divisor of n lies between a candidate and half of it.
@@ -667,10 +682,10 @@ def search_on_rank(rank: int, port: int, room: list[int], out_dir: str) -> None:
                                         total_batch_size=16 * SEQ * 2)
         model = GPT(GPTConfig(block_size=SEQ, vocab_size=VOCAB, n_layer=1, n_head=2,
                               n_embd=32))
-        resolved, _ = train_gpt2.resolve_micro_batch(
+        size, _ = train_gpt2.auto_micro_batch(
             config, model, runtime.resolve_precision(torch.device("cpu"), "fp32"),
             torch.device("cpu"), runtime.DistEnv(rank, rank, 2), None)
-        Path(out_dir, f"rank{rank}").write_text(str(resolved.micro_batch))
+        Path(out_dir, f"rank{rank}").write_text(str(size))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -755,7 +770,7 @@ def test_fp16_steps_skipped_for_inf_gradients_are_counted_with_the_loss_scale(
     log = [e for e in read_log(out) if "loss" in e]
     assert len(log) == steps
 
-    config = GPT.from_checkpoint(out / "ckpt_0000001.pt").config
+    config = GPT.from_checkpoint(checkpoint.load(out / "ckpt_0000001.pt")).config
     torch.manual_seed(1337)  # the run's seed: the weights before step 0
     before = GPT(config).state_dict()
     unchanged = []
