@@ -2,25 +2,23 @@
 
     python eval_hellaswag.py --pretrained=gpt2          # acc_norm 0.2955, acc 0.2859
 
-An example is scored as four rows, `encode(ctx) + encode(" " + ending)` (the two parts
-are encoded separately and then joined), and an ending by the cross-entropy of its own
-tokens only: `acc` picks the ending with the lowest sum, `acc_norm` the lowest mean.
-The four rows share their context, so the model sees it once: one packed row per example
-holds the context and then the endings, each ending attending to the context and to
-itself with the positions it would have in a row of its own (same scores, about half the
-tokens). The output head runs only where an ending token is predicted. Several examples
-go through the model per forward pass, right-padded; padding is masked out.
-Under torchrun each rank scores `examples[rank::world_size]` and the three totals are
-all-reduced once.
+An ending is scored by the cross-entropy of its own tokens in the row
+`encode(ctx) + encode(" " + ending)` (the two parts encoded separately, then joined);
+pick_answers says which ending acc and acc_norm choose. The four endings share their
+context, so the model sees it once: one packed row per example holds the context and then
+the endings, each attending to the context and to itself with the positions it would have
+in a row of its own (same scores, about half the tokens). Several examples go through the
+model per forward pass, right-padded; padding is masked out. Under torchrun each rank
+scores `examples[rank::world_size]` and the three totals are all-reduced once.
 
 The validation file is downloaded once into `<data root>/hellaswag/` (or `--cache-dir`)
-through a temporary file that is checked (10042 lines, each a JSON example with a context,
-four endings and a label in 0..3) before it is renamed into place.
+through a temporary file, checked (10042 well-formed examples) before it is renamed.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -32,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 import cli
@@ -47,75 +46,56 @@ NUM_ENDINGS = 4
 PAD_ID = 0  # any id works: padded positions are never scored
 
 
-class HellaSwagDataError(RuntimeError):
-    """The HellaSwag file is missing, unreachable or malformed; the message says what to do."""
-
-
 # ----------------------------------------------------------------------------------- data
-
-
-def default_cache_dir() -> Path:
-    return default_data_root() / "hellaswag"
-
-
 def load_examples(path: str | os.PathLike[str] | None = None, limit: int | None = None,
                   cache_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
     """Examples from a local jsonl, or (path None) the official validation file, downloaded
     into `cache_dir` on first use. `limit` keeps the first `limit` examples."""
-    if path is None:
-        path = ensure_validation_file(Path(cache_dir) if cache_dir else default_cache_dir())
-    path = Path(path)
+    path = Path(path) if path is not None else ensure_validation_file(cache_dir)
     if not path.is_file():
-        raise HellaSwagDataError(f"{path}: HellaSwag file not found; pass --data=JSONL with "
-                                 "the path of hellaswag_val.jsonl")
-    examples: list[dict[str, Any]] = []
+        raise FileNotFoundError(f"{path}: HellaSwag file not found; pass --data=JSONL with "
+                                "the path of hellaswag_val.jsonl")
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if limit is not None and len(examples) >= limit:
-                break
-            if line.strip():
-                examples.append(parse_example(line, f"{path}:{number}"))
-    return examples
+        lines = ((number, line) for number, line in enumerate(f, start=1) if line.strip())
+        return [parse_example(line, f"{path}:{number}")
+                for number, line in itertools.islice(lines, limit)]
 
 
 def parse_example(line: str, where: str) -> dict[str, Any]:
     try:
         example = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise HellaSwagDataError(f"{where}: not a JSON line ({exc.msg})") from None
+        raise ValueError(f"{where}: not a JSON line ({exc.msg})") from None
     if not isinstance(example, dict) or not {"ctx", "endings", "label"} <= example.keys():
-        raise HellaSwagDataError(f"{where}: a HellaSwag example needs 'ctx', 'endings' and "
-                                 "'label' fields")
+        raise ValueError(f"{where}: a HellaSwag example needs 'ctx', 'endings' and 'label' "
+                         "fields")
     endings, label = example["endings"], example["label"]
     if not isinstance(endings, list) or len(endings) != NUM_ENDINGS:
-        raise HellaSwagDataError(f"{where}: 'endings' must be a list of {NUM_ENDINGS} strings")
+        raise ValueError(f"{where}: 'endings' must be a list of {NUM_ENDINGS} strings")
     if not isinstance(label, int) or not 0 <= label < NUM_ENDINGS:
-        raise HellaSwagDataError(f"{where}: 'label' must be an integer in 0..{NUM_ENDINGS - 1}")
+        raise ValueError(f"{where}: 'label' must be an integer in 0..{NUM_ENDINGS - 1}")
     return example
 
 
-def ensure_validation_file(cache_dir: Path, url: str = HELLASWAG_VAL_URL,
+def ensure_validation_file(cache_dir: str | os.PathLike[str] | None,
+                           url: str = HELLASWAG_VAL_URL,
                            expected_lines: int = HELLASWAG_VAL_EXAMPLES) -> Path:
-    """The cached validation file, downloaded first if it is not there yet."""
+    """The validation file in `cache_dir` (default <data root>/hellaswag), downloaded first
+    if it is not there yet: kept only if every line is an example and none is missing."""
+    def check(path: Path) -> None:
+        with open(path, encoding="utf-8") as f:
+            count = 0
+            for count, line in enumerate(f, start=1):  # noqa: B007 - read after the loop
+                parse_example(line, f"{url} line {count}")
+        if count != expected_lines:
+            raise ValueError(f"{url}: downloaded {count} lines, expected {expected_lines}; "
+                             "the download is incomplete, run again or pass --data=JSONL")
+
+    folder = Path(cache_dir) if cache_dir else default_data_root() / "hellaswag"
     try:
-        return download(url, cache_dir / HELLASWAG_VAL_FILE,
-                        check=lambda path: check_validation_file(path, expected_lines, url))
+        return download(url, folder / HELLASWAG_VAL_FILE, check=check)
     except DownloadError as exc:
-        raise HellaSwagDataError(f"{exc}, or pass --data=JSONL with a local copy") from None
-
-
-def check_validation_file(path: Path, expected_lines: int, source: str) -> None:
-    """Every line a well-formed example, and exactly as many lines as the official file."""
-    with open(path, encoding="utf-8") as f:
-        count = 0
-        for count, line in enumerate(f, start=1):  # noqa: B007 - count is read after the loop
-            parse_example(line, f"{source} line {count}")
-    if count != expected_lines:
-        raise HellaSwagDataError(f"{source}: downloaded {count} lines, expected {expected_lines}; "
-                                 "the download is incomplete, run again or pass --data=JSONL")
-
-
-# ------------------------------------------------------------------------------ rendering
+        raise DownloadError(f"{exc}, or pass --data=JSONL with a local copy") from None
 
 
 @dataclass(frozen=True)
@@ -134,17 +114,6 @@ def render_example(example: dict[str, Any]) -> RenderedExample:
 
 
 # -------------------------------------------------------------------------------- scoring
-
-
-def _unwrap(model: nn.Module) -> GPT:
-    """The plain GPT inside a DDP wrapper and/or torch.compile module."""
-    inner: Any = getattr(model, "module", model)
-    inner = getattr(inner, "_orig_mod", inner)
-    if not isinstance(inner, GPT):
-        raise TypeError(f"expected a GPT model, got {type(inner).__name__}")
-    return inner
-
-
 @dataclass
 class PackedExample:
     """One example as a single model row: each context once, then every ending but its last
@@ -158,8 +127,7 @@ class PackedExample:
     branch: list[int]
     predicts: list[list[int]]
 
-    def add(self, tokens: Sequence[int], first_position: int, segment: int,
-            branch: int) -> range:
+    def add(self, tokens: Sequence[int], first_position: int, segment: int, branch: int) -> range:
         offsets = range(len(self.tokens), len(self.tokens) + len(tokens))
         self.tokens.extend(tokens)
         self.positions.extend(range(first_position, first_position + len(tokens)))
@@ -172,32 +140,54 @@ def pack_example(example: RenderedExample, block_size: int) -> PackedExample:
     """The example's row for score_batch. A context plus ending longer than block_size + 1
     tokens keeps its last block_size + 1 (the input drops the final one); such an example
     gets one context copy per ending, since each ending then keeps a different share of it."""
-    if not example.context:
+    context, endings = example.context, example.endings
+    if not context:
         raise ValueError("a HellaSwag example needs at least one context token")
-    cuts = []
-    for ending in example.endings:
+    for ending in endings:
         if len(ending) > block_size:
             raise ValueError(f"an ending of {len(ending)} tokens does not fit the model's "
                              f"block_size {block_size}")
-        cuts.append(max(0, len(example.context) + len(ending) - (block_size + 1)))
-    endings = list(enumerate(example.endings))
-    if any(cuts):
-        segments = [(example.context[cut:], [pair]) for cut, pair in zip(cuts, endings,
-                                                                          strict=True)]
-    else:
-        segments = [(example.context, endings)]
-    packed = PackedExample([], [], [], [], [[] for _ in example.endings])
-    for segment, (context, members) in enumerate(segments):
-        last_context = packed.add(context, 0, segment, branch=0)[-1]
-        for j, ending in members:
-            inputs = packed.add(ending[:-1], len(context), segment, branch=j + 1)
+    cuts = [max(0, len(context) + len(ending) - (block_size + 1)) for ending in endings]
+    # Segments: (the context they keep, the endings that share it).
+    segments = ([(context[cut:], [j]) for j, cut in enumerate(cuts)] if any(cuts)
+                else [(context, list(range(len(endings))))])
+    packed = PackedExample([], [], [], [], [[] for _ in endings])
+    for segment, (kept, members) in enumerate(segments):
+        last_context = packed.add(kept, 0, segment, branch=0)[-1]
+        for j in members:
+            inputs = packed.add(endings[j][:-1], len(kept), segment, branch=j + 1)
             packed.predicts[j] = [last_context, *inputs]
     return packed
 
 
+def _packed_inputs(packed: Sequence[PackedExample]) -> tuple[torch.Tensor, ...]:
+    """Token ids, position ids (B, W) and the attention mask (B, 1, W, W) of right-padded
+    rows. A padding token attends only to padding, and no real token attends to padding."""
+    def padded(rows: list[list[int]], fill: int) -> torch.Tensor:
+        return pad_sequence([torch.tensor(r) for r in rows], batch_first=True,
+                            padding_value=fill)
+
+    idx = padded([p.tokens for p in packed], PAD_ID)
+    positions = padded([p.positions for p in packed], 0)
+    segment = padded([p.segment for p in packed], -1)
+    branch = padded([p.branch for p in packed], -1)
+    causal = torch.ones((idx.shape[1], idx.shape[1]), dtype=torch.bool).tril()
+    same_segment = segment[:, :, None] == segment[:, None, :]
+    visible_branch = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+    return idx, positions, (causal & same_segment & visible_branch).unsqueeze(1)
+
+
+def _unwrap(model: nn.Module) -> GPT:
+    """The plain GPT inside a DDP wrapper and/or torch.compile module."""
+    inner: Any = getattr(model, "module", model)
+    inner = getattr(inner, "_orig_mod", inner)
+    if not isinstance(inner, GPT):
+        raise TypeError(f"expected a GPT model, got {type(inner).__name__}")
+    return inner
+
+
 @torch.no_grad()
-def score_batch(model: nn.Module, batch: Sequence[RenderedExample],
-                device: torch.device | str,
+def score_batch(model: nn.Module, batch: Sequence[RenderedExample], device: torch.device | str,
                 precision: runtime.Precision | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum and mean of each ending's token cross-entropies, both (len(batch), 4) float32 on
     CPU, from one forward pass with one row per example (see PackedExample)."""
@@ -205,15 +195,11 @@ def score_batch(model: nn.Module, batch: Sequence[RenderedExample],
     device = torch.device(device)
     packed = [pack_example(example, gpt.config.block_size) for example in batch]
     idx, positions, mask = _packed_inputs(packed)
-    # Which output predicts which ending token, flattened over the batch.
-    rows, offsets, targets, endings = [], [], [], []
-    for r, (example, row) in enumerate(zip(batch, packed, strict=True)):
-        for j, (ending, predicts) in enumerate(zip(example.endings, row.predicts,
-                                                   strict=True)):
-            rows.extend([r] * len(ending))
-            offsets.extend(predicts)
-            targets.extend(ending)
-            endings.extend([r * NUM_ENDINGS + j] * len(ending))
+    # Which output predicts which ending token, flattened over the batch and its endings.
+    rows = [r for r, p in enumerate(packed) for predicts in p.predicts for _ in predicts]
+    offsets = [o for p in packed for predicts in p.predicts for o in predicts]
+    targets = [t for example in batch for ending in example.endings for t in ending]
+    lengths = torch.tensor([len(ending) for example in batch for ending in example.endings])
     autocast = precision.autocast(device) if precision is not None else torch.autocast(
         device.type, enabled=False)
     with autocast:
@@ -223,35 +209,16 @@ def score_batch(model: nn.Module, batch: Sequence[RenderedExample],
         logits = gpt.lm_head(hidden[torch.tensor(rows, device=device),
                                     torch.tensor(offsets, device=device)]).float()
     losses = F.cross_entropy(logits, torch.tensor(targets, device=device), reduction="none")
-    sums = torch.zeros(len(batch) * NUM_ENDINGS, device=device).index_add_(
-        0, torch.tensor(endings, device=device), losses).cpu()
-    lengths = torch.tensor([len(e) for example in batch for e in example.endings])
-    means = sums / lengths
-    return sums.view(-1, NUM_ENDINGS), means.view(-1, NUM_ENDINGS)
+    ending_of_token = torch.arange(len(lengths)).repeat_interleave(lengths).to(device)
+    sums = torch.zeros(len(lengths), device=device).index_add_(0, ending_of_token, losses).cpu()
+    return sums.view(-1, NUM_ENDINGS), (sums / lengths).view(-1, NUM_ENDINGS)
 
 
-def _packed_inputs(packed: Sequence[PackedExample]) -> tuple[torch.Tensor, ...]:
-    """Token ids, position ids (B, W) and the attention mask (B, 1, W, W) of right-padded
-    rows. A padding token attends only to padding, and no real token attends to padding."""
-    width = max(len(p.tokens) for p in packed)
-    idx = torch.full((len(packed), width), PAD_ID, dtype=torch.long)
-    positions = torch.zeros((len(packed), width), dtype=torch.long)
-    segment = torch.full((len(packed), width), -1, dtype=torch.long)
-    branch = torch.full((len(packed), width), -1, dtype=torch.long)
-    for r, p in enumerate(packed):
-        n = len(p.tokens)
-        idx[r, :n] = torch.tensor(p.tokens)
-        positions[r, :n] = torch.tensor(p.positions)
-        segment[r, :n] = torch.tensor(p.segment)
-        branch[r, :n] = torch.tensor(p.branch)
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
-    same_segment = segment[:, :, None] == segment[:, None, :]
-    visible_branch = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
-    return idx, positions, (causal & same_segment & visible_branch).unsqueeze(1)
-
-
-def predictions(sums: torch.Tensor, means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen ending per example by total loss (acc) and by mean loss (acc_norm)."""
+def pick_answers(sums: torch.Tensor, means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ending each example picks, for acc and for acc_norm, from score_batch's losses.
+    acc takes the ending with the highest log-likelihood (lowest summed loss over its
+    tokens), which favours short endings; acc_norm the highest length-normalised one
+    (lowest mean loss per token)."""
     return sums.argmin(dim=1), means.argmin(dim=1)
 
 
@@ -279,11 +246,10 @@ def evaluate(model: nn.Module, examples: Sequence[dict[str, Any]], device: torch
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
     if not examples:
-        raise HellaSwagDataError("no HellaSwag examples to score: an accuracy over zero "
-                                 "examples is no score; pass a file with examples")
+        raise ValueError("no HellaSwag examples to score: an accuracy over zero examples is "
+                         "no score; pass a file with examples")
     mine = [render_example(e) for e in examples[rank::world_size]]
-    # Similar lengths side by side waste less compute on padding; totals do not depend on
-    # the order.
+    # Similar lengths side by side waste less compute on padding; totals do not depend on order.
     mine.sort(key=lambda r: len(r.context) + sum(map(len, r.endings)))
     was_training = model.training
     model.eval()
@@ -293,7 +259,7 @@ def evaluate(model: nn.Module, examples: Sequence[dict[str, Any]], device: torch
     try:
         for begin in range(0, len(mine), batch_size):
             batch = mine[begin:begin + batch_size]
-            pred, pred_norm = predictions(*score_batch(model, batch, device, precision))
+            pred, pred_norm = pick_answers(*score_batch(model, batch, device, precision))
             labels = torch.tensor([e.label for e in batch])
             correct += int((pred == labels).sum())
             correct_norm += int((pred_norm == labels).sum())
@@ -302,21 +268,13 @@ def evaluate(model: nn.Module, examples: Sequence[dict[str, Any]], device: torch
     finally:
         bar.close()
         model.train(was_training)
-    totals = [correct, correct_norm, len(mine)]
+    totals = torch.tensor([correct, correct_norm, len(mine)], device=torch.device(device))
     if world_size > 1:
-        totals = _all_reduce_sum(totals, torch.device(device))
-    return HellaSwagScore(*totals)
-
-
-def _all_reduce_sum(values: list[int], device: torch.device) -> list[int]:
-    tensor = torch.tensor(values, dtype=torch.long, device=device)
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-    return [int(v) for v in tensor.tolist()]
+        torch.distributed.all_reduce(totals)  # summed over the ranks
+    return HellaSwagScore(*totals.tolist())
 
 
 # ------------------------------------------------------------------------------------ CLI
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli.Parser(description=__doc__.split("\n\n")[0])
     cli.add_model_arguments(parser)
@@ -330,8 +288,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16,
                         help="examples per forward pass (4 rows each)")
     cli.add_runtime_arguments(parser)
-    args = parser.parse_args(argv)
-    return args
+    return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -341,27 +298,18 @@ def run(args: argparse.Namespace) -> None:
     device, precision = cli.resolve_runtime(args.device, args.dtype)
     device = runtime.distributed_device(env, device)
     with runtime.distributed(env, device):
-        model = cli.load_model(None if args.checkpoint else args.pretrained, args.checkpoint,
-                               device)
-        data = args.data
-        if data is None:
-            data = _fetch_once(env, Path(args.cache_dir) if args.cache_dir else None)
-        examples = load_examples(data, args.limit)
+        model = cli.load_model(args.pretrained, args.checkpoint, device)  # checkpoint first
+        if args.data is None:  # rank 0 downloads (if need be) while the other ranks wait
+            if env.is_main:
+                ensure_validation_file(args.cache_dir)
+            if env.is_distributed:
+                torch.distributed.barrier()
+        examples = load_examples(args.data, args.limit, args.cache_dir)
         score = evaluate(model, examples, device, args.batch_size, precision, env.rank,
                          env.world_size, progress=env.is_main)
         runtime.print0(f"acc: {score.correct}/{score.total} = {score.acc:.4f}", env=env)
         runtime.print0(f"Accuracy: {score.correct_norm}/{score.total} = {score.acc_norm:.4f}",
                        env=env)
-
-
-def _fetch_once(env: runtime.DistEnv, cache_dir: Path | None) -> Path:
-    """Rank 0 downloads (if needed) while the other ranks wait, so one copy is written."""
-    cache_dir = cache_dir or default_cache_dir()
-    if env.is_main:
-        ensure_validation_file(cache_dir)
-    if env.is_distributed:
-        torch.distributed.barrier()
-    return cache_dir / HELLASWAG_VAL_FILE
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ import contextlib
 import fcntl
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -54,6 +55,7 @@ TINYSHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/mast
                        "tinyshakespeare/input.txt")
 BUILTIN_NAMES = (*HUB_DATASETS, "tinyshakespeare", "stdlib")
 LOCAL_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".parquet")
+STDLIB_EXCLUDED = {"site-packages", "dist-packages", "__pycache__"}
 SPLIT_FILE_NAMES = {"train": "train", "validation": "val", "val": "val"}
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".prepare.lock"
@@ -73,12 +75,9 @@ class PrepareError(RuntimeError):
 
 
 # ------------------------------------------------------------------------ document stream
-
-
 @dataclass
 class Source:
     """A named, ordered document stream. `documents(start)` yields texts from index start."""
-
     name: str
     description: dict[str, Any]
     fingerprint: str
@@ -89,15 +88,13 @@ class Source:
 
 def stdlib_files() -> list[Path]:
     """The running Python's standard-library .py files, site-packages excluded, sorted."""
-    root = sysconfig.get_paths()["stdlib"]
-    excluded = {"site-packages", "dist-packages", "__pycache__"}
-    found: list[str] = []
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found: list[Path] = []
     for folder, subfolders, names in os.walk(root):
         # Pruned, not filtered afterwards: site-packages can be far bigger than the stdlib.
-        subfolders[:] = [d for d in subfolders if d not in excluded]
-        rel = Path(folder).relative_to(root)
-        found.extend((rel / n).as_posix() for n in names if n.endswith(".py"))
-    return [Path(root, rel) for rel in sorted(found)]
+        subfolders[:] = [d for d in subfolders if d not in STDLIB_EXCLUDED]
+        found.extend(Path(folder, n) for n in names if n.endswith(".py"))
+    return sorted(found, key=lambda path: path.relative_to(root).as_posix())
 
 
 def local_files(spec: str) -> list[Path]:
@@ -182,10 +179,7 @@ def hub_documents(repo: str, subset: str, text_field: str, start: int,
         stream = datasets.load_dataset(repo, name=subset, split="train", streaming=True)
         if start:
             stream = stream.skip(start)
-        for row in stream:
-            text = row.get(text_field)
-            if text:
-                yield text
+        yield from filter(None, (row.get(text_field) for row in stream))
     except Exception as exc:  # the hub client raises many types; all mean "cannot read it"
         err = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise data.DownloadError(f"cannot stream {repo} ({subset}) from the Hugging Face Hub "
@@ -194,8 +188,6 @@ def hub_documents(repo: str, subset: str, text_field: str, start: int,
 
 
 # ---------------------------------------------------------------------------- val split
-
-
 @dataclass
 class ValSplit:
     """Which documents go to val; the rest is train. `is_val(doc_index, doc_tokens)` answers
@@ -268,23 +260,15 @@ def val_split(args: argparse.Namespace, default: str) -> ValSplit:
 
 
 # ------------------------------------------------------------------------- tokenization
-
-
 def encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """One uint16 array of `EOT doc0 EOT doc1 ...` and each document's token count (EOT
     included). Runs in the pool's threads; no per-token Python objects are made."""
     encode = data.get_tokenizer().encode_to_numpy
-    parts: list[np.ndarray] = []
-    counts = np.empty(len(texts), dtype=np.int64)
-    for i, text in enumerate(texts):
-        # Nothing allowed, nothing disallowed: special-token text is ordinary text, exactly
-        # as encode_ordinary treats it.
-        ids = encode(text, allowed_special=set(), disallowed_special=())
-        parts.append(EOT)
-        parts.append(ids)
-        counts[i] = ids.size + 1
-    if not parts:
-        return np.zeros(0, dtype=np.uint16), counts
+    # Nothing allowed, nothing disallowed: special-token text is ordinary text, exactly as
+    # encode_ordinary treats it.
+    docs = [encode(text, allowed_special=set(), disallowed_special=()) for text in texts]
+    counts = np.array([ids.size + 1 for ids in docs], dtype=np.int64)
+    parts = [part for ids in docs for part in (EOT, ids)]
     return np.concatenate(parts, dtype=np.uint16, casting="unsafe"), counts
 
 
@@ -317,8 +301,6 @@ def tokenized_chunks(chunks: Iterable[list[str]], num_proc: int,
 
 
 # ---------------------------------------------------------------------------- shard output
-
-
 @dataclass
 class SplitState:
     shards: list[dict[str, Any]] = field(default_factory=list)
@@ -333,18 +315,14 @@ class SplitState:
 
 class SplitWriter:
     """Streams one split's documents into fixed-size shards, from where `state` stands.
-
-    Tokens go straight into the open shard (header first, its count patched for a short
-    last shard), so memory stays at a chunk whatever the shard size. data.atomic_output
-    names a shard only once it is complete; leaving the writer on an exception drops the
-    unfinished one, which a rerun redoes.
-    """
+    Tokens go straight into the open shard (its header's count patched if it ends short),
+    so memory stays at a chunk whatever the shard size."""
 
     def __init__(self, out_dir: Path, name: str, split: str, shard_size: int, state: SplitState,
                  on_shard: Callable[[], None]) -> None:
         self.out_dir, self.name, self.split, self.shard_size = out_dir, name, split, shard_size
         self.state, self.on_shard = state, on_shard
-        self.shard: contextlib.AbstractContextManager[BinaryIO] | None = None
+        self.open_shard = contextlib.ExitStack()  # the unfinished shard's atomic_output
         self.file: BinaryIO | None = None
         self.digest = hashlib.sha256()
         self.fill = self.eots = 0
@@ -357,19 +335,15 @@ class SplitWriter:
     def __exit__(self, *exc_info: Any) -> None:
         # Only an error leaves a shard open (finish() closes the last one); handing it the
         # error makes atomic_output delete the temporary file.
-        if self.shard is not None:
-            shard, self.shard, self.file = self.shard, None, None
-            shard.__exit__(*exc_info)
+        self.open_shard.__exit__(*exc_info)
 
     def add(self, tokens: np.ndarray, doc_index: np.ndarray, doc_tokens: np.ndarray) -> None:
         """Append whole documents (this split's share of a chunk, in stream order)."""
-        if self.state.done or doc_index.size == 0:
+        first = int(np.searchsorted(doc_index, self.skip_doc))  # the first one not yet written
+        if self.state.done or first == doc_index.size:
             return
         ends = np.cumsum(doc_tokens)
         starts = ends - doc_tokens
-        first = int(np.searchsorted(doc_index, self.skip_doc))  # the first one not yet written
-        if first == doc_index.size:
-            return
         pos = int(starts[first]) + (self.skip_offset if doc_index[first] == self.skip_doc else 0)
         while pos < tokens.size:
             n = min(self.shard_size - self.fill, tokens.size - pos)
@@ -384,16 +358,18 @@ class SplitWriter:
 
     def finish(self) -> None:
         """Close the last, short shard; nothing more comes to this split."""
-        if not self.state.done:
-            if self.fill:
-                self._close_shard(self.state.next_doc, self.state.next_offset, last=True)
-            self.state.done = True
+        if self.state.done:
+            return
+        self.state.done = True  # before on_shard, which saves it
+        if self.fill:
+            self._close_shard(self.state.next_doc, self.state.next_offset)
+        else:
             self.on_shard()
 
     def _append(self, piece: np.ndarray) -> None:
         if self.file is None:
-            self.shard = data.atomic_output(self.out_dir / self._file_name())
-            self.file = self.shard.__enter__()
+            path = self.out_dir / self._file_name()
+            self.file = self.open_shard.enter_context(data.atomic_output(path))
             header = data.shard_header(self.shard_size).tobytes()  # patched if the shard ends short
             self.file.write(header)
             self.digest = hashlib.sha256(header)
@@ -406,8 +382,8 @@ class SplitWriter:
     def _file_name(self) -> str:
         return data.shard_name(self.name, self.split, len(self.state.shards))
 
-    def _close_shard(self, next_doc: int, next_offset: int, last: bool = False) -> None:
-        assert self.shard is not None and self.file is not None
+    def _close_shard(self, next_doc: int, next_offset: int) -> None:
+        assert self.file is not None
         if self.fill != self.shard_size:  # a short last shard: new count, so hash it again
             self.file.seek(0)
             self.file.write(data.shard_header(self.fill).tobytes())
@@ -416,20 +392,17 @@ class SplitWriter:
             with open(self.file.name, "rb") as written:
                 while block := written.read(1 << 20):
                     self.digest.update(block)
-        shard, self.shard, self.file = self.shard, None, None
-        shard.__exit__(None, None, None)  # fsync, then the shard's own name
+        self.file = None
+        self.open_shard.close()  # fsync, then the shard's own name
         self.state.shards.append({"file": self._file_name(), "tokens": self.fill,
                                   "sha256": self.digest.hexdigest(),
                                   "documents_started": self.eots})
         self.state.next_doc, self.state.next_offset = next_doc, next_offset
         self.fill = self.eots = 0
-        if not last:
-            self.on_shard()
+        self.on_shard()
 
 
 # ------------------------------------------------------------------------------ pipeline
-
-
 @dataclass
 class Options:
     shard_size: int
@@ -442,7 +415,6 @@ class Options:
 @dataclass
 class Progress:
     """Where an interrupted run stopped, as its progress.json says."""
-
     splits: dict[str, SplitState]
     val_end_doc: int | None  # ValSplit.end_doc
 
@@ -465,8 +437,7 @@ def run_pipeline(source: Source, out_dir: Path, options: Options, args_record: d
     from tqdm import tqdm
 
     states = resume.splits if resume else {split: SplitState() for split in ("train", "val")}
-    active = [s for s in options.splits if not states[s].done]
-    start = min((states[s].next_doc for s in active), default=0)
+    start = min((states[s].next_doc for s in options.splits if not states[s].done), default=0)
     rule = source.val
     if resume:
         rule.end_doc = resume.val_end_doc
@@ -543,25 +514,25 @@ def load_progress(out_dir: Path, source: Source, args_record: dict[str, Any]) ->
     """What an interrupted run with the same input and arguments left, if its shards are
     all still there; None means start afresh."""
     saved = _read_json(out_dir / PROGRESS_NAME)
-    if saved.get("fingerprint") != source.fingerprint or saved.get("args") != args_record:
+    if (saved.get("fingerprint") != source.fingerprint or saved.get("args") != args_record
+            or not _shards_intact(out_dir, saved.get("splits"))):
         return None
     try:
-        progress = Progress({s: SplitState(**saved["splits"][s]) for s in ("train", "val")},
-                            saved.get("rule", {}).get("val_end_doc"))
-        intact = _shards_intact(out_dir, [s for st in progress.splits.values() for s in st.shards])
-    except (AttributeError, KeyError, TypeError, ValueError):
+        return Progress({s: SplitState(**saved["splits"][s]) for s in ("train", "val")},
+                        saved.get("rule", {}).get("val_end_doc"))
+    except (AttributeError, KeyError, TypeError):
         return None
-    return progress if intact else None
 
 
-def _shards_intact(out_dir: Path, shards: list[dict[str, Any]]) -> bool:
-    """Every shard listed is there, with the size its token count implies."""
-    for shard in shards:
-        path = out_dir / shard["file"]
-        if not path.is_file() or path.stat().st_size != (
-                data.HEADER_BYTES + 2 * int(shard["tokens"])):
-            return False
-    return True
+def _shards_intact(out_dir: Path, splits: Any) -> bool:
+    """Every shard that `splits` (a manifest's or progress.json's) lists is there, with the
+    size its token count implies; False for a malformed listing too."""
+    try:
+        sizes = {out_dir / s["file"]: data.HEADER_BYTES + 2 * int(s["tokens"])
+                 for split in splits.values() for s in split["shards"]}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return False
+    return all(path.is_file() and path.stat().st_size == size for path, size in sizes.items())
 
 
 def _write_manifest(out_dir: Path, source: Source, options: Options,
@@ -602,18 +573,10 @@ def is_prepared(data_root: Path, name: str) -> bool:
     """True when `data_root/name/manifest.json` is complete and its shards are all there."""
     out_dir = Path(data_root) / name
     manifest = _read_json(out_dir / MANIFEST_NAME)
-    if manifest.get("complete") is not True:
-        return False
-    try:
-        return _shards_intact(out_dir, [s for split in manifest["splits"].values()
-                                        for s in split["shards"]])
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return False
+    return manifest.get("complete") is True and _shards_intact(out_dir, manifest.get("splits"))
 
 
 # ---------------------------------------------------------------------------------- CLI
-
-
 def parse_size(text: str) -> int:
     """'100M' -> 100_000_000 (K, M, G suffixes; plain integers too)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*", text)
@@ -693,21 +656,18 @@ def make_source(args: argparse.Namespace, data_root: Path) -> Source:
 
 def local_source(name: str, files: list[Path], description: dict[str, Any],
                  args: argparse.Namespace) -> Source:
-    listing = hashlib.sha256()
-    for path in files:
-        stat = path.stat()
-        listing.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    stats = ((path, path.stat()) for path in files)
+    listing = "".join(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n" for path, st in stats)
     skipped: list[str] = []
 
     def documents(start: int) -> Iterator[str]:
         skipped.clear()  # a resume walks the skipped files again
-        stream = file_documents(files, args.text_field, args.strict, skipped)
-        for _ in range(start):  # cheap next to tokenizing: only reads the files
-            next(stream, None)
-        yield from stream
+        # Skipping is cheap next to tokenizing: it only reads the files.
+        yield from itertools.islice(file_documents(files, args.text_field, args.strict,
+                                                   skipped), start, None)
 
-    return Source(name, description, f"files:{listing.hexdigest()}", documents,
-                  val_split(args, SMALL_VAL_FRACTION), skipped)
+    return Source(name, description, f"files:{hashlib.sha256(listing.encode()).hexdigest()}",
+                  documents, val_split(args, SMALL_VAL_FRACTION), skipped)
 
 
 def tinyshakespeare_source(data_root: Path, val_spec: str) -> Source:
@@ -719,21 +679,15 @@ def tinyshakespeare_source(data_root: Path, val_spec: str) -> Source:
 
     def documents(start: int) -> Iterator[str]:
         text = data.download(TINYSHAKESPEARE_URL, cache).read_text(encoding="utf-8")
-        head, tail = split_by_position(text, 1 - val_fraction)
-        yield from [d for d in (head, tail) if d][start:]
+        # The cut: the first line break at or after (1 - val_fraction) of the characters.
+        newline = text.find("\n", int(len(text) * (1 - val_fraction)))
+        cut = len(text) if newline < 0 else newline + 1
+        yield from [d for d in (text[:cut], text[cut:]) if d][start:]
 
     why = f"the last {float(val_fraction):.0%} of the text, cut at a line break"
     return Source("tinyshakespeare", {"source": TINYSHAKESPEARE_URL, "cache": str(cache)},
                   f"tinyshakespeare:{val_spec}", documents,
                   ValSplit(why, lambda doc_index, doc_tokens: doc_index == 1))  # the tail
-
-
-def split_by_position(text: str, head_fraction: Fraction) -> tuple[str, str]:
-    """Cut `text` at the first line break at or after head_fraction of its characters."""
-    cut = int(len(text) * head_fraction)
-    newline = text.find("\n", cut)
-    cut = len(text) if newline < 0 else newline + 1
-    return text[:cut], text[cut:]
 
 
 def _looks_like_path(spec: str) -> bool:

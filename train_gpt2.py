@@ -417,14 +417,16 @@ def trial_micro_step(model: GPT, batch_size: int, seq_len: int, precision: runti
 
 def auto_micro_batch(config: TrainConfig, model: GPT, precision: runtime.Precision,
                      device: torch.device, env: runtime.DistEnv,
-                     resume: dict[str, Any] | None) -> tuple[int, str]:
+                     resume: dict[str, Any] | None, resume_path: Path | None = None
+                     ) -> tuple[int, str]:
     """--batch-size=auto as a number, and how it was chosen. On a GPU: the largest that fits,
     trying the samples per rank, then halving, each size a divisor of it so that gradient
     accumulation makes up exactly the total batch. The trials run the eager model:
     torch.compile's fused kernels need less memory, not more."""
     samples = config.samples_per_rank(env.world_size)
     if resume is not None:  # exact resume needs the loader's micro-batch of the run
-        return int(resume["loader_states"][0]["batch_size"]), "the micro-batch of the checkpoint"
+        name = resume_path.name if resume_path else "the checkpoint"
+        return int(resume["loader_states"][0]["batch_size"]), f"the micro-batch of {name}"
     if device.type not in OOM_SEARCH_DEVICES:
         size = max(d for d in range(1, DEFAULT_AUTO_MICRO_BATCH + 1) if samples % d == 0)
         return size, f"the default on {device.type}"
@@ -614,7 +616,8 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
     model.activation_checkpointing = config.activation_checkpointing
     chosen = None
     if config.batch_size == AUTO:
-        size, chosen = auto_micro_batch(config, model, precision, device, env, resume)
+        size, chosen = auto_micro_batch(config, model, precision, device, env, resume,
+                                        resume_path)
         config = dataclasses.replace(config, batch_size=size)
         say(f"--batch-size=auto: micro-batch {size} ({chosen})")
     grad_accum = config.grad_accum(env.world_size)

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from torch.nn import functional as F
 
 import eval_hellaswag as hs
-from data import get_tokenizer
+from data import DownloadError, get_tokenizer
 from model import GPT, GPTConfig
 
 WORDS = ("the a man woman dog runs jumps into water kitchen knife cuts onion slowly then "
@@ -95,7 +95,7 @@ def test_rendered_tokens_are_context_then_each_ending_encoded_alone(examples):
 def test_scores_and_predictions_match_per_example_reference(tiny, examples):
     batch = [hs.render_example(e) for e in examples[:8]]
     sums, means = hs.score_batch(tiny, batch, "cpu")
-    pred, pred_norm = hs.predictions(sums, means)
+    pred, pred_norm = hs.pick_answers(sums, means)
     for i, example in enumerate(examples[:8]):
         ref_sums, ref_means = reference_scores(tiny, example)
         torch.testing.assert_close(sums[i], torch.tensor(ref_sums), rtol=1e-5, atol=1e-5)
@@ -244,7 +244,7 @@ def test_load_examples_reads_the_official_format_and_limit(tmp_path, examples):
                                  {"endings": ["a", "b", "c", "d"], "label": 1}])
 def test_load_examples_rejects_malformed_lines(tmp_path, examples, bad):
     path = write_jsonl(tmp_path / "bad.jsonl", [examples[0], bad])
-    with pytest.raises(hs.HellaSwagDataError, match=r"bad\.jsonl:2"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
         hs.load_examples(path)
 
 
@@ -262,14 +262,14 @@ def test_download_is_cached_and_checked(tmp_path, examples):
 def test_incomplete_download_leaves_nothing_behind(tmp_path, examples):
     source = write_jsonl(tmp_path / "remote.jsonl", examples[:5])
     cache = tmp_path / "cache"
-    with pytest.raises(hs.HellaSwagDataError, match="downloaded 5 lines, expected 10042"):
+    with pytest.raises(ValueError, match="downloaded 5 lines, expected 10042"):
         hs.ensure_validation_file(cache, source.as_uri())
     assert list(cache.iterdir()) == []
 
 
 def test_unreachable_server_says_no_network(tmp_path):
     url = f"http://127.0.0.1:{_free_port()}/hellaswag_val.jsonl"
-    with pytest.raises(hs.HellaSwagDataError, match="no network.*--data=JSONL"):
+    with pytest.raises(DownloadError, match="no network.*--data=JSONL"):
         hs.ensure_validation_file(tmp_path, url)
     assert list(tmp_path.iterdir()) == []
 
