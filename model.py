@@ -1,8 +1,8 @@
-"""GPT-2 in one file: config presets, the model, KV-cache generation, HF weight import/export.
+"""GPT-2 in one file: the model, its chunked loss, KV-cache generation, HF weights in and out.
 
-Only torch is imported at module level so this file can be pasted into a notebook cell;
-`huggingface_hub`, `safetensors` and the project's atomic file writer (data.py) are imported
-inside the functions that read or write Hugging Face checkpoints.
+Only torch is imported at module level, and no other file of this project at all, so this
+file can be pasted into a notebook cell (tests/test_paste.py proves it); `safetensors` and
+`huggingface_hub` are imported inside the functions that read or write Hugging Face weights.
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,9 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch.nn import functional as F
 
+# ----------------------------------------------------------------------------------- model
+
 GPT2_VOCAB_SIZE = 50257  # real GPT-2 BPE tokens; ids at or above this are padding rows
-# The non-tensor state (config, step, loader position) inside a sharded checkpoint folder.
-SHARDED_STATE_NAME = "train_state.pt"
 PADDED_VOCAB_SIZE = 50304  # next multiple of 128: faster matmuls when training from scratch
 
 
@@ -56,111 +55,6 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpt2-tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=256),
     "gpt2-mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
 }
-
-
-class KVCache:
-    """Keys and values of every layer, preallocated for `max_len` positions.
-
-    Shapes never change while decoding: each forward writes its tokens' keys and values at
-    their positions, and attention reads the whole cache under a mask of the slots filled so
-    far. The fill level is a tensor on the device, not a Python int, so a decoding step
-    recorded once as a CUDA graph advances it on every replay. Writing past `max_len` is an
-    index error (a device-side assert on CUDA): size the cache for prompt + new tokens.
-    """
-
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
-        if max_len > config.block_size:
-            raise ValueError(f"KV cache length {max_len} exceeds block_size {config.block_size}")
-        # CUDA's memory-efficient attention pads a copy of the mask in every layer unless its
-        # length is a multiple of 16 (8 in older torch). Extra slots are only ever masked.
-        max_len = min(-(-max_len // 16) * 16, config.block_size)
-        head_dim = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
-        # Zeros, not empty: masked slots are still read, and garbage there could be NaN,
-        # which a zero attention weight does not cancel.
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.filled = torch.zeros((), dtype=torch.long, device=device)
-        self.slots = torch.arange(max_len, device=device)
-        # Row p is the additive mask of a query at position p: slot s visible iff s <= p.
-        # One row lookup per forward, shared by all layers.
-        self.causal_mask = torch.zeros(max_len, max_len, device=device, dtype=dtype).masked_fill_(
-            self.slots[None, :] > self.slots[:, None], float("-inf"))
-        self.positions = self.slots[:0]  # of the tokens in the forward under way
-        self.mask = self.causal_mask[:0]
-
-    def reserve(self, num_tokens: int) -> torch.Tensor:
-        """Positions of the next `num_tokens` tokens, which the layers then write and attend
-        from; the fill level moves past them."""
-        self.positions = self.filled + self.slots[:num_tokens]
-        self.mask = self.causal_mask.index_select(0, self.positions)
-        self.filled.add_(num_tokens)
-        return self.positions
-
-    def write(self, layer: int, k: torch.Tensor,
-              v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the reserved positions' keys and values; the layer's whole cache after it."""
-        keys, values = self.keys[layer], self.values[layer]
-        keys.index_copy_(2, self.positions, k.to(keys.dtype))
-        values.index_copy_(2, self.positions, v.to(values.dtype))
-        return keys, values
-
-
-class CUDAGraphStep:
-    """A one-token decoding step `fn(token) -> logits`, run eagerly on its first call,
-    recorded as a CUDA graph right after, and replayed on every later call: one launch per
-    token instead of a Python pass issuing some 150 kernels.
-
-    A raw torch.cuda.CUDAGraph rather than torch.compile(mode="reduce-overhead"): the step's
-    only state is the KV cache it updates in place, and a raw graph replays exactly the
-    recorded kernels on exactly those buffers. Compile's CUDA-graph trees decide for
-    themselves whether to graph at all (inputs mutated in place, like the cache, can make them
-    fall back to eager with no more than a log line), recompile for each new prompt length
-    and overwrite outputs a caller still holds; none of that can be ruled out without a GPU.
-    """
-
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.fn = fn
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.token = torch.empty(0, dtype=torch.long)  # the recorded input, refilled per step
-        self.logits = torch.empty(0)  # the recorded output, overwritten by each replay
-
-    def __call__(self, token: torch.Tensor) -> torch.Tensor:
-        if self.graph is None:
-            return self._run_then_record(token)
-        self.token.copy_(token)
-        self.graph.replay()
-        return self.logits
-
-    def _run_then_record(self, token: torch.Tensor) -> torch.Tensor:
-        # The eager run is the warm-up torch.cuda.graph asks for (cuBLAS workspaces, the
-        # attention kernel's choice and lazy initialisation happen outside the capture), on a
-        # side stream as documented; recording on that same stream finds its cuBLAS
-        # workspace already there. Recording executes nothing, so the cache stays as the
-        # eager run left it and the first replay continues at the next position.
-        device = token.device
-        with torch.cuda.device(device):  # the graph's device, whichever is current
-            self.token = token.clone()
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                logits = self.fn(self.token)
-            torch.cuda.current_stream(device).wait_stream(side)
-            logits.record_stream(torch.cuda.current_stream(device))  # read there next
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=side), _autocast_without_cast_cache(device):
-                self.logits = self.fn(self.token)
-        return logits
-
-
-def _autocast_without_cast_cache(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """The autocast in force, minus its cache of weight casts: a cast cached while recording
-    is freed when the caller's autocast exits, and the graph would go on reading it."""
-    if not torch.is_autocast_enabled(device.type):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type),
-                          cache_enabled=False)
 
 
 class CausalSelfAttention(nn.Module):
@@ -275,7 +169,9 @@ class GPT(nn.Module):
         (B, 1, T, T) bool says which tokens each token attends to (at least itself)."""
         if (positions is None) != (attn_mask is None):
             raise ValueError("positions and attn_mask go together")
-        if positions is None and cache is not None:
+        if positions is not None and cache is not None:
+            raise ValueError("a KV cache cannot be combined with an explicit attn_mask")
+        if cache is not None:
             positions = cache.reserve(idx.size(1))
         elif positions is None:
             T = idx.size(1)
@@ -283,8 +179,6 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {T} tokens exceeds block_size "
                                  f"{self.config.block_size}")
             positions = torch.arange(T, dtype=torch.long, device=idx.device)
-        elif cache is not None:
-            raise ValueError("a KV cache cannot be combined with an explicit attn_mask")
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)
         recompute = (self.activation_checkpointing and self.training and cache is None
                      and torch.is_grad_enabled())
@@ -301,11 +195,9 @@ class GPT(nn.Module):
                              device_type: str = "cpu") -> torch.optim.AdamW:
         """AdamW that decays 2-D weights (matmuls, embeddings) but not biases or norms."""
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
         groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps,
                                  fused=device_type == "cuda")
@@ -316,32 +208,26 @@ class GPT(nn.Module):
         cfg = self.config
         return 6.0 * self.num_params(non_embedding=True) + 12.0 * cfg.n_layer * cfg.n_embd * T
 
-    # ----------------------------------------------------------------------------- generation
+    # Generation (its cache, sampler and CUDA-graph step are in the generation section).
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Append `max_new_tokens` sampled tokens to `idx` (B, T); temperature 0 is greedy."""
-        steps = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator)
-        return torch.cat([idx, *steps], dim=1)
+                 generator: torch.Generator | None = None,
+                 on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Append `max_new_tokens` sampled tokens to `idx` (B, T); temperature 0 is greedy.
 
-    @torch.no_grad()
-    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                        top_k: int | None = None, top_p: float | None = None,
-                        generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-        """Yield each new (B, 1) token, on idx's device, as soon as it is sampled; nothing
-        waits for the device, so a caller that copies tokens to the host chooses when to wait.
-
-        The prompt is prefilled in one forward into a KV cache sized for prompt + new tokens
-        (in the autocast dtype when autocast is on, else the weights'). Every later step runs
-        the newest token against the whole cache, so its shapes never change: on CUDA it is
-        recorded once as a CUDA graph and replayed."""
+        `on_token`, if given, gets each new (B, 1) token as soon as it is sampled, still on
+        idx's device: nothing here waits for the device, so a caller that streams tokens to
+        the host chooses when to wait. The prompt is prefilled in one forward into a KV cache
+        sized for prompt + new tokens (in the autocast dtype when autocast is on, else the
+        weights'). Every later step runs the newest token against the whole cache, so its
+        shapes never change: on CUDA it is recorded once as a CUDA graph and replayed."""
         if idx.size(1) + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt ({idx.size(1)}) + new tokens ({max_new_tokens}) exceed "
                              f"block_size {self.config.block_size}")
         if max_new_tokens < 1:
-            return
+            return idx.clone()
         dtype = self.transformer.wte.weight.dtype
         if torch.is_autocast_enabled(idx.device.type):
             dtype = torch.get_autocast_dtype(idx.device.type)
@@ -353,13 +239,17 @@ class GPT(nn.Module):
 
         step = CUDAGraphStep(last_logits) if idx.is_cuda else last_logits
         logits = last_logits(idx)
+        sequence = [idx]
         for i in range(max_new_tokens):
             token = sample_next_token(logits, temperature, top_k, top_p, generator)
-            yield token
+            sequence.append(token)
+            if on_token is not None:
+                on_token(token)
             if i + 1 < max_new_tokens:
                 logits = step(token)
+        return torch.cat(sequence, dim=1)
 
-    # ------------------------------------------------------------------ Hugging Face weights
+    # Weights in and out (their helpers are in the last section).
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str) -> GPT:
@@ -367,16 +257,14 @@ class GPT(nn.Module):
         directory = resolve_pretrained_dir(name_or_dir)
         from safetensors.torch import load_file
 
-        config = config_from_hf_json(directory / "config.json")
-        model = cls(config)
-        tensors = load_file(str(directory / "model.safetensors"))
-        model.load_hf_state_dict(tensors, source=str(directory))
+        model = cls(config_from_hf_json(directory / "config.json"))
+        model.load_hf_state_dict(load_file(str(directory / "model.safetensors")),
+                                 source=str(directory))
         return model
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | os.PathLike[str] | dict[str, Any]) -> GPT:
-        """The model of a train_gpt2.py checkpoint: its path, or its load_checkpoint() dict."""
-        state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    def from_checkpoint(cls, state: dict[str, Any]) -> GPT:
+        """The model of a train_gpt2.py checkpoint, as checkpoint.load returns it."""
         model = cls(GPTConfig(**state["model_config"]))
         model.load_state_dict(state["model"])
         return model
@@ -387,13 +275,14 @@ class GPT(nn.Module):
         expected = {k for k in ours if k != "lm_head.weight"}
         seen: set[str] = set()
         for hf_key, tensor in tensors.items():
-            key = hf_key if hf_key.startswith("lm_head.") else _strip_prefix(hf_key)
+            key = hf_key
+            if not key.startswith(("lm_head.", "transformer.")):
+                key = "transformer." + key  # the hub's own gpt2 files have no prefix
             if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
                 continue  # causal-mask buffers; the output head is tied to wte
             if key not in expected:
                 raise ValueError(f"{source}: unexpected GPT-2 weight '{hf_key}'")
             if key.endswith(_CONV1D_WEIGHTS):
-                # HF stores these as Conv1D (in, out); nn.Linear wants (out, in).
                 tensor = tensor.t()
             if tensor.shape != ours[key].shape:
                 raise ValueError(f"{source}: '{hf_key}' has shape {tuple(tensor.shape)}, "
@@ -407,10 +296,9 @@ class GPT(nn.Module):
                              f"({len(missing)} in all)")
 
     def save_hf(self, directory: str | os.PathLike[str]) -> None:
-        """Write `model.safetensors` + `config.json` that `GPT2LMHeadModel` loads."""
+        """Write `model.safetensors` + `config.json` that `GPT2LMHeadModel` loads; each file
+        appears whole or not at all."""
         from safetensors.torch import save
-
-        from data import atomic_output
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
@@ -424,73 +312,12 @@ class GPT(nn.Module):
             if key.endswith(_CONV1D_WEIGHTS):
                 tensor = tensor.t()
             tensors[key] = tensor.detach().to("cpu", torch.float32).contiguous()
-        hf_config = hf_config_dict(self.config, vocab)
-        with atomic_output(out / "model.safetensors") as f:
-            f.write(save(tensors, metadata={"format": "pt"}))
-        with atomic_output(out / "config.json") as f:
-            f.write((json.dumps(hf_config, indent=2) + "\n").encode())
+        _write_atomically(out / "model.safetensors", save(tensors, metadata={"format": "pt"}))
+        config = json.dumps(hf_config_dict(self.config, vocab), indent=2) + "\n"
+        _write_atomically(out / "config.json", config.encode())
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A train_gpt2.py checkpoint as saved, on CPU. weights_only loading runs no code from
-    the file; anything that is not such a checkpoint is one ValueError naming the file.
-    A ckpt_* folder (--fsdp) comes back the same way, its shards gathered into full weights
-    (without its optimizer state, which train_gpt2.py reads from the folder itself)."""
-    if Path(path).is_dir():
-        return _load_sharded_checkpoint(Path(path))
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: checkpoint file not found; pass the path of a "
-                                "ckpt_*.pt file written by train_gpt2.py")
-    state = _load_state_file(path)
-    fields = set(GPTConfig.__dataclass_fields__)
-    if (not isinstance(state, dict) or not isinstance(state.get("model"), dict)
-            or not isinstance(state.get("model_config"), dict)
-            or set(state["model_config"]) != fields):
-        raise ValueError(f"{path}: not a train_gpt2.py checkpoint (no model_config/model "
-                         "entries); pass a ckpt_*.pt file")
-    return state
-
-
-def _load_state_file(path: str | os.PathLike[str]) -> Any:
-    try:
-        with warnings.catch_warnings():  # torch warns about foreign pickle protocols
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling fails in many types
-        raise ValueError(f"{path}: not a readable train_gpt2.py checkpoint "
-                         f"({type(exc).__name__}); pass a ckpt_*.pt file") from None
-
-
-def _load_sharded_checkpoint(path: Path) -> dict[str, Any]:
-    """Works in a single process whatever number of ranks wrote the folder: the shards are
-    stored by parameter name and offset, not by rank."""
-    import torch.distributed.checkpoint as dcp
-
-    state_file = path / SHARDED_STATE_NAME
-    if not state_file.is_file():
-        raise ValueError(f"{path}: no {SHARDED_STATE_NAME} (not a train_gpt2.py --fsdp "
-                         "checkpoint, or one a kill left half-written)")
-    state = _load_state_file(state_file)
-    if not isinstance(state, dict) or not isinstance(state.get("model_config"), dict):
-        raise ValueError(f"{state_file}: not a train_gpt2.py checkpoint (no model_config)")
-    with torch.random.fork_rng(devices=[]):  # the init is overwritten; keep the caller's RNG
-        weights = GPT(GPTConfig(**state["model_config"])).state_dict()
-    with warnings.catch_warnings():  # dcp warns that no process group is initialized
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": weights}, checkpoint_id=path, no_dist=True)
-    return {**state, "model": weights}
-
-
-_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
-                   "mlp.c_proj.weight")
-
-HUB_REPOS = {name: f"openai-community/{name}" for name in
-             ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
-
-
-def _strip_prefix(key: str) -> str:
-    return key if key.startswith("transformer.") else "transformer." + key
-
+# ------------------------------------------------------------------------------------ loss
 
 LOSS_CHUNK_ROWS = 4096  # (4096, 50304) fp32 logits: 0.8 GB, against 13 GB for B=64, T=1024
 
@@ -542,6 +369,58 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_x * grad_loss, grad_weight * grad_loss, None, None
 
 
+# ------------------------------------------------------------------------------ generation
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions.
+
+    Shapes never change while decoding: each forward writes its tokens' keys and values at
+    their positions, and attention reads the whole cache under a mask of the slots filled so
+    far. The fill level is a tensor on the device, not a Python int, so a decoding step
+    recorded once as a CUDA graph advances it on every replay. Writing past `max_len` is an
+    index error (a device-side assert on CUDA): size the cache for prompt + new tokens.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        if max_len > config.block_size:
+            raise ValueError(f"KV cache length {max_len} exceeds block_size {config.block_size}")
+        # CUDA's memory-efficient attention pads a copy of the mask in every layer unless its
+        # length is a multiple of 16 (8 in older torch). Extra slots are only ever masked.
+        max_len = min(-(-max_len // 16) * 16, config.block_size)
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
+        # Zeros, not empty: masked slots are still read, and garbage there could be NaN,
+        # which a zero attention weight does not cancel.
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.filled = torch.zeros((), dtype=torch.long, device=device)
+        self.slots = torch.arange(max_len, device=device)
+        # Row p is the additive mask of a query at position p: slot s visible iff s <= p.
+        # One row lookup per forward, shared by all layers.
+        self.causal_mask = torch.zeros(max_len, max_len, device=device, dtype=dtype).masked_fill_(
+            self.slots[None, :] > self.slots[:, None], float("-inf"))
+        self.positions = self.slots[:0]  # of the tokens in the forward under way
+        self.mask = self.causal_mask[:0]
+
+    def reserve(self, num_tokens: int) -> torch.Tensor:
+        """Positions of the next `num_tokens` tokens, which the layers then write and attend
+        from; the fill level moves past them."""
+        self.positions = self.filled + self.slots[:num_tokens]
+        self.mask = self.causal_mask.index_select(0, self.positions)
+        self.filled.add_(num_tokens)
+        return self.positions
+
+    def write(self, layer: int, k: torch.Tensor,
+              v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the reserved positions' keys and values; the layer's whole cache after it."""
+        keys, values = self.keys[layer], self.values[layer]
+        keys.index_copy_(2, self.positions, k.to(keys.dtype))
+        values.index_copy_(2, self.positions, v.to(values.dtype))
+        return keys, values
+
+
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                       top_p: float | None = None,
                       generator: torch.Generator | None = None) -> torch.Tensor:
@@ -571,16 +450,112 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     return choice if ids is None else ids.gather(-1, choice)
 
 
+class CUDAGraphStep:
+    """A one-token decoding step `fn(token) -> logits`, run eagerly on its first call,
+    recorded as a CUDA graph right after, and replayed on every later call: one launch per
+    token instead of a Python pass issuing some 150 kernels.
+
+    A raw torch.cuda.CUDAGraph rather than torch.compile(mode="reduce-overhead"): the step's
+    only state is the KV cache it updates in place, and a raw graph replays exactly the
+    recorded kernels on exactly those buffers. Compile's CUDA-graph trees decide for
+    themselves whether to graph at all (inputs mutated in place, like the cache, can make them
+    fall back to eager with no more than a log line), recompile for each new prompt length
+    and overwrite outputs a caller still holds; none of that can be ruled out without a GPU.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.fn = fn
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.token = torch.empty(0, dtype=torch.long)  # the recorded input, refilled per step
+        self.logits = torch.empty(0)  # the recorded output, overwritten by each replay
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:
+            return self._run_then_record(token)
+        self.token.copy_(token)
+        self.graph.replay()
+        return self.logits
+
+    def _run_then_record(self, token: torch.Tensor) -> torch.Tensor:
+        # The eager run is the warm-up torch.cuda.graph asks for (cuBLAS workspaces, the
+        # attention kernel's choice and lazy initialisation happen outside the capture), on a
+        # side stream as documented; recording on that same stream finds its cuBLAS
+        # workspace already there. Recording executes nothing, so the cache stays as the
+        # eager run left it and the first replay continues at the next position.
+        device = token.device
+        with torch.cuda.device(device):  # the graph's device, whichever is current
+            self.token = token.clone()
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                logits = self.fn(self.token)
+            torch.cuda.current_stream(device).wait_stream(side)
+            logits.record_stream(torch.cuda.current_stream(device))  # read there next
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=side), _autocast_without_cast_cache(device):
+                self.logits = self.fn(self.token)
+        return logits
+
+
+def _autocast_without_cast_cache(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The autocast in force, minus its cache of weight casts: a cast cached while recording
+    is freed when the caller's autocast exits, and the graph would go on reading it."""
+    if not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type),
+                          cache_enabled=False)
+
+
+# ---------------------------------------------------------------------- weights in and out
+
+# HF stores these as Conv1D (in, out) weights, nn.Linear as (out, in): they are transposed
+# by name, never by shape (attn.c_proj is square).
+_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                   "mlp.c_proj.weight")
+HUB_REPOS = {name: f"openai-community/{name}" for name in
+             ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+
+
 class PretrainedNotFound(RuntimeError):
-    """Raised when pretrained weights can be neither found locally nor downloaded."""
+    """Pretrained weights that can be neither found locally nor downloaded."""
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """`path` appears whole or not at all: written under a temp name beside it, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, f"{path}: cannot write it ({exc.strerror or exc}); free some "
+                                 "space, fix the permissions or write elsewhere") from None
+
+
+def config_from_hf_json(path: Path) -> GPTConfig:
+    hf = json.loads(path.read_text())
+    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+                     n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+
+
+def hf_config_dict(config: GPTConfig, vocab_size: int) -> dict[str, Any]:
+    return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=vocab_size,
+                n_positions=config.block_size, n_ctx=config.block_size, n_embd=config.n_embd,
+                n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu_new",
+                layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                bos_token_id=GPT2_VOCAB_SIZE - 1, eos_token_id=GPT2_VOCAB_SIZE - 1,
+                tie_word_embeddings=True)
 
 
 def resolve_pretrained_dir(name_or_dir: str) -> Path:
     path = Path(name_or_dir).expanduser()
     if path.is_dir():
-        if not (path / "model.safetensors").is_file():
-            raise PretrainedNotFound(f"{path}: no model.safetensors in this directory; pass a "
-                                     "folder written by save_pretrained or GPT.save_hf")
+        for name in ("model.safetensors", "config.json"):
+            if not (path / name).is_file():
+                raise PretrainedNotFound(f"{path}: no {name} in this directory; pass a folder "
+                                         "written by save_pretrained or GPT.save_hf")
         return path
     repo = HUB_REPOS.get(name_or_dir, name_or_dir)
     if repo not in HUB_REPOS.values():
@@ -591,12 +566,10 @@ def resolve_pretrained_dir(name_or_dir: str) -> Path:
 
 
 def _download_from_hub(repo: str, name: str) -> Path:
-    try:
-        # Released weights never change: a cached copy is used without a request to the hub
-        # (the client otherwise checks each file's etag online first).
+    # Released weights never change: a cached copy is used without a request to the hub
+    # (the client otherwise checks each file's etag online first).
+    with contextlib.suppress(Exception):  # not cached yet (LocalEntryNotFoundError), or partly
         return _hub_files(repo, local_files_only=True)
-    except Exception:  # not cached yet (LocalEntryNotFoundError), or only partly
-        pass
     try:
         return _hub_files(repo, local_files_only=False)
     except Exception as exc:  # the hub raises many types for offline / DNS / HTTP failures
@@ -613,33 +586,3 @@ def _hub_files(repo: str, local_files_only: bool) -> Path:
     paths = [hf_hub_download(repo, filename, local_files_only=local_files_only)
              for filename in ("config.json", "model.safetensors")]
     return Path(paths[-1]).parent
-
-
-def config_from_hf_json(path: Path) -> GPTConfig:
-    if not path.is_file():
-        raise PretrainedNotFound(f"{path}: missing; the directory needs the config.json "
-                                 "written with its model.safetensors")
-    hf = json.loads(path.read_text())
-    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
-                     n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
-
-
-def hf_config_dict(config: GPTConfig, vocab_size: int) -> dict[str, Any]:
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": vocab_size,
-        "n_positions": config.block_size,
-        "n_ctx": config.block_size,
-        "n_embd": config.n_embd,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "activation_function": "gelu_new",
-        "layer_norm_epsilon": 1e-5,
-        "resid_pdrop": 0.0,
-        "embd_pdrop": 0.0,
-        "attn_pdrop": 0.0,
-        "bos_token_id": GPT2_VOCAB_SIZE - 1,
-        "eos_token_id": GPT2_VOCAB_SIZE - 1,
-        "tie_word_embeddings": True,
-    }

@@ -4,12 +4,12 @@
         "Hello, I'm a language model,"
 
 All samples are drawn in one batch with a KV cache (on CUDA the decoding step is a CUDA
-graph, see GPT.generate_stream). `--max-length` counts the prompt plus the new tokens. The
-same seed on the same device gives the same text: sampling draws from a `torch.Generator`
-seeded with `--seed` on the model's device. With `--stream`, sample 0 is printed as it is
-generated (from a GPU in chunks of STREAM_CHUNK tokens) and the other samples follow once
-it is done (they are the same texts a run without `--stream` prints). The weights are kept
-in the precision's dtype (bf16 on GPUs that have it, fp32 on CPU unless --dtype says so).
+graph, see GPT.generate). `--max-length` counts the prompt plus the new tokens. The same
+seed on the same device gives the same text: sampling draws from a `torch.Generator` seeded
+with `--seed` on the model's device. With `--stream`, sample 0 is printed as it is generated
+(from a GPU in chunks of STREAM_CHUNK tokens) and the other samples follow once it is done
+(they are the same texts a run without `--stream` prints). The weights are kept in the
+precision's dtype (bf16 on GPUs that have it, fp32 on CPU unless --dtype says so).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import argparse
 import codecs
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from typing import TextIO
 
 import torch
 
@@ -48,81 +49,53 @@ def new_token_count(model: GPT, prompt_len: int, max_length: int) -> int:
     return max_length - prompt_len
 
 
-def stream_tokens(model: GPT, prompt: str, num_samples: int, max_length: int,
-                  top_k: int | None = 50, top_p: float | None = None,
-                  temperature: float = 1.0, seed: int = 42,
-                  device: torch.device | str = "cpu",
-                  precision: runtime.Precision | None = None,
-                  chunk: int | None = None) -> Iterator[list[int]]:
-    """Yield the new token of every sample, one step at a time (a list of num_samples ids).
-
-    Tokens reach the host `chunk` steps at a time: a copy waits for the device, and one per
-    step would leave a GPU idle while Python queues the next step. By default 1 on CPU,
-    where the copy costs nothing, and STREAM_CHUNK elsewhere."""
-    device = torch.device(device)
-    if chunk is None:
-        chunk = 1 if device.type == "cpu" else STREAM_CHUNK
-    prompt_tokens = encode_prompt(prompt)
-    max_new = new_token_count(model, len(prompt_tokens), max_length)
-    idx = torch.tensor([prompt_tokens] * num_samples, dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    autocast = precision.autocast(device) if precision is not None else contextlib.nullcontext()
-    with autocast:
-        pending: list[torch.Tensor] = []
-        for token in model.generate_stream(idx, max_new, temperature, top_k, top_p, generator):
-            pending.append(token)
-            if len(pending) == chunk:
-                yield from steps_on_host(pending)
-                pending = []
-        if pending:
-            yield from steps_on_host(pending)
-
-
-def steps_on_host(tokens: list[torch.Tensor]) -> list[list[int]]:
-    """(B, 1) tokens of consecutive steps, as one list of B ids per step, in one copy."""
-    return torch.cat(tokens, dim=1).t().tolist()
-
-
 def generate_text(model: GPT, prompt: str, num_samples: int, max_length: int,
                   top_k: int | None = 50, top_p: float | None = None, temperature: float = 1.0,
                   seed: int = 42, device: torch.device | str = "cpu",
                   precision: runtime.Precision | None = None,
-                  on_token: Callable[[list[int]], None] | None = None) -> list[str]:
+                  stream: TextIO | None = None) -> list[str]:
     """Prompt plus sampled continuation for each of `num_samples` samples (one batch).
 
-    `on_token`, if given, receives each step's new tokens (one id per sample) as they come.
-    """
-    enc = get_tokenizer()
+    With `stream` (a text file such as sys.stdout), sample 0's new text is also written
+    there while it is generated: from CPU token by token, from a GPU STREAM_CHUNK tokens at
+    a time."""
+    device = torch.device(device)
     prompt_tokens = encode_prompt(prompt)
-    new: list[list[int]] = [[] for _ in range(num_samples)]
-    # Without a listener the tokens are copied to the host once, at the end.
-    chunk = None if on_token is not None else max_length
-    for step in stream_tokens(model, prompt, num_samples, max_length, top_k, top_p,
-                              temperature, seed, device, precision, chunk):
-        if on_token is not None:
-            on_token(step)
-        for row, token in zip(new, step, strict=True):
-            row.append(token)
-    keep = prompt_tokens if prompt else []  # a bare <|endoftext|> start is not shown
-    return [enc.decode(keep + row) for row in new]
+    max_new = new_token_count(model, len(prompt_tokens), max_length)
+    idx = torch.tensor([prompt_tokens] * num_samples, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    on_token = None
+    if stream is not None:
+        on_token = text_writer(stream, max_new, 1 if device.type == "cpu" else STREAM_CHUNK)
+    with precision.autocast(device) if precision is not None else contextlib.nullcontext():
+        out = model.generate(idx, max_new, temperature, top_k, top_p, generator, on_token)
+    start = 0 if prompt else 1  # a bare <|endoftext|> start is not shown
+    return [get_tokenizer().decode(row[start:]) for row in out.tolist()]
 
 
-class TokenPrinter:
-    """Prints one sample's tokens as they arrive, holding back split UTF-8 characters."""
+def text_writer(stream: TextIO, new_tokens: int, chunk: int) -> Callable[[torch.Tensor], None]:
+    """A GPT.generate `on_token` callback that writes sample 0's text to `stream`.
 
-    def __init__(self, write: Callable[[str], object]) -> None:
-        self._write = write
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._enc = get_tokenizer()
+    Tokens reach the host `chunk` steps at a time: a copy waits for the device, and one per
+    step would leave a GPU idle while Python queues the next step. A UTF-8 character split
+    across tokens is held back until whole; the last of the `new_tokens` flushes it all."""
+    enc = get_tokenizer()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending: list[torch.Tensor] = []
+    left = new_tokens
 
-    def __call__(self, step: list[int]) -> None:
-        text = self._decoder.decode(self._enc.decode_single_token_bytes(step[0]))
-        if text:
-            self._write(text)
-            sys.stdout.flush()
+    def on_token(token: torch.Tensor) -> None:
+        nonlocal left
+        pending.append(token[0])
+        left -= 1
+        if len(pending) == chunk or left == 0:
+            ids = torch.cat(pending).tolist()
+            pending.clear()
+            text = b"".join(enc.decode_single_token_bytes(i) for i in ids)
+            stream.write(decoder.decode(text, final=left == 0))
+            stream.flush()
 
-    def finish(self) -> None:
-        self._write(self._decoder.decode(b"", final=True))
+    return on_token
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -143,8 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stream", action="store_true",
                         help="print sample 0 token by token as it is generated")
     cli.add_runtime_arguments(parser)
-    args = parser.parse_args(argv)
-    return args
+    return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -153,7 +125,7 @@ def run(args: argparse.Namespace) -> None:
     cli.check_range("--top-k", args.top_k, minimum=0)
     cli.check_range("--top-p", args.top_p, minimum=0, maximum=1)
     if args.top_p == 0:
-        raise cli.UsageError("--top-p=0: must be above 0 (1 keeps every token)")
+        raise UsageError("--top-p=0: must be above 0 (1 keeps every token)")
     cli.check_range("--temperature", args.temperature, minimum=0)
     device, precision = cli.resolve_runtime(args.device, args.dtype)
     model = cli.load_model(None if args.checkpoint else args.pretrained, args.checkpoint, device)
@@ -161,18 +133,14 @@ def run(args: argparse.Namespace) -> None:
         # This model only samples: weights kept in the compute dtype are read at half the
         # bytes per token and are not re-cast by autocast in every step.
         model = model.to(precision.autocast_dtype)
-    top_k = args.top_k or None
-    printer = None
     if args.stream:
-        printer = TokenPrinter(sys.stdout.write)
         print("> " + args.prompt, end="", flush=True)
-    texts = generate_text(model, args.prompt, args.num_samples, args.max_length, top_k,
-                          args.top_p, args.temperature, args.seed, device, precision,
-                          on_token=printer)
-    if printer is not None:
-        printer.finish()
+    texts = generate_text(model, args.prompt, args.num_samples, args.max_length,
+                          args.top_k or None, args.top_p, args.temperature, args.seed, device,
+                          precision, stream=sys.stdout if args.stream else None)
+    if args.stream:
         print("\n")
-        texts = texts[1:]
+        texts = texts[1:]  # sample 0 is on the screen already
     for text in texts:
         print("> " + text + "\n")
 

@@ -24,11 +24,10 @@ whole sequence at every step, which is slow: it runs only at --uncached-batch-si
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,31 +96,22 @@ def transformers_generate(hf_model: Any, **options: Any) -> Generate:
     return run
 
 
-@contextlib.contextmanager
-def stopwatch(device: torch.device) -> Iterator[list[float]]:
-    """Seconds from entry to exit, with the device drained at both ends."""
-    elapsed: list[float] = []
-    synchronize(device)
-    start = time.perf_counter()
-    yield elapsed
-    synchronize(device)
-    elapsed.append(time.perf_counter() - start)
-
-
 def graph_recording_cost(model: GPT, precision: runtime.Precision, idx: torch.Tensor,
                          new_tokens: int) -> tuple[float, float]:
     """(seconds the step that records the CUDA graph takes beyond a replayed step, seconds
-    of a replayed step), from one generation timed step by step."""
+    of a replayed step), from one generation timed token by token."""
+    stamps: list[float] = []
+
+    def stamp(token: torch.Tensor) -> None:
+        synchronize(idx.device)
+        stamps.append(time.perf_counter())
+
     generator = torch.Generator(device=idx.device).manual_seed(0)
     with precision.autocast(idx.device):
-        steps = model.generate_stream(idx, new_tokens, top_k=TOP_K, generator=generator)
-        next(steps)  # prefill and the first token
-        with stopwatch(idx.device) as recording:
-            next(steps)
-        with stopwatch(idx.device) as replaying:
-            replayed = sum(1 for _ in steps)
-    per_step = replaying[0] / replayed
-    return recording[0] - per_step, per_step
+        model.generate(idx, new_tokens, top_k=TOP_K, generator=generator, on_token=stamp)
+    # stamps[0]: prefill and the first token; stamps[1]: the recorded step and its token.
+    per_step = (stamps[-1] - stamps[1]) / (len(stamps) - 2)
+    return stamps[1] - stamps[0] - per_step, per_step
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,6 +101,20 @@ def test_save_hf_drops_padding_rows(tmp_path: Path):
     assert diff <= 1e-5
 
 
+def test_save_hf_failure_is_an_oserror_naming_the_file(tmp_path: Path):
+    (tmp_path / "config.json").mkdir()  # a folder where the file goes: the rename fails
+    with pytest.raises(OSError, match="config.json: cannot write it"):
+        GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)).save_hf(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_from_pretrained_names_a_missing_file(tmp_path: Path):
+    GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)).save_hf(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(PretrainedNotFound, match="no config.json in this directory"):
+        GPT.from_pretrained(str(tmp_path))
+
+
 def test_from_pretrained_rejects_wrong_shapes(tmp_path: Path):
     hf = random_hf_model("2-layer")
     save_pretrained_layout(hf, tmp_path)

@@ -7,6 +7,7 @@ through the recorded CUDA graph); `pytest -k cuda` selects the CUDA runs.
 from __future__ import annotations
 
 import copy
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -212,22 +213,55 @@ def test_generated_tokens_come_from_the_top_k_and_top_p_sets(
 
 
 def test_max_length_counts_prompt_and_new_tokens(tiny: GPT) -> None:
-    prompt_len = len(get_tokenizer().encode(PROMPT))
-    steps = list(sample.stream_tokens(tiny, PROMPT, 2, prompt_len + 9, seed=1))
-    assert len(steps) == 9 and all(len(s) == 2 for s in steps)
-    texts = sample.generate_text(tiny, PROMPT, 2, prompt_len + 9, seed=1)
+    """generate_text is GPT.generate of max_length - prompt tokens, seeded, with top-k 50."""
     enc = get_tokenizer()
-    for row, text in enumerate(texts):
-        assert text == enc.decode(enc.encode(PROMPT) + [s[row] for s in steps])
+    prompt = enc.encode(PROMPT)
+    texts = sample.generate_text(tiny, PROMPT, 2, len(prompt) + 9, seed=1)
+    out = tiny.generate(torch.tensor([prompt] * 2), 9, top_k=50,
+                        generator=torch.Generator().manual_seed(1))
+    assert out.shape == (2, len(prompt) + 9)
+    assert texts == [enc.decode(row) for row in out.tolist()]
 
 
-def test_tokens_copied_in_chunks_are_the_same_steps(tiny: GPT) -> None:
+def test_on_token_sees_every_new_token_as_it_is_sampled(tiny: GPT) -> None:
+    seen: list[torch.Tensor] = []
+    idx = random_prompt(3, 5, "cpu")
+    out = tiny.generate(idx, 7, top_k=5, generator=torch.Generator().manual_seed(0),
+                        on_token=seen.append)
+    assert len(seen) == 7 and all(token.shape == (3, 1) for token in seen)
+    assert torch.equal(torch.cat([idx, *seen], dim=1), out)
+
+
+def test_streamed_text_is_sample_0_whatever_the_chunk(tiny: GPT) -> None:
+    """Written token by token (CPU) or in chunks of any size (GPU), the stream is sample 0's
+    continuation, exactly as returned, UTF-8 pieces split across tokens included."""
     length = len(get_tokenizer().encode(PROMPT)) + 12
-    one_by_one = list(sample.stream_tokens(tiny, PROMPT, 3, length, seed=3, chunk=1))
-    assert len(one_by_one) == 12
-    for chunk in (5, 12, 100):  # a short last chunk, one exact chunk, more than needed
-        assert list(sample.stream_tokens(tiny, PROMPT, 3, length, seed=3,
-                                         chunk=chunk)) == one_by_one
+    written = io.StringIO()
+    texts = sample.generate_text(tiny, PROMPT, 3, length, seed=3, stream=written)
+    assert texts == sample.generate_text(tiny, PROMPT, 3, length, seed=3)
+    assert PROMPT + written.getvalue() == texts[0]
+    idx = torch.tensor([get_tokenizer().encode(PROMPT)] * 3)
+    for chunk in (1, 5, 12, 100):  # a short last chunk, one exact chunk, more than needed
+        by_chunk = io.StringIO()
+        tiny.generate(idx, 12, top_k=50, generator=torch.Generator().manual_seed(3),
+                      on_token=sample.text_writer(by_chunk, 12, chunk))
+        assert by_chunk.getvalue() == written.getvalue(), chunk
+
+
+def test_streaming_holds_back_a_character_split_across_tokens() -> None:
+    enc = get_tokenizer()
+    ids = enc.encode("Tokyo 日本")  # 7 tokens: each of the two characters spans several
+    pieces: list[str] = []
+
+    class Recorder(io.StringIO):
+        def write(self, text: str) -> int:
+            pieces.append(text)
+            return len(text)
+
+    on_token = sample.text_writer(Recorder(), len(ids), chunk=1)
+    for i in ids:
+        on_token(torch.tensor([[i]]))
+    assert [piece for piece in pieces if piece] == ["Tok", "yo", " ", "日", "本"]
 
 
 def test_never_samples_a_padding_id_of_a_padded_vocab_model(device: str) -> None:
@@ -292,15 +326,19 @@ def test_cuda_graph_replays_equal_eager_steps(tiny: GPT, weights: torch.dtype,
 def test_cuda_decoding_steps_never_wait_for_the_host(tiny: GPT) -> None:
     model = on("cuda", tiny)
     generator = torch.Generator(device="cuda").manual_seed(0)
-    steps = model.generate_stream(random_prompt(4, 9, "cuda"), 30, top_k=50, top_p=0.9,
-                                  generator=generator)
-    next(steps), next(steps)  # the prefill, then the step that is recorded (which syncs)
-    torch.cuda.set_sync_debug_mode("error")
+    seen: list[torch.Tensor] = []
+
+    def on_token(token: torch.Tensor) -> None:
+        seen.append(token)
+        if len(seen) == 2:  # after the prefill and the step that is recorded (which syncs)
+            torch.cuda.set_sync_debug_mode("error")
+
     try:
-        rest = list(steps)
+        out = model.generate(random_prompt(4, 9, "cuda"), 30, top_k=50, top_p=0.9,
+                             generator=generator, on_token=on_token)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert len(rest) == 28
+    assert len(seen) == 30 and out.shape == (4, 39)
 
 
 def test_cli_samples_in_bf16_with_bf16_weights(tmp_path: Path, tiny: GPT,
