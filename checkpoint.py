@@ -31,7 +31,10 @@ from cli import UsageError
 from model import GPT, GPTConfig
 
 LOG_NAME = "log.jsonl"
-STATE_NAME = "train_state.pt"  # a --fsdp folder's non-tensor state
+STATE_NAME = "train_state.pt"
+# A checkpoint's model_config holds these; the switches beyond GPT-2 came later (default off).
+GPT2_FIELDS = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd"}
+GPT_FIELDS = set(GPTConfig.__dataclass_fields__)  # a --fsdp folder's non-tensor state
 # What a kill can leave: a checkpoint's or the log's temp file, a --fsdp temp folder.
 STALE_GLOBS = (".ckpt_*.tmp", f".{LOG_NAME}.*.tmp")
 
@@ -120,7 +123,7 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
     state = _load_file(path)
     if (not isinstance(state, dict) or not isinstance(state.get("model"), dict)
             or not isinstance(state.get("model_config"), dict)
-            or set(state["model_config"]) != set(GPTConfig.__dataclass_fields__)):
+            or not GPT2_FIELDS <= set(state["model_config"]) <= set(GPT_FIELDS)):
         raise ValueError(f"{path}: not a train_gpt2.py checkpoint (no model_config/model "
                          "entries); pass a ckpt_*.pt file")
     return state

@@ -33,6 +33,14 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    # Beyond the 2019 recipe, each off for GPT-2: rotary position embeddings instead of
+    # learned ones, RMS-normalised queries and keys, a ReLU-squared MLP, an output head of
+    # its own, and attention/MLP output projections that start at zero.
+    rotary: bool = False
+    qk_norm: bool = False
+    relu_squared: bool = False
+    untied_head: bool = False
+    zero_init: bool = False
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head != 0:
@@ -57,19 +65,36 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
+def rotary_frequencies(head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """The angle per position of each of the head's head_dim/2 rotated pairs (RoFormer)."""
+    return base ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of queries or keys (B, heads, T, d): the pairs (i, i + d/2) turned
+    by their position's angles, so attention scores depend on relative positions only."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.qk_norm = config.n_head, config.qk_norm
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = True  # type: ignore[assignment]
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is not None:
             k, v = cache.write(layer, k, v)
             attn_mask = cache.mask
@@ -85,11 +110,13 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.relu_squared = config.relu_squared
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = True  # type: ignore[assignment]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        x = self.c_fc(x)
+        return self.c_proj(F.relu(x).square() if self.relu_squared else self.gelu(x))
 
 
 class Block(nn.Module):
@@ -101,8 +128,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, attn_mask)
+                attn_mask: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, attn_mask, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -112,7 +140,8 @@ class Transformer(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if not config.rotary:
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd)
 
@@ -126,7 +155,13 @@ class GPT(nn.Module):
         self.activation_checkpointing = False
         self.transformer = Transformer(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embedding
+        if not config.untied_head:
+            self.lm_head.weight = self.transformer.wte.weight  # tied input/output embedding
+        if config.rotary:  # cos and sin of every position's angles, not saved with weights
+            angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32),
+                                 rotary_frequencies(config.n_embd // config.n_head))
+            self.register_buffer("rope_cos", angles.cos(), persistent=False)
+            self.register_buffer("rope_sin", angles.sin(), persistent=False)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -135,7 +170,7 @@ class GPT(nn.Module):
             if getattr(module, "RESIDUAL_SCALE_INIT", False):
                 # Each block adds two residual branches; scaling keeps the stream's
                 # variance from growing with depth (GPT-2 paper, section 2.3).
-                std *= (2 * self.config.n_layer) ** -0.5
+                std *= 0.0 if self.config.zero_init else (2 * self.config.n_layer) ** -0.5
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -144,7 +179,7 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and not self.config.rotary:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -179,28 +214,49 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {T} tokens exceeds block_size "
                                  f"{self.config.block_size}")
             positions = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(positions)
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.rotary:
+            # (T, d/2) for shared positions, (B, 1, T, d/2) for a row's own: both broadcast
+            # over (B, heads, T, d/2).
+            rope = self.get_buffer("rope_cos")[positions], self.get_buffer("rope_sin")[positions]
+            if positions.dim() == 2:
+                rope = rope[0][:, None], rope[1][:, None]
+        else:
+            x = x + self.transformer.wpe(positions)
         recompute = (self.activation_checkpointing and self.training and cache is None
                      and torch.is_grad_enabled())
         for layer, block in enumerate(self.transformer.h):
             if recompute:
-                x = torch.utils.checkpoint.checkpoint(block, x, None, layer, attn_mask,
+                x = torch.utils.checkpoint.checkpoint(block, x, None, layer, attn_mask, rope,
                                                      use_reentrant=False)
             else:
-                x = block(x, cache, layer, attn_mask)
+                x = block(x, cache, layer, attn_mask, rope)
         return self.transformer.ln_f(x)
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float,
                              betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                             device_type: str = "cpu") -> torch.optim.AdamW:
-        """AdamW that decays 2-D weights (matmuls, embeddings) but not biases or norms."""
-        params = [p for p in self.parameters() if p.requires_grad]
+                             device_type: str = "cpu",
+                             muon_lr: float | None = None) -> torch.optim.Optimizer:
+        """AdamW that decays 2-D weights (matmuls, embeddings) but not biases or norms. With
+        `muon_lr`, the blocks' 2-D matrices go to torch.optim.Muon instead (their update
+        orthogonalised), the embeddings, the head and every 1-D parameter stay with AdamW."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        muon = [p for n, p in named if muon_lr is not None and n.startswith("transformer.h.")
+                and p.dim() == 2]
+        adamw = [p for _, p in named if all(p is not m for m in muon)]
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": [p for p in adamw if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in adamw if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps,
+        adam = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps,
                                  fused=device_type == "cuda")
+        if muon_lr is None:
+            return adam
+        # The schedule sets each group's lr to the AdamW lr times its lr_ratio.
+        orthogonal = torch.optim.Muon([{"params": muon, "lr_ratio": muon_lr / learning_rate}],
+                                      lr=muon_lr, weight_decay=weight_decay)
+        return MuonWithAdamW(orthogonal, adam)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6 per parameter plus attention's 12*L*C*T (PaLM, app. B)."""
@@ -300,6 +356,11 @@ class GPT(nn.Module):
         appears whole or not at all."""
         from safetensors.torch import save
 
+        beyond = [k for k in ("rotary", "qk_norm", "relu_squared", "untied_head")
+                  if getattr(self.config, k)]
+        if beyond:
+            raise ValueError(f"{directory}: GPT-2's Hugging Face format cannot hold a model "
+                             f"with {', '.join(beyond)}; export one trained without them")
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         vocab = min(self.config.vocab_size, GPT2_VOCAB_SIZE)  # padding rows are never used
@@ -315,6 +376,36 @@ class GPT(nn.Module):
         _write_atomically(out / "model.safetensors", save(tensors, metadata={"format": "pt"}))
         config = json.dumps(hf_config_dict(self.config, vocab), indent=2) + "\n"
         _write_atomically(out / "config.json", config.encode())
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Two optimizers over disjoint parameters, stepped, zeroed, unscaled by a GradScaler
+    and saved as one. Optimizer.__init__ is not called: the groups and state are theirs."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
+        self.parts = {"muon": muon, "adamw": adamw}
+        self.defaults: dict[str, Any] = {}
+
+    @property  # type: ignore[override]  # load_state_dict replaces the parts' own groups
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return [group for part in self.parts.values() for group in part.param_groups]
+
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        for part in self.parts.values():
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts.values():
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if set(state_dict) != set(self.parts):
+            raise ValueError("the optimizer state is not Muon's with AdamW's")
+        for name, part in self.parts.items():
+            part.load_state_dict(state_dict[name])
 
 
 # ------------------------------------------------------------------------------------ loss

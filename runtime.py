@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import FrameType
@@ -160,6 +161,72 @@ def distributed(env: DistEnv, device: torch.device) -> Iterator[None]:
         yield
     finally:
         destroy_distributed()
+
+
+# ------------------------------------------------------------------- --batch-size=auto
+
+# Where running out of memory cannot be caught (CPU, MPS: the process is killed or the
+# system swaps): a micro-batch that fits any machine these scripts run on.
+DEFAULT_AUTO_MICRO_BATCH = 8
+# Device types whose allocator raises torch.OutOfMemoryError, so a micro-batch can be tried.
+OOM_SEARCH_DEVICES = ("cuda",)
+
+
+def trial_micro_step(model: torch.nn.Module, batch_size: int, seq_len: int,
+                     precision: Precision, device: torch.device) -> None:
+    """Forward and backward of one micro-batch, leaving no gradient, optimizer or RNG state
+    behind. The tokens are all zero: a step's cost does not depend on their values."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # hand back the blocks a failed larger trial left cached
+    idx = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
+    try:
+        with precision.autocast(device):
+            _, loss = model(idx, idx)
+        loss.backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
+def auto_micro_batch(model: torch.nn.Module, samples: int, seq_len: int, precision: Precision,
+                     device: torch.device, env: DistEnv) -> tuple[int, str]:
+    """--batch-size=auto for `samples` per rank and step, and how it was chosen. On a GPU:
+    the largest that fits, trying `samples`, then halving, each size a divisor of `samples`
+    so that gradient accumulation makes up exactly the total batch. The trials run the eager
+    model: torch.compile's fused kernels need less memory, not more."""
+    if device.type not in OOM_SEARCH_DEVICES:
+        size = max(d for d in range(1, DEFAULT_AUTO_MICRO_BATCH + 1) if samples % d == 0)
+        return size, f"the default on {device.type}"
+    # AdamW's two moments (and under DDP the gradient buckets) appear only at the first real
+    # step; holding their size here keeps room for them beside the micro-batch found.
+    held = [torch.empty_like(p, dtype=torch.float32) for p in model.parameters()
+            for _ in range(3 if env.is_distributed else 2)]
+    size = samples
+    while size > 0:
+        try:
+            trial_micro_step(model, size, seq_len, precision, device)
+            break
+        except torch.OutOfMemoryError:  # leaving the except block frees the trial's tensors
+            size = max((d for d in range(1, size // 2 + 1) if samples % d == 0), default=0)
+    del held
+    if env.is_distributed:  # every rank takes the smallest size any rank found
+        packed = torch.tensor(size, device=device)
+        torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MIN)
+        size = int(packed)
+    if size == 0:
+        raise RuntimeError(f"--batch-size=auto: not even 1 x {seq_len} tokens fit in {device} "
+                           "memory; try --activation-checkpointing, a shorter --seq-len or a "
+                           "smaller --model")
+    return size, "the largest that fits in GPU memory" + (" on every rank"
+                                                          if env.is_distributed else "")
+
+
+def time_micro_step(model: torch.nn.Module, batch_size: int, seq_len: int,
+                    precision: Precision, device: torch.device) -> float:
+    """Seconds of one forward and backward of a micro-batch on this machine, now."""
+    for _ in range(2):  # the first call pays one-time allocations; the second is timed
+        start = time.perf_counter()
+        trial_micro_step(model, batch_size, seq_len, precision, device)
+    return time.perf_counter() - start
 
 
 # ------------------------------------------------------------------------------ MFU peaks

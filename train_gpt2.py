@@ -42,11 +42,6 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 DEFAULT_DATASET = "finewebedu"
 QUICKSTART_DATASET = "stdlib"
 AUTO: Final = "auto"
-# --batch-size=auto where running out of memory cannot be caught (CPU, MPS: the process is
-# killed or the system swaps): a micro-batch that fits any machine these scripts run on.
-DEFAULT_AUTO_MICRO_BATCH = 8
-# Device types whose allocator raises torch.OutOfMemoryError, so a micro-batch can be tried.
-OOM_SEARCH_DEVICES = ("cuda",)
 
 # The built-in quickstart: a falling loss and samples within 3 minutes on a 2-core CPU.
 # Tuned there (bench/RESULTS.md): validation loss 3.49 after 86 s of steps on an idle CPU.
@@ -59,6 +54,15 @@ QUICKSTART_FLAGS = [
     "--sample-prompt=def ",  # the corpus is Python source
     "--num-samples=2", "--sample-length=64", "--checkpoint-interval=75",
 ]
+
+SWITCHES = ("rotary", "qk_norm", "relu_squared", "untied_head", "zero_init")  # GPTConfig's
+# Named recipes: flags placed before the user's (after the quickstart's), so any flag given
+# still wins. modern: the architecture switches, Muon and a warmup-stable-decay schedule.
+RECIPES = {
+    "gpt2": [],
+    "modern": ["--rotary", "--qk-norm", "--relu-squared", "--untied-head", "--zero-init",
+               "--optimizer=muon", "--lr-schedule=wsd"],
+}
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -97,6 +101,8 @@ class TrainConfig:
                                  choices=("auto", "native", "numpy"))
     shuffle: bool = option(True, "seeded shuffle of training shards and samples each epoch")
     # model
+    recipe: str = option("gpt2", "gpt2: the 2019 recipe; modern: " + ", ".join(RECIPES["modern"])
+                         + " (each still overridable)", choices=tuple(RECIPES))
     model: str = option("gpt2", f"preset: {', '.join(PRESETS)}")
     n_layer: int | None = option(None, "override the preset", minimum=1)
     n_head: int | None = option(None, "override the preset", minimum=1)
@@ -108,19 +114,34 @@ class TrainConfig:
     init_from: str = option("scratch", "scratch, a pretrained name or HF folder (gpt2, "
                             "gpt2-medium, ...), or a checkpoint .pt file (weights only; "
                             "fresh optimizer)")
+    rotary: bool = option(False, "rotary position embeddings instead of learned ones")
+    qk_norm: bool = option(False, "RMS-normalise each head's queries and keys")
+    relu_squared: bool = option(False, "ReLU-squared MLP instead of GELU")
+    untied_head: bool = option(False, "an output head of its own, not tied to the embedding")
+    zero_init: bool = option(False, "attention and MLP output projections start at zero")
     # batch and optimizer
     batch_size: int | Literal["auto"] = option(
         64, "micro-batch per rank, or auto: the largest that fits in GPU memory (on CPU and "
-        f"MPS: {DEFAULT_AUTO_MICRO_BATCH}); accumulation keeps --total-batch-size",
+        f"MPS: {runtime.DEFAULT_AUTO_MICRO_BATCH}); accumulation keeps --total-batch-size",
         minimum=1, type=micro_batch_arg)
     seq_len: int = option(1024, "tokens per sample", minimum=1)
     total_batch_size: int = option(524288, "tokens per optimizer step (gradient "
                                    "accumulation makes up the rest)", minimum=1)
     max_steps: int = option(19073, "optimizer steps to train for", minimum=0)
     warmup_steps: int = option(715, "steps of linear LR warmup", minimum=0)
-    max_lr: float = option(6e-4, "peak learning rate, reached after the warmup", minimum=0)
-    min_lr: float | None = option(None, "LR at the end of the cosine (default: 10%% of "
+    max_lr: float = option(6e-4, "peak learning rate (AdamW's), reached after the warmup",
+                           minimum=0)
+    min_lr: float | None = option(None, "LR at the end of the schedule (default: 10%% of "
                                   "--max-lr)", minimum=0)
+    lr_schedule: str = option("cosine", "after the warmup, cosine: a cosine decay to --min-lr;"
+                              " wsd: constant, then linear to --min-lr over the last "
+                              "--cooldown-frac of the steps", choices=("cosine", "wsd"))
+    cooldown_frac: float = option(0.4, "wsd: the fraction of --max-steps spent decaying",
+                                  minimum=0, maximum=1)
+    optimizer: str = option("adamw", "adamw, or muon: torch.optim.Muon on the blocks' 2-D "
+                            "matrices, AdamW on the rest", choices=("adamw", "muon"))
+    muon_lr: float = option(0.02, "Muon's peak learning rate; it follows the same schedule",
+                            minimum=0)
     weight_decay: float = option(0.1, "AdamW weight decay on the 2-D weights", minimum=0)
     beta1: float = option(0.9, "AdamW beta1", minimum=0, maximum=1)
     beta2: float = option(0.95, "AdamW beta2", minimum=0, maximum=1)
@@ -165,6 +186,10 @@ class TrainConfig:
     @property
     def final_min_lr(self) -> float:
         return self.max_lr * 0.1 if self.min_lr is None else self.min_lr
+
+    @property
+    def cooldown(self) -> float | None:
+        return self.cooldown_frac if self.lr_schedule == "wsd" else None
 
     @property
     def quickstart(self) -> bool:
@@ -218,8 +243,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
             text = f"{text} (default: {f.default})".lstrip()
         name = "--" + f.name.replace("_", "-")
         kind = next((t for t in get_args(hints[f.name]) if t is not type(None)), hints[f.name])
-        if kind is bool:
-            action = "store_true" if f.default is False else argparse.BooleanOptionalAction
+        if kind is bool:  # --no-X where a default or a recipe can turn X on
+            negatable = f.default is not False or f.name in SWITCHES
+            action = argparse.BooleanOptionalAction if negatable else "store_true"
             group.add_argument(name, action=action, default=f.default, help=text)
         else:
             extra = {k: v for k, v in f.metadata.items() if k not in ("help", "minimum",
@@ -240,6 +266,12 @@ def validate(config: TrainConfig) -> None:
     if config.model not in PRESETS:
         raise UsageError(f"--model={config.model}: unknown preset; choose one of "
                          f"{', '.join(PRESETS)}")
+    if config.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        raise UsageError(f"--optimizer=muon needs torch 2.9 or newer (torch.optim.Muon); this "
+                         f"is torch {torch.__version__}")
+    if config.optimizer == "muon" and config.max_lr <= 0:
+        raise UsageError("--optimizer=muon: Muon's lr follows --max-lr's schedule as a ratio; "
+                         "pass --max-lr above 0")
 
 
 def parse_args(argv: list[str], description: str = "Train GPT-2 on token shards (single "
@@ -248,23 +280,30 @@ def parse_args(argv: list[str], description: str = "Train GPT-2 on token shards 
 
 
 def configure(config: TrainConfig, argv: list[str], say: Callable[[str], None]) -> TrainConfig:
-    """The parsed flags `config` of `argv`, checked. With no data flag and no prepared
-    finewebedu, or with --dataset=stdlib, the quickstart: its flags, then the user's."""
+    """The parsed flags `config` of `argv`, checked, with the flags of --recipe placed first.
+    With no data flag and no prepared finewebedu, or with --dataset=stdlib, the quickstart:
+    its flags go first of all."""
     validate(config)
+    flags, quickstart = RECIPES[config.recipe], config.quickstart
     if config.dataset is None and not config.data_dir:
         if data.find_shards(data_root(config) / DEFAULT_DATASET, "train"):
-            return dataclasses.replace(config, dataset=DEFAULT_DATASET)
-        say(f"No prepared {DEFAULT_DATASET} shards in {data_root(config) / DEFAULT_DATASET}; "
-            "running the built-in quickstart instead.")
-        say(f"To train GPT-2 124M, prepare FineWeb-Edu first: "
-            f"{prepare_command(DEFAULT_DATASET, config)}")
-        argv = [f"--dataset={QUICKSTART_DATASET}", *argv]
-    elif not config.quickstart:
+            flags = [f"--dataset={DEFAULT_DATASET}", *flags]
+        else:
+            say(f"No prepared {DEFAULT_DATASET} shards in "
+                f"{data_root(config) / DEFAULT_DATASET}; running the built-in quickstart "
+                "instead.")
+            say(f"To train GPT-2 124M, prepare FineWeb-Edu first: "
+                f"{prepare_command(DEFAULT_DATASET, config)}")
+            flags, quickstart = [f"--dataset={QUICKSTART_DATASET}", *flags], True
+    if quickstart:
+        flags = [*QUICKSTART_FLAGS, *flags]
+    if not flags:
         return config
-    config = parse_args([*QUICKSTART_FLAGS, *argv])
+    config = parse_args([*flags, *argv])
     validate(config)
-    say(f"Quickstart: {config.model} on the {QUICKSTART_DATASET} corpus, "
-        f"{config.max_steps} steps of {config.total_batch_size} tokens.")
+    if config.quickstart:
+        say(f"Quickstart: {config.model} on the {QUICKSTART_DATASET} corpus, "
+            f"{config.max_steps} steps of {config.total_batch_size} tokens.")
     return config
 
 
@@ -336,8 +375,9 @@ def model_config(config: TrainConfig) -> GPTConfig:
         value = getattr(config, name)
         if value is not None:
             overrides[name] = value
+    switches = {k: getattr(config, k) for k in SWITCHES}
     try:
-        return GPTConfig.from_preset(config.model, **overrides)
+        return GPTConfig.from_preset(config.model, **overrides, **switches)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -368,19 +408,27 @@ def build_model(config: TrainConfig, resume: dict[str, Any] | None,
     return model
 
 
-def build_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    return model.configure_optimizers(weight_decay=config.weight_decay,
-                                      learning_rate=config.max_lr,
-                                      betas=(config.beta1, config.beta2), eps=config.adam_eps,
-                                      device_type=device.type)
+def build_optimizer(model: GPT, config: TrainConfig,
+                    device: torch.device) -> torch.optim.Optimizer:
+    return model.configure_optimizers(
+        weight_decay=config.weight_decay, learning_rate=config.max_lr,
+        betas=(config.beta1, config.beta2), eps=config.adam_eps, device_type=device.type,
+        muon_lr=config.muon_lr if config.optimizer == "muon" else None)
 
 
-def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
-    """Linear warmup to max_lr over warmup_steps, then a cosine down to min_lr at max_steps."""
+def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int,
+           cooldown_frac: float | None = None) -> float:
+    """Linear warmup to max_lr over warmup_steps, then a cosine down to min_lr at max_steps;
+    with `cooldown_frac` (wsd), max_lr until that fraction of max_steps is left, then a
+    straight line down to min_lr."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if step >= max_steps:
         return min_lr
+    if cooldown_frac is not None:
+        decay_start = max(warmup_steps, max_steps * (1 - cooldown_frac))
+        progress = max(0.0, step - decay_start) / max(1.0, max_steps - decay_start)
+        return max_lr + progress * (min_lr - max_lr)
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
@@ -391,67 +439,15 @@ def check_fsdp(config: TrainConfig, env: runtime.DistEnv, precision: runtime.Pre
     if not env.is_distributed:
         raise UsageError("--fsdp shards over two or more torchrun ranks; a single process "
                          "trains (and resumes an --fsdp checkpoint) without it")
+    if config.optimizer == "muon":
+        raise UsageError("--fsdp with --optimizer=muon: Muon orthogonalises whole matrices and "
+                         "--fsdp holds shards of them; train Muon without --fsdp (DDP)")
     if precision.use_grad_scaler:
         raise UsageError("--fsdp with fp16: the GradScaler does not handle sharded gradients "
                          "here; pass --dtype=bf16 or --dtype=fp32")
 
 
 # ------------------------------------------------------------- micro-batch and run time
-
-
-def trial_micro_step(model: GPT, batch_size: int, seq_len: int, precision: runtime.Precision,
-                     device: torch.device) -> None:
-    """Forward and backward of one micro-batch, leaving no gradient, optimizer or RNG state
-    behind. The tokens are all zero: a step's cost does not depend on their values."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # hand back the blocks a failed larger trial left cached
-    idx = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
-    try:
-        with precision.autocast(device):
-            _, loss = model(idx, idx)
-        assert loss is not None
-        loss.backward()
-    finally:
-        model.zero_grad(set_to_none=True)
-
-
-def auto_micro_batch(config: TrainConfig, model: GPT, precision: runtime.Precision,
-                     device: torch.device, env: runtime.DistEnv,
-                     resume: dict[str, Any] | None, resume_path: Path | None = None
-                     ) -> tuple[int, str]:
-    """--batch-size=auto as a number, and how it was chosen. On a GPU: the largest that fits,
-    trying the samples per rank, then halving, each size a divisor of it so that gradient
-    accumulation makes up exactly the total batch. The trials run the eager model:
-    torch.compile's fused kernels need less memory, not more."""
-    samples = config.samples_per_rank(env.world_size)
-    if resume is not None:  # exact resume needs the loader's micro-batch of the run
-        name = resume_path.name if resume_path else "the checkpoint"
-        return int(resume["loader_states"][0]["batch_size"]), f"the micro-batch of {name}"
-    if device.type not in OOM_SEARCH_DEVICES:
-        size = max(d for d in range(1, DEFAULT_AUTO_MICRO_BATCH + 1) if samples % d == 0)
-        return size, f"the default on {device.type}"
-    # AdamW's two moments (and under DDP the gradient buckets) appear only at the first real
-    # step; holding their size here keeps room for them beside the micro-batch found.
-    held = [torch.empty_like(p, dtype=torch.float32) for p in model.parameters()
-            for _ in range(3 if env.is_distributed else 2)]
-    size = samples
-    while size > 0:
-        try:
-            trial_micro_step(model, size, config.seq_len, precision, device)
-            break
-        except torch.OutOfMemoryError:  # leaving the except block frees the trial's tensors
-            size = max((d for d in range(1, size // 2 + 1) if samples % d == 0), default=0)
-    del held
-    if env.is_distributed:  # every rank takes the smallest size any rank found
-        packed = torch.tensor(size, device=device)
-        torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MIN)
-        size = int(packed)
-    if size == 0:
-        raise RuntimeError(f"--batch-size=auto: not even 1 x {config.seq_len} tokens fit in "
-                           f"{device} memory; try --activation-checkpointing, a shorter "
-                           "--seq-len or a smaller --model")
-    return size, "the largest that fits in GPU memory" + (" on every rank"
-                                                          if env.is_distributed else "")
 
 
 def estimate_run_seconds(config: TrainConfig, grad_accum: int,
@@ -462,15 +458,6 @@ def estimate_run_seconds(config: TrainConfig, grad_accum: int,
                       for step in range(config.max_steps + 1))
     micro_steps = config.max_steps * grad_accum + evaluations * config.val_steps / 3
     return micro_steps * micro_step_seconds
-
-
-def time_micro_step(model: GPT, config: TrainConfig, precision: runtime.Precision,
-                    device: torch.device) -> float:
-    """Seconds of one forward and backward of a micro-batch on this machine, now."""
-    for _ in range(2):  # the first call pays one-time allocations; the second is timed
-        start = time.perf_counter()
-        trial_micro_step(model, config.micro_batch, config.seq_len, precision, device)
-    return time.perf_counter() - start
 
 
 # ------------------------------------------------------------------------------- the step
@@ -492,7 +479,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     only on the last. Nothing is read back to the host (but the fp16 GradScaler's scale), so
     the CPU queues the optimizer step while the GPU still runs the backward pass."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_ratio", 1.0)
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(grad_accum):
@@ -616,14 +603,18 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
     model.activation_checkpointing = config.activation_checkpointing
     chosen = None
     if config.batch_size == AUTO:
-        size, chosen = auto_micro_batch(config, model, precision, device, env, resume,
-                                        resume_path)
+        if resume is not None and resume_path is not None:  # exact resume needs its loader's
+            size = int(resume["loader_states"][0]["batch_size"])
+            chosen = f"the micro-batch of {resume_path.name}"
+        else:
+            size, chosen = runtime.auto_micro_batch(model, config.samples_per_rank(env.world_size),
+                                                    config.seq_len, precision, device, env)
         config = dataclasses.replace(config, batch_size=size)
         say(f"--batch-size=auto: micro-batch {size} ({chosen})")
     grad_accum = config.grad_accum(env.world_size)
     if config.quickstart and resume is None:
-        seconds = estimate_run_seconds(config, grad_accum, time_micro_step(
-            model, config, precision, device))
+        seconds = estimate_run_seconds(config, grad_accum, runtime.time_micro_step(
+            model, config.micro_batch, config.seq_len, precision, device))
         say(f"Quickstart: about {seconds / 60:.1f} minutes of training on this machine "
             "(estimated from one timed step; other work on the CPU makes it longer)")
     if config.compile is None:
@@ -723,7 +714,7 @@ def training_loop(*, config: TrainConfig, env: runtime.DistEnv, device: torch.de
 
             t0 = time.perf_counter()
             lr = get_lr(step, config.max_lr, config.final_min_lr, config.warmup_steps,
-                        config.max_steps)
+                        config.max_steps, config.cooldown)
             result = train_step(train_model, optimizer, scaler, loader.next_batch, grad_accum,
                                 precision, device, lr, config.grad_clip)
             loss, grad_norm, stop_requested = read_step(result, stop.requested, env)

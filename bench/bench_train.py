@@ -150,8 +150,8 @@ def resolve_batch_size(args: argparse.Namespace, model: GPT, config: train_gpt2.
     if device.type != "cuda":
         raise ValueError("--batch-size=auto searches GPU memory: give a number on "
                          f"{device.type}")
-    found, _ = train_gpt2.auto_micro_batch(config, model, precision, device,
-                                           runtime.DistEnv(), None)
+    found, _ = runtime.auto_micro_batch(model, config.samples_per_rank(1), args.seq_len,
+                                        precision, device, runtime.DistEnv())
     args.batch_size = found
     print(f"--batch-size=auto: {found}, the largest that fits")
 

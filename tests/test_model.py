@@ -161,14 +161,20 @@ def test_unknown_name_is_not_sent_to_the_hub():
         GPT.from_pretrained("definitely-not-a-model")
 
 
-def tiny_model(seed: int = 0, vocab_size: int = 50257) -> GPT:
+def tiny_model(seed: int = 0, vocab_size: int = 50257, **switches: bool) -> GPT:
     torch.manual_seed(seed)
     return GPT(GPTConfig(block_size=64, vocab_size=vocab_size, n_layer=2, n_head=4,
-                         n_embd=32)).eval()
+                         n_embd=32, **switches)).eval()
 
 
-def test_kv_cache_logits_equal_full_forward_at_every_step():
-    model = tiny_model()
+# GPT-2, rotary alone, and every switch that changes the forward (zero_init only the init).
+SWITCH_SETS = [{}, {"rotary": True},
+               {"rotary": True, "qk_norm": True, "relu_squared": True, "untied_head": True}]
+
+
+@pytest.mark.parametrize("switches", SWITCH_SETS, ids=str)
+def test_kv_cache_logits_equal_full_forward_at_every_step(switches: dict[str, bool]):
+    model = tiny_model(**switches)
     idx = torch.randint(0, 50257, (2, 7))
     steps = 12
     cache = KVCache(model.config, 2, idx.size(1) + steps, idx.device, torch.float32)
@@ -182,8 +188,9 @@ def test_kv_cache_logits_equal_full_forward_at_every_step():
             seq = torch.cat([seq, fresh], dim=1)
 
 
-def test_kv_cache_multi_token_chunk_after_prefix():
-    model = tiny_model(1)
+@pytest.mark.parametrize("switches", SWITCH_SETS, ids=str)
+def test_kv_cache_multi_token_chunk_after_prefix(switches: dict[str, bool]):
+    model = tiny_model(1, **switches)
     idx = torch.randint(0, 50257, (1, 20))
     cache = KVCache(model.config, 1, 20, idx.device, torch.float32)
     with torch.no_grad():
@@ -193,9 +200,10 @@ def test_kv_cache_multi_token_chunk_after_prefix():
     assert (chunk - full).abs().max().item() <= 1e-5
 
 
-def test_packed_row_with_mask_equals_separate_forwards():
+@pytest.mark.parametrize("switches", SWITCH_SETS, ids=str)
+def test_packed_row_with_mask_equals_separate_forwards(switches: dict[str, bool]):
     """Two sequences in one row, each attending only to itself with its own positions."""
-    model = tiny_model(4)
+    model = tiny_model(4, **switches)
     a, b = torch.randint(0, 50257, (1, 9)), torch.randint(0, 50257, (1, 6))
     row = torch.cat([a, b], dim=1)
     positions = torch.cat([torch.arange(9), torch.arange(6)])[None]

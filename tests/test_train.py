@@ -205,12 +205,12 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
                            b["transformer.h.0.mlp.c_fc.weight"])
 
 
-def assert_same_run(out_dir: Path, reference: Path) -> None:
+def assert_same_run(out_dir: Path, reference: Path, final: str = "ckpt_0000040.pt") -> None:
     """Identical log events (losses, LRs, grad norms, val losses; each once) and final
     weights and loader state."""
     assert deterministic_events(read_log(out_dir)) == deterministic_events(read_log(reference))
-    a = load_ckpt(reference / "ckpt_0000040.pt")
-    b = load_ckpt(out_dir / "ckpt_0000040.pt")
+    a = load_ckpt(reference / final)
+    b = load_ckpt(out_dir / final)
     assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
@@ -557,15 +557,15 @@ def test_cuda_train_step_never_waits_for_the_gpu(compiled: bool) -> None:
 def auto_sizes_tried(samples: int, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The micro-batches --batch-size=auto tries, largest first, when none fits."""
     tried: list[int] = []
-    monkeypatch.setattr(train_gpt2, "OOM_SEARCH_DEVICES", ("cpu",))
-    monkeypatch.setattr(train_gpt2, "trial_micro_step", oom_above(0, tried))
+    monkeypatch.setattr(runtime, "OOM_SEARCH_DEVICES", ("cpu",))
+    monkeypatch.setattr(runtime, "trial_micro_step", oom_above(0, tried))
     config = train_gpt2.TrainConfig(batch_size="auto", seq_len=SEQ,
                                     total_batch_size=samples * SEQ)
     model = GPT(GPTConfig(block_size=SEQ, vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=32))
     cpu = torch.device("cpu")
     with pytest.raises(RuntimeError, match="not even 1"):
-        train_gpt2.auto_micro_batch(config, model, runtime.resolve_precision(cpu, "fp32"), cpu,
-                                    runtime.DistEnv(), None)
+        runtime.auto_micro_batch(model, config.samples_per_rank(1), SEQ,
+                                 runtime.resolve_precision(cpu, "fp32"), cpu, runtime.DistEnv())
     return tried
 
 
@@ -587,7 +587,7 @@ def test_batch_size_auto_halves_down_through_divisors(monkeypatch: pytest.Monkey
 def oom_above(limit: int, tried: list[int]):
     """trial_micro_step as on a GPU with room for `limit` samples: larger ones raise the
     error CUDA's allocator raises; the others run the real trial."""
-    real = train_gpt2.trial_micro_step
+    real = runtime.trial_micro_step
 
     def trial(model, batch_size, *args, **kwargs):
         tried.append(batch_size)
@@ -605,8 +605,8 @@ def test_batch_size_auto_halves_after_out_of_memory_and_keeps_the_total_batch(
               f"--total-batch-size={8 * SEQ}"]
     # The total batch is 8 samples; the simulated GPU has room for 2 at a time.
     tried: list[int] = []
-    monkeypatch.setattr(train_gpt2, "OOM_SEARCH_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(train_gpt2, "trial_micro_step", oom_above(2, tried))
+    monkeypatch.setattr(runtime, "OOM_SEARCH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(runtime, "trial_micro_step", oom_above(2, tried))
     assert train_gpt2.main(tiny_args(shards, tmp_path / "auto", *common,
                                      "--batch-size=auto")) == 0
     assert tried == [8, 4, 2]
@@ -640,8 +640,8 @@ def test_batch_size_auto_with_nothing_fitting_is_one_error_line(
         monkeypatch: pytest.MonkeyPatch) -> None:
     shards = write_shards(tmp_path / "shards")
     tried: list[int] = []
-    monkeypatch.setattr(train_gpt2, "OOM_SEARCH_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(train_gpt2, "trial_micro_step", oom_above(0, tried))
+    monkeypatch.setattr(runtime, "OOM_SEARCH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(runtime, "trial_micro_step", oom_above(0, tried))
     out = tmp_path / "out"
     assert train_gpt2.main(tiny_args(shards, out, "--batch-size=auto")) == 1
     assert tried == [8, 4, 2, 1]
@@ -663,7 +663,7 @@ def test_batch_size_auto_on_cpu_takes_the_default_and_resume_keeps_the_saved_one
     assert read_log(out)[0] == {"step": 0, "micro_batch": 6, "grad_accum": 2}
     # Resumed where the default differs (another machine): the checkpoint's micro-batch,
     # which the loader's exact resume needs; no second choice in the log.
-    monkeypatch.setattr(train_gpt2, "DEFAULT_AUTO_MICRO_BATCH", 4)
+    monkeypatch.setattr(runtime, "DEFAULT_AUTO_MICRO_BATCH", 4)
     assert train_gpt2.main(tiny_args(shards, out, *common, "--max-steps=4", "--resume")) == 0
     assert [e for e in read_log(out) if "micro_batch" in e] == [
         {"step": 0, "micro_batch": 6, "grad_accum": 2}]
@@ -676,15 +676,16 @@ def search_on_rank(rank: int, port: int, room: list[int], out_dir: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
                                          rank=rank, world_size=2)
     try:
-        train_gpt2.OOM_SEARCH_DEVICES = ("cpu",)
-        train_gpt2.trial_micro_step = oom_above(room[rank], [])  # type: ignore[assignment]
+        runtime.OOM_SEARCH_DEVICES = ("cpu",)
+        runtime.trial_micro_step = oom_above(room[rank], [])  # type: ignore[assignment]
         config = train_gpt2.TrainConfig(batch_size="auto", seq_len=SEQ,
                                         total_batch_size=16 * SEQ * 2)
         model = GPT(GPTConfig(block_size=SEQ, vocab_size=VOCAB, n_layer=1, n_head=2,
                               n_embd=32))
-        size, _ = train_gpt2.auto_micro_batch(
-            config, model, runtime.resolve_precision(torch.device("cpu"), "fp32"),
-            torch.device("cpu"), runtime.DistEnv(rank, rank, 2), None)
+        size, _ = runtime.auto_micro_batch(
+            model, config.samples_per_rank(2), SEQ,
+            runtime.resolve_precision(torch.device("cpu"), "fp32"), torch.device("cpu"),
+            runtime.DistEnv(rank, rank, 2))
         Path(out_dir, f"rank{rank}").write_text(str(size))
     finally:
         torch.distributed.destroy_process_group()
