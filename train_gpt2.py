@@ -58,10 +58,16 @@ QUICKSTART_FLAGS = [
 SWITCHES = ("rotary", "qk_norm", "relu_squared", "untied_head", "zero_init")  # GPTConfig's
 # Named recipes: flags placed before the user's (after the quickstart's), so any flag given
 # still wins. modern: the architecture switches, Muon and a warmup-stable-decay schedule.
+# finetune: GPT-2's weights (its 50257-token vocabulary kept, so the result exports) trained
+# briefly on the user's text at a small, nearly constant learning rate, validated often.
 RECIPES = {
     "gpt2": [],
     "modern": ["--rotary", "--qk-norm", "--relu-squared", "--untied-head", "--zero-init",
                "--optimizer=muon", "--lr-schedule=wsd"],
+    "finetune": ["--init-from=gpt2", "--max-lr=3e-5", "--lr-schedule=wsd", "--cooldown-frac=0.2",
+                 "--warmup-steps=10", "--max-steps=200", "--total-batch-size=32768",
+                 "--batch-size=auto", "--eval-interval=20", "--val-steps=10",
+                 "--hellaswag-interval=0", "--sample-interval=50", "--checkpoint-interval=50"],
 }
 
 
@@ -102,7 +108,8 @@ class TrainConfig:
     shuffle: bool = option(True, "seeded shuffle of training shards and samples each epoch")
     # model
     recipe: str = option("gpt2", "gpt2: the 2019 recipe; modern: " + ", ".join(RECIPES["modern"])
-                         + " (each still overridable)", choices=tuple(RECIPES))
+                         + "; finetune: " + ", ".join(RECIPES["finetune"]) + " (any flag given "
+                         "still wins)", choices=tuple(RECIPES))
     model: str = option("gpt2", f"preset: {', '.join(PRESETS)}")
     n_layer: int | None = option(None, "override the preset", minimum=1)
     n_head: int | None = option(None, "override the preset", minimum=1)
@@ -167,6 +174,10 @@ class TrainConfig:
                                       "always saved)", minimum=0)
     keep_checkpoints: int = option(3, "keep the newest K checkpoints; 0 keeps all", minimum=0)
     out_dir: str = option("out", "checkpoints and log.jsonl")
+    wandb_project: str | None = option(None, "also send every log.jsonl event to this Weights "
+                                       "& Biases project (pip install -e '.[wandb]'); "
+                                       "offline when there is no network")
+    wandb_run_name: str | None = option(None, "the W&B run's name (default: W&B's own)")
     resume: bool = option(False, "continue from the newest checkpoint in --out-dir")
     overwrite: bool = option(False, "start afresh in an --out-dir that already holds "
                              "checkpoints")
@@ -263,6 +274,9 @@ def validate(config: TrainConfig) -> None:
                             f.metadata["maximum"])
     if config.dataset and config.data_dir:
         raise UsageError("--dataset and --data-dir both given: pass only one")
+    if config.recipe == "finetune" and not (config.dataset or config.data_dir):
+        raise UsageError("--recipe=finetune: pass --dataset=NAME of your prepared text (python "
+                         "prepare_dataset.py --dataset=FOLDER --name=NAME) or --data-dir=DIR")
     if config.model not in PRESETS:
         raise UsageError(f"--model={config.model}: unknown preset; choose one of "
                          f"{', '.join(PRESETS)}")
@@ -577,6 +591,25 @@ def load_hellaswag(config: TrainConfig, env: runtime.DistEnv) -> list[dict[str, 
         return None
 
 
+def run_log(config: TrainConfig, env: runtime.DistEnv, out_dir: Path) -> Callable[..., None]:
+    """log(step, **values): one event into log.jsonl (the record of the run) and, with
+    --wandb-project, the same to W&B; rank 0 only."""
+    if not env.is_main:
+        return lambda step, **values: None
+    send = None
+    if config.wandb_project:
+        import tracking
+
+        send = tracking.start_wandb(config.wandb_project, config.wandb_run_name,
+                                    dataclasses.asdict(config), out_dir)
+
+    def log(step: int, **values: Any) -> None:
+        checkpoint.append_log(out_dir, step, **values)
+        if send is not None:
+            send(step, values)
+    return log
+
+
 # ------------------------------------------------------------------------------ the recipe
 
 
@@ -643,8 +676,7 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
             checkpoint.open_run(out_dir, resume_path, start_step)
         if env.is_distributed:
             torch.distributed.barrier()
-        log = (lambda step, **values: checkpoint.append_log(out_dir, step, **values)
-               ) if env.is_main else (lambda step, **values: None)
+        log = run_log(config, env, out_dir)
         if chosen and resume is None:
             log(start_step, micro_batch=config.micro_batch, grad_accum=grad_accum)
         say(f"data: {source} ({len(train_files)} train, {len(val_files)} val shards)")
