@@ -23,11 +23,10 @@ train_jax.py checkpoints only: a train_gpt2.py one holds PyTorch's optimizer sta
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,9 @@ import cli
 import data
 import model_jax
 import runtime
+import sample
 from cli import UsageError
+from model import GPTConfig
 from train_gpt2 import (
     TrainConfig,
     build_model,
@@ -61,14 +62,10 @@ NOT_APPLICABLE = {
     "hellaswag_data": "train_jax.py runs no HellaSwag evaluation",
     "hellaswag_limit": "train_jax.py runs no HellaSwag evaluation",
     "fsdp": "train_jax.py replicates the weights on its local devices",
+    "optimizer": "train_jax.py trains with AdamW (optax)",
 }
 SAMPLE_TOP_K = 50  # sample.py's default
-
-StepFn = Callable[[model_jax.Params, Any, jax.Array, jax.Array, np.float32],
-                  tuple[model_jax.Params, Any, jax.Array, jax.Array]]
-
-
-# ---------------------------------------------------------------------------- arguments
+say = functools.partial(print, flush=True)
 
 
 def check_applicable(config: TrainConfig) -> None:
@@ -82,11 +79,13 @@ def check_applicable(config: TrainConfig) -> None:
     if config.batch_size == "auto":
         raise UsageError("--batch-size=auto: train_jax.py needs a number (the search for the "
                          "largest micro-batch is train_gpt2.py's)")
+    if config.dtype == "fp16":
+        raise UsageError("--dtype=fp16: train_jax.py has no loss scaling; pass --dtype=bf16 "
+                         "or fp32")
 
 
 def resolve_devices(name: str) -> list[jax.Device]:
-    """--device as JAX devices: every local device of the default backend (auto) or of the
-    GPUs (cuda), one GPU (cuda:N), or the CPU."""
+    """auto: every local device of the default backend; cuda: every GPU; cuda:N; cpu."""
     if name == "auto":
         return jax.local_devices()
     kind, _, index = name.partition(":")
@@ -98,36 +97,15 @@ def resolve_devices(name: str) -> list[jax.Device]:
     except RuntimeError:
         raise UsageError(f"--device={name}: JAX has no {backend} backend here; install "
                          "jax[cuda12] for NVIDIA GPUs, or pass --device=cpu") from None
-    if index:
-        if int(index) >= len(devices):
-            raise UsageError(f"--device={name}: only {len(devices)} device(s) present")
-        return [devices[int(index)]]
-    return devices
+    if index and int(index) >= len(devices):
+        raise UsageError(f"--device={name}: only {len(devices)} device(s) present")
+    return [devices[int(index)]] if index else devices
 
 
-def compute_dtype(name: str, platform: str) -> Any:
-    """The matmul dtype: bf16 on GPU for auto, else fp32."""
-    if name == "auto":
-        name = "bf16" if platform == "gpu" else "fp32"
-    if name == "fp16":
-        raise UsageError("--dtype=fp16: train_jax.py has no loss scaling; pass --dtype=bf16 "
-                         "or fp32")
-    return jnp.bfloat16 if name == "bf16" else jnp.float32
+# --------------------------------------------------- the step, evaluations and checkpoints
 
 
-def peak_flops(device: jax.Device) -> float | None:
-    """The bf16 peak of a GPU from runtime's table, by name; None elsewhere."""
-    if device.platform != "gpu":
-        return None
-    return next((flops for key, flops in runtime.GPU_BF16_PEAK_FLOPS.items()
-                 if key in device.device_kind), None)
-
-
-# ------------------------------------------------------------------------------ the step
-
-
-def build_optimizer(config: TrainConfig, params: model_jax.Params
-                    ) -> optax.GradientTransformation:
+def build_optimizer(config: TrainConfig, params: model_jax.Params) -> optax.GradientTransformation:
     """torch.optim.AdamW as train_gpt2.py configures it: decay on the 2-D weights only. The
     learning rate is a hyperparameter in the state, set at every step from get_lr."""
     decay = {key: value.ndim >= 2 for key, value in params.items()}
@@ -137,14 +115,14 @@ def build_optimizer(config: TrainConfig, params: model_jax.Params
 
 
 def make_train_step(optimizer: optax.GradientTransformation, n_head: int, dtype: Any,
-                    grad_accum: int, grad_clip: float, remat: bool) -> StepFn:
+                    grad_accum: int, grad_clip: float, remat: bool) -> jax.stages.Wrapped:
     """(params, opt_state, xs, ys, lr) -> (params, opt_state, mean loss, grad norm): one
     update from `grad_accum` stacked micro-batches xs, ys (grad_accum, B, T)."""
     loss_and_grad = jax.value_and_grad(
         lambda params, x, y: model_jax.cross_entropy(params, x, y, n_head, dtype, remat))
 
-    def accumulate(params: model_jax.Params, xs: jax.Array, ys: jax.Array
-                   ) -> tuple[jax.Array, model_jax.Params]:
+    def step(params: model_jax.Params, opt_state: Any, xs: jax.Array, ys: jax.Array,
+             lr: np.float32) -> tuple[model_jax.Params, Any, jax.Array, jax.Array]:
         def add(carry: tuple[jax.Array, model_jax.Params], batch: tuple[jax.Array, jax.Array]
                 ) -> tuple[tuple[jax.Array, model_jax.Params], None]:
             loss, grads = loss_and_grad(params, *batch)
@@ -152,156 +130,91 @@ def make_train_step(optimizer: optax.GradientTransformation, n_head: int, dtype:
 
         start = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
         (loss_sum, grad_sum), _ = jax.lax.scan(add, start, (xs, ys))
-        return loss_sum / grad_accum, jax.tree.map(lambda g: g / grad_accum, grad_sum)
-
-    def step(params: model_jax.Params, opt_state: Any, xs: jax.Array, ys: jax.Array,
-             lr: np.float32) -> tuple[model_jax.Params, Any, jax.Array, jax.Array]:
-        loss, grads = accumulate(params, xs, ys)
+        grads = jax.tree.map(lambda g: g / grad_accum, grad_sum)
         norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        # torch.nn.utils.clip_grad_norm_'s factor, epsilon included: both scripts step alike.
         if grad_clip > 0:
-            # torch.nn.utils.clip_grad_norm_'s factor, epsilon included, so that both
-            # scripts take the same steps.
             factor = jnp.minimum(1.0, grad_clip / (norm + 1e-6))
             grads = jax.tree.map(lambda g: g * factor, grads)
         opt_state.hyperparams["learning_rate"] = lr
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, norm
+        return optax.apply_updates(params, updates), opt_state, loss_sum / grad_accum, norm
 
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-# -------------------------------------------------------------------------------- trainer
+def on_devices(array: np.ndarray, mesh: Mesh, *spec: str | None) -> jax.Array:
+    """Token ids as int32 on the devices, split along the axis named "data"."""
+    return jax.device_put(array.astype(np.int32), NamedSharding(mesh, PartitionSpec(*spec)))
 
 
-@dataclass(kw_only=True)
-class JaxTrainer:
-    """The run's state and the few things done with it, as train_gpt2.Trainer's."""
-
-    config: TrainConfig
-    params: model_jax.Params
-    n_head: int
-    dtype: Any
-    opt_state: Any
-    train_step: StepFn
-    mesh: Mesh
-    train_loader: data.ShardLoader
-    val_loader: data.ShardLoader
-    grad_accum: int
-    out_dir: Path
-    argv: list[str]
-    last_checkpoint: Path | None = None
-
-    def sharded(self, array: np.ndarray, *spec: str | None) -> jax.Array:
-        """Token ids as int32 on the devices, split along the axis named "data"."""
-        return jax.device_put(array.astype(np.int32),
-                              NamedSharding(self.mesh, PartitionSpec(*spec)))
-
-    def step(self, lr: float) -> tuple[float, float]:
-        """One optimizer step at `lr`: (mean loss, gradient norm before clipping)."""
-        pairs = [self.train_loader.next_arrays() for _ in range(self.grad_accum)]
-        xs = self.sharded(np.stack([x for x, _ in pairs]), None, "data")
-        ys = self.sharded(np.stack([y for _, y in pairs]), None, "data")
-        self.params, self.opt_state, loss, norm = self.train_step(
-            self.params, self.opt_state, xs, ys, np.float32(lr))
-        return float(loss), float(norm)
-
-    def val_loss(self) -> float:
-        """Mean loss over the first --val-steps val batches (the same ones every time)."""
-        self.val_loader.reset()
-        total = 0.0
-        for _ in range(self.config.val_steps):
-            x, y = self.val_loader.next_arrays()
-            total += float(model_jax.cross_entropy(self.params, self.sharded(x, "data"),
-                                                   self.sharded(y, "data"), self.n_head,
-                                                   self.dtype))
-        return total / self.config.val_steps
-
-    def write_log(self, step: int, **values: Any) -> None:
-        checkpoint.append_log(self.out_dir, step, **values)
-
-    def save(self, step: int) -> None:
-        path = checkpoint.path_for(self.out_dir, step)
-        leaves = [torch.from_numpy(np.array(leaf)) for leaf in jax.tree.leaves(self.opt_state)]
-        model_jax.save_checkpoint(
-            path, self.params, self.n_head, optimizer_leaves=leaves, step=step,
-            loader_states=[self.train_loader.state_dict()], devices=self.mesh.size,
-            args=list(self.argv), config=dataclasses.asdict(self.config))
-        checkpoint.prune(self.out_dir, self.config.keep_checkpoints)
-        self.last_checkpoint = path
-        print(f"saved {path}", flush=True)
-        self.write_log(step, checkpoint=str(path))
-
-    def restore(self, state: dict[str, Any], path: Path) -> int:
-        """Optimizer state and loader position of the checkpoint the weights came from;
-        returns its step."""
-        leaves = state.get("optimizer_leaves")
-        if leaves is None:
-            raise RuntimeError(f"{path}: a train_gpt2.py checkpoint, whose PyTorch optimizer "
-                             "state train_jax.py cannot continue; resume it with train_gpt2.py, "
-                             f"or start from its weights with --init-from={path}")
-        expected = len(jax.tree.leaves(self.opt_state))
-        if len(leaves) != expected:
-            raise RuntimeError(f"{path}: optimizer state of another shape ({len(leaves)} "
-                             f"arrays, expected {expected})")
-        restored = jax.tree.unflatten(jax.tree.structure(self.opt_state),
-                                      [leaf.numpy() for leaf in leaves])
-        self.opt_state = jax.device_put(restored, NamedSharding(self.mesh, PartitionSpec()))
-        try:
-            self.train_loader.load_state_dict(state["loader_states"][0])
-        except ValueError as exc:
-            raise RuntimeError(f"{path}: {exc}") from None
-        self.last_checkpoint = path
-        return int(state["step"])
-
-    def run_evals(self, step: int) -> None:
-        cfg = self.config
-        if due(cfg.eval_interval, step, cfg.max_steps):
-            val = self.val_loss()
-            print(f"step {step:6d} | val loss {val:.4f}", flush=True)
-            self.write_log(step, val_loss=val)
-        # Samples from the untrained weights at step 0 would only show noise.
-        if step > 0 and due(cfg.sample_every, step, cfg.max_steps):
-            self.print_samples(step)
-
-    def print_samples(self, step: int) -> None:
-        import sample
-
-        cfg = self.config
-        prompt = sample.encode_prompt(cfg.sample_prompt)
-        block_size = self.params["transformer.wpe.weight"].shape[0]
-        new_tokens = min(cfg.sample_length, block_size) - len(prompt)
-        if new_tokens < 1 or cfg.num_samples < 1:
-            return
-        tokens = model_jax.generate(self.params, self.n_head,
-                                    np.array([prompt] * cfg.num_samples), new_tokens,
-                                    jax.random.key(cfg.seed), top_k=SAMPLE_TOP_K)
-        first = 0 if cfg.sample_prompt else 1  # a bare <|endoftext|> start is not shown
-        texts = [data.get_tokenizer().decode(row[first:].tolist()) for row in tokens]
-        print(f"step {step:6d} | samples:", flush=True)
-        for text in texts:
-            print(f"> {text}", flush=True)
-        self.write_log(step, samples=texts)
+def val_loss(params: model_jax.Params, n_head: int, dtype: Any, loader: data.ShardLoader,
+             steps: int, mesh: Mesh) -> float:
+    """Mean loss over the first `steps` val batches (the same ones every time)."""
+    loader.reset()
+    total = 0.0
+    for _ in range(steps):
+        x, y = (on_devices(array, mesh, "data") for array in loader.next_arrays())
+        total += float(model_jax.cross_entropy(params, x, y, n_head, dtype))
+    return total / steps
 
 
-# ----------------------------------------------------------------------------------- main
+def generate_samples(config: TrainConfig, params: model_jax.Params, n_head: int) -> list[str]:
+    """--num-samples continuations of --sample-prompt, top-k as sample.py draws them."""
+    prompt = sample.encode_prompt(config.sample_prompt)
+    block_size = params["transformer.wpe.weight"].shape[0]
+    new_tokens = min(config.sample_length, block_size) - len(prompt)
+    if new_tokens < 1 or config.num_samples < 1:
+        return []
+    tokens = model_jax.generate(params, n_head, np.array([prompt] * config.num_samples),
+                                new_tokens, jax.random.key(config.seed), top_k=SAMPLE_TOP_K)
+    first = 0 if config.sample_prompt else 1  # a bare <|endoftext|> start is not shown
+    return [data.get_tokenizer().decode(row[first:].tolist()) for row in tokens]
 
 
-def make_loader(files: list[Path], config: TrainConfig, devices: int, shuffle: bool,
-                vocab_size: int) -> data.ShardLoader:
-    """One loader for all local devices: its batch is their micro-batches side by side,
-    the same samples that as many torchrun ranks would take."""
-    return data.ShardLoader([str(f) for f in files], config.micro_batch * devices,
-                            config.seq_len, shuffle=shuffle, seed=config.seed,
-                            backend=config.loader_backend, vocab_size=vocab_size)
+def save(out_dir: Path, step: int, config: TrainConfig, argv: list[str], params: model_jax.Params,
+         n_head: int, opt_state: Any, loader: data.ShardLoader, devices: int) -> Path:
+    """Checkpoint `step`, then the oldest beyond --keep-checkpoints go."""
+    path = checkpoint.path_for(out_dir, step)
+    leaves = [torch.from_numpy(np.array(leaf)) for leaf in jax.tree.leaves(opt_state)]
+    model_jax.save_checkpoint(path, params, n_head, optimizer_leaves=leaves, step=step,
+                              loader_states=[loader.state_dict()], devices=devices,
+                              args=list(argv), config=dataclasses.asdict(config))
+    checkpoint.prune(out_dir, config.keep_checkpoints)
+    say(f"saved {path}")
+    return path
+
+
+def restore(state: dict[str, Any], path: Path, opt_state: Any, sharding: NamedSharding,
+            loader: data.ShardLoader) -> tuple[Any, int]:
+    """(optimizer state, step) of the weights' checkpoint; the loader goes back to its place."""
+    leaves = state.get("optimizer_leaves")
+    if leaves is None:
+        raise RuntimeError(f"{path}: a train_gpt2.py checkpoint, whose PyTorch optimizer "
+                           "state train_jax.py cannot continue; resume it with train_gpt2.py, "
+                           f"or start from its weights with --init-from={path}")
+    expected = len(jax.tree.leaves(opt_state))
+    if len(leaves) != expected:
+        raise RuntimeError(f"{path}: optimizer state of another shape ({len(leaves)} "
+                           f"arrays, expected {expected})")
+    restored = jax.tree.unflatten(jax.tree.structure(opt_state), [leaf.numpy() for leaf in leaves])
+    try:
+        loader.load_state_dict(state["loader_states"][0])
+    except ValueError as exc:
+        raise RuntimeError(f"{path}: {exc}") from None
+    return jax.device_put(restored, sharding), int(state["step"])
+
+
+# ------------------------------------------------------------------------------ the recipe
 
 
 def train(config: TrainConfig, argv: list[str]) -> int:
-    """The recipe, top to bottom, as train_gpt2.train runs it."""
-    say: Callable[[str], None] = lambda msg: print(msg, flush=True)  # noqa: E731
+    """Setup, top to bottom, then the loop, as train_gpt2.train runs them."""
     config = configure(config, argv, say)
     check_applicable(config)
     devices = resolve_devices(config.device)
-    dtype = compute_dtype(config.dtype, devices[0].platform)
+    bf16 = config.dtype == "bf16" or (config.dtype == "auto" and devices[0].platform == "gpu")
+    dtype = jnp.bfloat16 if bf16 else jnp.float32  # of the matmuls
     grad_accum = config.grad_accum(len(devices))
     out_dir = Path(config.out_dir).expanduser()
     resume_path = checkpoint.resume_point(out_dir, config.resume, config.overwrite)
@@ -312,24 +225,28 @@ def train(config: TrainConfig, argv: list[str]) -> int:
 
     torch.manual_seed(config.seed)  # train_gpt2.py's init for the same seed
     start = build_model(config, resume, resume_path)
+    gpt2 = {f: getattr(start.config, f) for f in (*checkpoint.GPT2_FIELDS, "zero_init")}
+    if start.config != GPTConfig(**gpt2):  # from the flags or from --init-from's checkpoint
+        raise UsageError(f"{start.config}: model_jax.py is GPT-2's architecture; drop "
+                         "--rotary, --qk-norm, --relu-squared and --untied-head")
+    n_head = start.config.n_head
     mesh = Mesh(np.array(devices), ("data",))
     replicated = NamedSharding(mesh, PartitionSpec())
     params = jax.device_put(model_jax.params_from_state_dict(start.state_dict()), replicated)
     optimizer = build_optimizer(config, params)
-    loader_vocab = min(start.config.vocab_size, 2**16)
-    trainer = JaxTrainer(
-        config=config, params=params, n_head=start.config.n_head, dtype=dtype,
-        opt_state=jax.device_put(optimizer.init(params), replicated),
-        train_step=make_train_step(optimizer, start.config.n_head, dtype, grad_accum,
-                                   config.grad_clip, config.activation_checkpointing),
-        mesh=mesh, grad_accum=grad_accum, out_dir=out_dir, argv=argv,
-        train_loader=make_loader(train_files, config, len(devices), config.shuffle,
-                                 loader_vocab),
-        val_loader=make_loader(val_files, config, len(devices), False, loader_vocab))
-    try:
+    opt_state = jax.device_put(optimizer.init(params), replicated)
+    train_step = make_train_step(optimizer, n_head, dtype, grad_accum, config.grad_clip,
+                                 config.activation_checkpointing)
+    # One loader feeds all local devices: the samples that as many torchrun ranks would take.
+    make_loader = functools.partial(
+        data.ShardLoader, batch_size=config.micro_batch * len(devices), seq_len=config.seq_len,
+        seed=config.seed, backend=config.loader_backend,
+        vocab_size=min(start.config.vocab_size, 2**16))
+    with (make_loader(train_files, shuffle=config.shuffle) as loader,
+          make_loader(val_files, shuffle=False) as val_loader):
         start_step = 0
         if resume is not None and resume_path is not None:
-            start_step = trainer.restore(resume, resume_path)
+            opt_state, start_step = restore(resume, resume_path, opt_state, replicated, loader)
             say(f"resumed from {resume_path} at step {start_step}")
         checkpoint.open_run(out_dir, resume_path, start_step)
         say(f"data: {source} ({len(train_files)} train, {len(val_files)} val shards)")
@@ -339,49 +256,72 @@ def train(config: TrainConfig, argv: list[str]) -> int:
             f"{grad_accum} accumulation = {config.total_batch_size} tokens per step")
         flops_per_token = start.flops_per_token(config.seq_len)
         del start  # the torch copy of the weights is not needed any more
-        with runtime.StopFlag().installed() as stop:
-            return training_loop(trainer, start_step, stop, flops_per_token, devices)
-    finally:
-        trainer.train_loader.close()
-        trainer.val_loader.close()
+        return training_loop(
+            config=config, mesh=mesh, n_head=n_head, dtype=dtype, params=params,
+            opt_state=opt_state, train_step=train_step, loader=loader, val_loader=val_loader,
+            grad_accum=grad_accum, out_dir=out_dir, argv=argv, start_step=start_step,
+            last_checkpoint=resume_path, flops_per_token=flops_per_token)
 
 
-def training_loop(trainer: JaxTrainer, start_step: int, stop: runtime.StopFlag,
-                  flops_per_token: float, devices: list[jax.Device]) -> int:
-    cfg = trainer.config
-    if start_step >= cfg.max_steps:
-        print(f"already trained to step {start_step} (--max-steps={cfg.max_steps})")
+def training_loop(*, config: TrainConfig, mesh: Mesh, n_head: int, dtype: Any,
+                  params: model_jax.Params, opt_state: Any, train_step: jax.stages.Wrapped,
+                  loader: data.ShardLoader, val_loader: data.ShardLoader, grad_accum: int,
+                  out_dir: Path, argv: list[str], start_step: int, last_checkpoint: Path | None,
+                  flops_per_token: float) -> int:
+    """Each iteration: the evaluations due at `step`, then (unless it is the last) one
+    optimizer step, its log line, and the checkpoint when due or asked for by a signal."""
+    log = functools.partial(checkpoint.append_log, out_dir)
+    if start_step >= config.max_steps:
+        say(f"already trained to step {start_step} (--max-steps={config.max_steps})")
         return 0
-    peak = peak_flops(devices[0])
-    step = start_step
-    while True:
-        trainer.run_evals(step)
-        if step >= cfg.max_steps:
-            return 0
-        t0 = time.perf_counter()
-        lr = get_lr(step, cfg.max_lr, cfg.final_min_lr, cfg.warmup_steps, cfg.max_steps)
-        loss, norm = trainer.step(lr)  # float(loss) waits for the devices
-        dt = time.perf_counter() - t0
-        if step == start_step:
-            print(f"first step, with the one-time compilation: {dt:.1f} s", flush=True)
-        if not math.isfinite(loss):
-            print(f"error: loss is {loss} at step {step}; stopping. Last good checkpoint: "
-                  f"{trainer.last_checkpoint or 'none'}", file=sys.stderr, flush=True)
-            return 1
-        tok_per_s = cfg.total_batch_size / dt
-        mfu = runtime.model_flops_utilization(flops_per_token, tok_per_s, peak, len(devices))
-        print(format_step(step, cfg.max_steps, loss, lr, norm, dt, tok_per_s, mfu), flush=True)
-        record: dict[str, Any] = dict(loss=loss, lr=lr, grad_norm=norm, dt_ms=dt * 1000,
-                                      tok_per_s=tok_per_s)
-        if mfu is not None:
-            record["mfu"] = mfu
-        trainer.write_log(step, **record)
-        step += 1
-        if due(cfg.checkpoint_interval, step, cfg.max_steps) or stop.requested:
-            trainer.save(step)
-        if stop.requested:
-            print(f"stopped at step {step}; continue with --resume", flush=True)
-            return 0
+    device = mesh.devices.flat[0]  # a GPU's bf16 peak from runtime's table, by name
+    peak = next((flops for key, flops in runtime.GPU_BF16_PEAK_FLOPS.items()
+                 if device.platform == "gpu" and key in device.device_kind), None)
+    with runtime.StopFlag().installed() as stop:
+        for step in range(start_step, config.max_steps + 1):
+            if due(config.eval_interval, step, config.max_steps):
+                val = val_loss(params, n_head, dtype, val_loader, config.val_steps, mesh)
+                say(f"step {step:6d} | val loss {val:.4f}")
+                log(step, val_loss=val)
+            # Samples from the untrained weights at step 0 would only show noise.
+            if step > 0 and due(config.sample_every, step, config.max_steps):
+                texts = generate_samples(config, params, n_head)
+                if texts:
+                    say(f"step {step:6d} | samples:", *(f"> {t}" for t in texts), sep="\n")
+                    log(step, samples=texts)
+            if step == config.max_steps:
+                return 0
+
+            t0 = time.perf_counter()
+            lr = get_lr(step, config.max_lr, config.final_min_lr, config.warmup_steps,
+                        config.max_steps, config.cooldown)
+            batches = [loader.next_arrays() for _ in range(grad_accum)]
+            xs = on_devices(np.stack([x for x, _ in batches]), mesh, None, "data")
+            ys = on_devices(np.stack([y for _, y in batches]), mesh, None, "data")
+            params, opt_state, *metrics = train_step(params, opt_state, xs, ys, np.float32(lr))
+            loss, norm = map(float, metrics)  # float() waits for the devices
+            dt = time.perf_counter() - t0
+            if step == start_step:
+                say(f"first step, with the one-time compilation: {dt:.1f} s")
+            if not math.isfinite(loss):
+                print(f"error: loss is {loss} at step {step}; stopping. Last good checkpoint: "
+                      f"{last_checkpoint or 'none'}", file=sys.stderr, flush=True)
+                return 1
+            tok_per_s = config.total_batch_size / dt
+            mfu = runtime.model_flops_utilization(flops_per_token, tok_per_s, peak, mesh.size)
+            say(format_step(step, config.max_steps, loss, lr, norm, dt, tok_per_s, mfu))
+            log(step, loss=loss, lr=lr, grad_norm=norm, dt_ms=dt * 1000, tok_per_s=tok_per_s,
+                **({} if mfu is None else {"mfu": mfu}))
+
+            stopping = stop.requested  # read once: a signal after this waits for the next step
+            if due(config.checkpoint_interval, step + 1, config.max_steps) or stopping:
+                last_checkpoint = save(out_dir, step + 1, config, argv, params, n_head,
+                                       opt_state, loader, mesh.size)
+                log(step + 1, checkpoint=str(last_checkpoint))
+            if stopping:
+                say(f"stopped at step {step + 1}; continue with --resume")
+                return 0
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -198,3 +198,12 @@ def test_flags_that_do_not_apply_are_usage_errors(runs: dict[str, Path], tmp_pat
     resume = tiny_args(runs["shards"], runs["torch"], "--resume", f"--max-steps={STEPS + 1}")
     assert train_jax.main(resume) == 1
     assert "train_gpt2.py checkpoint" in capsys.readouterr().err
+
+
+def test_switches_beyond_gpt2_and_muon_are_refused(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    shards = write_shards(tmp_path / "shards")
+    assert train_jax.main(tiny_args(shards, tmp_path / "a", "--rotary")) == 2
+    assert "model_jax.py is GPT-2's architecture" in capsys.readouterr().err
+    assert train_jax.main(tiny_args(shards, tmp_path / "b", "--optimizer=muon")) == 2
+    assert "--optimizer: not used by train_jax.py" in capsys.readouterr().err
