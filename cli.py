@@ -4,6 +4,7 @@
     nano-gpt sample --pretrained=gpt2       # python sample.py --pretrained=gpt2
     nano-gpt eval --pretrained=gpt2         # python eval_hellaswag.py --pretrained=gpt2
     nano-gpt prepare_dataset --dataset=stdlib
+    nano-gpt export --checkpoint=out/ckpt_000075.pt --out=hf/
 
 Error policy: bad input ends as one line on stderr naming the flag or file and the fix;
 a UsageError (a bad flag) exits 2, a runtime failure (a missing or unreadable file, an
@@ -18,7 +19,7 @@ import importlib
 import math
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     import torch
@@ -27,15 +28,31 @@ if TYPE_CHECKING:
     from model import GPT
 
 COMMANDS = {"train": "train_gpt2", "sample": "sample", "eval": "eval_hellaswag",
-            "prepare_dataset": "prepare_dataset"}
+            "prepare_dataset": "prepare_dataset", "export": "export"}
 
 
 class UsageError(ValueError):
     """Bad command-line input: one line on stderr, exit status 2."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each optional flag's default after its help. A help that states its default in words
+    ("(default: all CPU cores)", where the value would be this machine's count) keeps them
+    alone, so no default shows twice; a required flag has none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with flag errors as one line (argparse prints the whole usage block first)."""
+    """argparse with flag errors as one line (argparse prints the whole usage block first)
+    and every flag's default in --help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
@@ -73,9 +90,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--pretrained", default="gpt2",
                         help="hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local "
-                             "Hugging Face directory (default gpt2)")
+                             "Hugging Face directory")
     source.add_argument("--checkpoint", default=None,
-                        help="a train_gpt2.py checkpoint file (overrides --pretrained)")
+                        help="a train_gpt2.py checkpoint (.pt file or --fsdp folder) instead "
+                             "of --pretrained")
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:

@@ -284,7 +284,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=None,
                         help="where the downloaded validation file is kept "
                              "(default <data root>/hellaswag)")
-    parser.add_argument("--limit", type=int, default=None, help="score the first N examples")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="score the first N examples (default: all)")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="examples per forward pass (4 rows each)")
     cli.add_runtime_arguments(parser)

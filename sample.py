@@ -102,14 +102,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli.Parser(description=__doc__.split("\n\n")[0])
     cli.add_model_arguments(parser)
     parser.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT,
-                        help=f"text to continue (default {DEFAULT_PROMPT!r})")
+                        help="text to continue")
     parser.add_argument("--num-samples", type=int, default=5, help="samples, drawn in one batch")
     parser.add_argument("--max-length", type=int, default=30,
                         help="tokens per sample, prompt included")
     parser.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens "
                         "(0 disables)")
     parser.add_argument("--top-p", type=float, default=None,
-                        help="nucleus sampling: keep the smallest set reaching this probability")
+                        help="nucleus sampling: keep the smallest set reaching this "
+                             "probability (default: off)")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="softmax temperature; 0 is greedy")
     parser.add_argument("--seed", type=int, default=42, help="sampling seed")

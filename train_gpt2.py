@@ -250,8 +250,6 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         if f.name in HELP_GROUPS:
             group = parser.add_argument_group(HELP_GROUPS[f.name])
         text = f.metadata["help"]
-        if f.default is not None and not isinstance(f.default, bool):
-            text = f"{text} (default: {f.default})".lstrip()
         name = "--" + f.name.replace("_", "-")
         kind = next((t for t in get_args(hints[f.name]) if t is not type(None)), hints[f.name])
         if kind is bool:  # --no-X where a default or a recipe can turn X on

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
+import importlib
 import subprocess
 import sys
 from collections.abc import Callable
@@ -69,3 +71,42 @@ def test_run_script_exit_codes_and_one_line(capsys: pytest.CaptureFixture[str]) 
         cli.run_script(failing(ValueError("x")), debug=True)
     with pytest.raises(KeyError):  # a bug is not a user error: it keeps its traceback
         cli.run_script(failing(KeyError("x")), debug=False)
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """Each option's entry in --help output (its wrapped lines joined), by its first flag."""
+    entries: dict[str, str] = {}
+    flag = None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line
+        elif flag and line.startswith("   "):
+            entries[flag] += " " + line.strip()
+        else:
+            flag = None
+    return entries
+
+
+@pytest.mark.parametrize("script", ["sample", "eval_hellaswag", "prepare_dataset", "plot_log",
+                                    "export", "train_gpt2"])
+def test_help_shows_every_default(script: str, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    parsers: list[argparse.ArgumentParser] = []
+    parse = cli.Parser.parse_args
+
+    def recording(self: cli.Parser, *args: object, **kwargs: object) -> object:
+        parsers.append(self)
+        return parse(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cli.Parser, "parse_args", recording)
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(script).main(["--help"])
+    assert exit_info.value.code == 0
+    entries = help_entries(capsys.readouterr().out)
+    options = [a for a in parsers[0]._actions  # every flag but --help and required ones
+               if a.option_strings and a.default is not argparse.SUPPRESS and not a.required]
+    assert options
+    for action in options:
+        entry = entries[action.option_strings[0]]
+        assert "(default" in entry and entry.count("(default") == 1, entry
