@@ -100,7 +100,7 @@ class TrainConfig:
     dataset: str | None = option(None, "prepared dataset NAME under the data root (default: "
                                  "finewebedu if prepared, else the built-in stdlib quickstart)")
     data_dir: str | None = option(None, "any folder of *_train_* and *_val_* shards "
-                                  "(.bin or .npy)")
+                                  "(.bin or .npy) instead of --dataset (default: off)")
     data_root: str | None = option(None, "root of prepared datasets (default: "
                                    "$NANO_GPT_DATA_ROOT or ~/.cache/nano-gpt/data)")
     loader_backend: str = option("auto", "data.ShardLoader backend (auto: native when built)",
@@ -111,9 +111,9 @@ class TrainConfig:
                          + "; finetune: " + ", ".join(RECIPES["finetune"]) + " (any flag given "
                          "still wins)", choices=tuple(RECIPES))
     model: str = option("gpt2", f"preset: {', '.join(PRESETS)}")
-    n_layer: int | None = option(None, "override the preset", minimum=1)
-    n_head: int | None = option(None, "override the preset", minimum=1)
-    n_embd: int | None = option(None, "override the preset", minimum=1)
+    n_layer: int | None = option(None, "layers (default: the preset's)", minimum=1)
+    n_head: int | None = option(None, "attention heads (default: the preset's)", minimum=1)
+    n_embd: int | None = option(None, "width (default: the preset's)", minimum=1)
     block_size: int | None = option(None, "context length of the model (default: the "
                                     "preset's)", minimum=1)
     vocab_size: int = option(PADDED_VOCAB_SIZE, "embedding rows; 50304 pads GPT-2's 50257 "
@@ -176,7 +176,7 @@ class TrainConfig:
     out_dir: str = option("out", "checkpoints and log.jsonl")
     wandb_project: str | None = option(None, "also send every log.jsonl event to this Weights "
                                        "& Biases project (pip install -e '.[wandb]'); "
-                                       "offline when there is no network")
+                                       "offline when there is no network (default: off)")
     wandb_run_name: str | None = option(None, "the W&B run's name (default: W&B's own)")
     resume: bool = option(False, "continue from the newest checkpoint in --out-dir")
     overwrite: bool = option(False, "start afresh in an --out-dir that already holds "
