@@ -43,6 +43,9 @@ SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
+DATA_ROOT_ENV = "NANO_GPT_DATA_ROOT"
+LOADER_STATE_FORMAT = "nano-gpt-shard-loader/1"
+_MASK64 = (1 << 64) - 1
 
 
 class ShardFormatError(ValueError):
@@ -61,20 +64,12 @@ def get_tokenizer() -> tiktoken.Encoding:
                            f"({GPT2_RANKS_SHA256}); restore it from the repository")
     pairs = (line.split() for line in raw.splitlines() if line)
     ranks = {base64.b64decode(token): int(rank) for token, rank in pairs}
-    return tiktoken.Encoding(
-        name="gpt2",
-        pat_str=GPT2_PATTERN,
-        mergeable_ranks=ranks,
-        special_tokens={"<|endoftext|>": EOT_TOKEN},
-        explicit_n_vocab=VOCAB_SIZE,
-    )
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT_TOKEN},
+                             explicit_n_vocab=VOCAB_SIZE)
 
 
 # ------------------------------------------------------------------------------ shard I/O
-
-DATA_ROOT_ENV = "NANO_GPT_DATA_ROOT"
-
-
 def default_data_root() -> Path:
     """`$NANO_GPT_DATA_ROOT`, else `~/.cache/nano-gpt/data`."""
     env = os.environ.get(DATA_ROOT_ENV)
@@ -110,13 +105,6 @@ def write_shard(path: str | os.PathLike[str], tokens: np.ndarray | list[int]) ->
         array.tofile(f)  # straight from the array: no second copy of a large shard
 
 
-def default_file_mode() -> int:
-    """rw for whom the umask allows: mkstemp's own 0600 would hide files from the group."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """A binary file that appears at `path` only once complete (temp name in the same
@@ -124,33 +112,28 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     The file's `name` is the temp path, for checks that read it back before the rename.
     A failed write (a full disk, no permission) is an OSError that names `path`."""
     path = Path(path)
+    tmp_name = None
     try:
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise _write_error(path, exc) from None
-    try:
-        os.fchmod(fd, default_file_mode())
+        umask = os.umask(0)  # rw for whom the umask allows: mkstemp's 0600 hides it from the group
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         os.close(fd)
         with open(tmp_name, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
-    except OSError as exc:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise _write_error(path, exc) from None
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp_name is not None:
+            Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, f"{path}: cannot write it ({exc.strerror or exc}); free "
+                                     "some space, fix the permissions or write elsewhere") from None
         raise
 
 
-def _write_error(path: Path, exc: OSError) -> OSError:
-    return OSError(exc.errno, f"{path}: cannot write it ({exc.strerror or exc}); free some "
-                              "space, fix the permissions or write elsewhere")
-
-
-def download(url: str, path: Path, check: Callable[[Path], None] | None = None,
-             timeout: float = 60) -> Path:
+def download(url: str, path: Path, check: Callable[[Path], None] | None = None) -> Path:
     """`url` saved at `path` once: later calls find the file and return at once. The body
     streams into a temp file that `check` (if given) validates before it is renamed into
     place, so `path` never holds a partial or bad download."""
@@ -159,7 +142,7 @@ def download(url: str, path: Path, check: Callable[[Path], None] | None = None,
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as out:
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
+            with urllib.request.urlopen(url, timeout=60) as response:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
         except OSError as exc:  # URLError, timeouts and resets are all OSErrors
@@ -182,9 +165,7 @@ def read_shard(path: str | os.PathLike[str]) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: shard file not found (data.find_shards(folder, "
                                 "split) lists a folder's shards)")
-    if path.suffix == ".npy":
-        return _read_npy_shard(path)
-    return _read_bin_shard(path)
+    return _read_npy_shard(path) if path.suffix == ".npy" else _read_bin_shard(path)
 
 
 def _read_bin_shard(path: Path) -> np.ndarray:
@@ -240,9 +221,6 @@ def _read_npy_shard(path: Path) -> np.ndarray:
 # order and 1+s for shard s. mix is a bijection on uint64, so keys never tie and the order
 # is a pure function of (seed, epoch); csrc/loader.cpp computes exactly the same.
 
-LOADER_STATE_FORMAT = "nano-gpt-shard-loader/1"
-_MASK64 = (1 << 64) - 1
-
 
 def _mix64(z: np.ndarray) -> np.ndarray:
     """splitmix64's output function on a uint64 array (wrapping arithmetic)."""
@@ -273,19 +251,10 @@ def shard_layout(path: Path) -> tuple[str, int, int]:
     return str(path), int(getattr(tokens, "offset", HEADER_BYTES)), len(tokens)
 
 
-def _shard_paths(files: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[Path]:
-    paths = [Path(files)] if isinstance(files, (str, os.PathLike)) else [Path(p) for p in files]
-    if not paths:
-        raise ValueError("ShardLoader: the list of shard files is empty")
-    return paths
-
-
 class _NumpyBackend:
     """Builds any batch on demand from the files (pure NumPy, no thread, no position).
-
     Samples are read(), not memory-mapped: a map keeps the pages it touches resident (up to
-    2 MB a fault), so shuffled reads of a large shard would grow the resident set.
-    """
+    2 MB a fault), so shuffled reads of a large shard would grow the resident set."""
 
     def __init__(self, layouts: list[tuple[str, int, int]], counts: list[int], batch_size: int,
                  seq_len: int, rank: int, world_size: int, shuffle: bool, seed: int,
@@ -362,20 +331,18 @@ def _native_module() -> Any | None:
 
 class _NativeBackend:
     """The compiled `_loader`: a C++ thread fills a ring of (2, B, T) int64 slots ahead.
-
     On CPU the filled tensor itself goes to the caller, who owns it from then on, and its slot
     goes straight back to the producer with a fresh tensor to fill (the allocator recycles
     the batches the caller has dropped), so nothing tracks the caller's tensors. On CUDA the
     slots are pinned, each batch is one non-blocking copy, and its slot goes back once the
-    copy's CUDA event has completed.
-    """
+    copy's CUDA event has completed."""
 
     SLOTS = 8
 
     def __init__(self, layouts: list[tuple[str, int, int]], batch_size: int, seq_len: int,
                  rank: int, world_size: int, shuffle: bool, seed: int, vocab_size: int,
                  device: torch.device) -> None:
-        import _loader  # type: ignore[import-not-found]  # _pick_backend found it built
+        import _loader  # type: ignore[import-not-found]  # ShardLoader found it built
         import torch
 
         self.module, self.device, self.cuda = _loader, device, device.type == "cuda"
@@ -427,16 +394,6 @@ class _NativeBackend:
         self._finalizer()
 
 
-def _pick_backend(backend: str) -> str:
-    if backend == "auto":
-        backend = "native" if _native_module() is not None else "numpy"
-        _announce_backend(backend)
-    elif backend == "native" and _native_module() is None:
-        raise RuntimeError("ShardLoader: backend='native' but the _loader extension is not "
-                           "built; run `pip install -e .` or use backend='numpy'")
-    return backend
-
-
 @functools.cache
 def _announce_backend(name: str) -> None:
     print(f"data.ShardLoader: using the {name} backend", file=sys.stderr)
@@ -468,7 +425,10 @@ class ShardLoader:
                              f"(world_size {world_size})")
         if backend not in ("auto", "native", "numpy"):
             raise ValueError(f"ShardLoader: backend {backend!r}; use auto, native or numpy")
-        self.paths = _shard_paths(files)
+        self.paths = ([Path(files)] if isinstance(files, (str, os.PathLike))
+                      else [Path(p) for p in files])
+        if not self.paths:
+            raise ValueError("ShardLoader: the list of shard files is empty")
         layouts = [shard_layout(p) for p in self.paths]
         self.num_tokens = [ntok for _, _, ntok in layouts]
         counts = [max(0, (n - 1) // seq_len) for n in self.num_tokens]  # windows per shard
@@ -482,7 +442,13 @@ class ShardLoader:
         self.shuffle, self.seed = bool(shuffle), int(seed)
         self.step = 0  # batches taken: the loader's whole position
         self._consumer = threading.Lock()
-        self.backend = _pick_backend(backend)
+        if backend == "auto":
+            backend = "native" if _native_module() is not None else "numpy"
+            _announce_backend(backend)
+        elif backend == "native" and _native_module() is None:
+            raise RuntimeError("ShardLoader: backend='native' but the _loader extension is not "
+                               "built; run `pip install -e .` or use backend='numpy'")
+        self.backend = backend
         import torch
 
         settings = (batch_size, seq_len, rank, world_size, self.shuffle, self.seed, vocab_size,

@@ -60,7 +60,6 @@ SPLIT_FILE_NAMES = {"train": "train", "validation": "val", "val": "val"}
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".prepare.lock"
 PROGRESS_NAME = "progress.json"
-DEFAULT_SHARD_SIZE = 100_000_000
 HUB_VAL_TOKENS = "10000000"
 SMALL_VAL_FRACTION = "10%"
 # Text per task: big enough that scheduling is noise (a task is tens of ms), small enough
@@ -168,21 +167,20 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
         yield from (text for text in batch.column(0).to_pylist() if text)
 
 
-def hub_documents(repo: str, subset: str, text_field: str, start: int,
-                  debug: bool = False) -> Iterator[str]:
+def hub_documents(repo: str, args: argparse.Namespace, start: int) -> Iterator[str]:
     """Stream a Hugging Face dataset (nothing but shards lands on disk)."""
     import datasets
 
-    if not debug:  # its retry warnings would bury the one-line error below
+    if not args.debug:  # its retry warnings would bury the one-line error below
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     try:
-        stream = datasets.load_dataset(repo, name=subset, split="train", streaming=True)
+        stream = datasets.load_dataset(repo, name=args.subset, split="train", streaming=True)
         if start:
             stream = stream.skip(start)
-        yield from filter(None, (row.get(text_field) for row in stream))
+        yield from filter(None, (row.get(args.text_field) for row in stream))
     except Exception as exc:  # the hub client raises many types; all mean "cannot read it"
         err = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        raise data.DownloadError(f"cannot stream {repo} ({subset}) from the Hugging Face Hub "
+        raise data.DownloadError(f"cannot stream {repo} ({args.subset}) from the Hugging Face Hub "
                                  f"(no network?): {err}; offline, download its parquet files "
                                  "elsewhere and pass --dataset=FOLDER --name=NAME") from exc
 
@@ -195,7 +193,6 @@ class ValSplit:
     on the chunks in stream order. A rule that takes a prefix of the stream keeps its place
     in `val_tokens` (before the next document) and `end_doc` (the first train document, once
     known: val is finished then); progress.json saves end_doc."""
-
     description: str
     is_val: Callable[[np.ndarray, np.ndarray], np.ndarray]
     val_tokens: int = 0
@@ -205,18 +202,12 @@ class ValSplit:
 def every_kth(fraction: Fraction) -> ValSplit:
     """Document i is val when floor((i+1)*f) > floor(i*f): exactly floor(n*f) of n, spread."""
     num, den = fraction.numerator, fraction.denominator
-
-    def is_val(doc_index: np.ndarray, doc_tokens: np.ndarray) -> np.ndarray:
-        i = doc_index.astype(np.int64)
-        return ((i + 1) * num) // den > (i * num) // den
-
     f = f"{num}/{den}"
-    return ValSplit(f"documents i with floor((i+1)*{f}) > floor(i*{f})", is_val)
+    return ValSplit(f"documents i with floor((i+1)*{f}) > floor(i*{f})",
+                    lambda doc_index, _: (doc_index + 1) * num // den > doc_index * num // den)
 
 
 def first_tokens(target: int) -> ValSplit:
-    """The first documents of the stream, until they hold at least `target` tokens."""
-
     def is_val(doc_index: np.ndarray, doc_tokens: np.ndarray) -> np.ndarray:
         if rule.end_doc is not None:
             return doc_index < rule.end_doc
@@ -235,23 +226,18 @@ def first_tokens(target: int) -> ValSplit:
 def parse_val_tokens(spec: str) -> Fraction | int:
     """--val-tokens: 'P%' -> the fraction P/100 of the documents; 'N' -> a token count."""
     spec = spec.strip()
-    if not spec.endswith("%"):
-        try:
-            return parse_size(spec)
-        except argparse.ArgumentTypeError:
-            raise cli.UsageError(f"--val-tokens={spec}: give a token count (10M) or a "
-                                 "percentage (10%)") from None
-    try:
-        percent = Fraction(spec[:-1])
-    except (ValueError, ZeroDivisionError):
-        percent = Fraction(-1)
-    if not 0 <= percent < 100:
+    if spec.endswith("%"):
+        with contextlib.suppress(ValueError, ZeroDivisionError):
+            percent = Fraction(spec[:-1])
+            if 0 <= percent < 100:
+                return percent / 100
         raise cli.UsageError(f"--val-tokens={spec}: a percentage must be in [0, 100)")
-    return percent / 100
+    with contextlib.suppress(argparse.ArgumentTypeError):
+        return parse_size(spec)
+    raise cli.UsageError(f"--val-tokens={spec}: give a token count (10M) or a percentage (10%)")
 
 
 def val_split(args: argparse.Namespace, default: str) -> ValSplit:
-    """The rule --val-tokens (or `default`) names for a document stream."""
     amount = parse_val_tokens(args.val_tokens or default)
     if amount == 0 and "val" in parse_splits(args.splits):
         raise cli.UsageError(f"--val-tokens={args.val_tokens} leaves nothing for "
@@ -272,27 +258,27 @@ def encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(parts, dtype=np.uint16, casting="unsafe"), counts
 
 
-def document_chunks(documents: Iterable[str], chunk_chars: int) -> Iterator[list[str]]:
+def document_chunks(documents: Iterable[str]) -> Iterator[list[str]]:
     chunk: list[str] = []
     size = 0
     for text in documents:
         chunk.append(text)
         size += len(text)
-        if size >= chunk_chars:
+        if size >= CHUNK_CHARS:
             yield chunk
             chunk, size = [], 0
     if chunk:
         yield chunk
 
 
-def tokenized_chunks(chunks: Iterable[list[str]], num_proc: int,
+def tokenized_chunks(documents: Iterable[str], num_proc: int,
                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """encode_documents over chunks, results in input order, at most a few chunks in
-    flight (Executor.map would read the whole corpus ahead into its task queue)."""
+    """encode_documents over document_chunks, results in stream order, at most a few chunks
+    in flight (Executor.map would read the whole corpus ahead into its task queue)."""
     data.get_tokenizer()  # built (and cached) here, before the threads share it
     with concurrent.futures.ThreadPoolExecutor(num_proc) as pool:
         pending: deque[Any] = deque()
-        for chunk in chunks:
+        for chunk in document_chunks(documents):
             pending.append(pool.submit(encode_documents, chunk))
             if len(pending) > 2 * num_proc:
                 yield pending.popleft().result()
@@ -324,31 +310,29 @@ class SplitWriter:
         self.state, self.on_shard = state, on_shard
         self.open_shard = contextlib.ExitStack()  # the unfinished shard's atomic_output
         self.file: BinaryIO | None = None
-        self.digest = hashlib.sha256()
+        self.file_name = ""
         self.fill = self.eots = 0
-        # Tokens before this position are already in finished shards (set by a resume).
-        self.skip_doc, self.skip_offset = state.next_doc, state.next_offset
-
-    def __enter__(self) -> SplitWriter:
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        # Only an error leaves a shard open (finish() closes the last one); handing it the
-        # error makes atomic_output delete the temporary file.
-        self.open_shard.__exit__(*exc_info)
 
     def add(self, tokens: np.ndarray, doc_index: np.ndarray, doc_tokens: np.ndarray) -> None:
         """Append whole documents (this split's share of a chunk, in stream order)."""
-        first = int(np.searchsorted(doc_index, self.skip_doc))  # the first one not yet written
-        if self.state.done or first == doc_index.size:
+        state = self.state
+        first = int(np.searchsorted(doc_index, state.next_doc))  # the first one not yet written
+        if state.done or first == doc_index.size:
             return
         ends = np.cumsum(doc_tokens)
         starts = ends - doc_tokens
-        pos = int(starts[first]) + (self.skip_offset if doc_index[first] == self.skip_doc else 0)
+        pos = int(starts[first]) + (state.next_offset if doc_index[first] == state.next_doc else 0)
         while pos < tokens.size:
-            n = min(self.shard_size - self.fill, tokens.size - pos)
-            self._append(tokens[pos:pos + n])
-            pos += n
+            if self.file is None:
+                self.file_name = data.shard_name(self.name, self.split, len(state.shards))
+                path = self.out_dir / self.file_name
+                self.file = self.open_shard.enter_context(data.atomic_output(path))
+                self.file.write(data.shard_header(self.shard_size).tobytes())
+            piece = np.ascontiguousarray(tokens[pos:pos + self.shard_size - self.fill], "<u2")
+            self.file.write(piece.data)
+            self.fill += piece.size
+            self.eots += int(np.count_nonzero(piece == data.EOT_TOKEN))
+            pos += piece.size
             if self.fill == self.shard_size:  # the next shard starts in document k
                 k = int(np.searchsorted(ends, pos, side="right"))
                 if k == doc_index.size:
@@ -358,45 +342,27 @@ class SplitWriter:
 
     def finish(self) -> None:
         """Close the last, short shard; nothing more comes to this split."""
-        if self.state.done:
-            return
-        self.state.done = True  # before on_shard, which saves it
-        if self.fill:
-            self._close_shard(self.state.next_doc, self.state.next_offset)
-        else:
-            self.on_shard()
-
-    def _append(self, piece: np.ndarray) -> None:
-        if self.file is None:
-            path = self.out_dir / self._file_name()
-            self.file = self.open_shard.enter_context(data.atomic_output(path))
-            header = data.shard_header(self.shard_size).tobytes()  # patched if the shard ends short
-            self.file.write(header)
-            self.digest = hashlib.sha256(header)
-        piece = np.ascontiguousarray(piece, dtype="<u2")
-        self.file.write(piece.data)
-        self.digest.update(piece.data)
-        self.fill += piece.size
-        self.eots += int(np.count_nonzero(piece == data.EOT_TOKEN))
-
-    def _file_name(self) -> str:
-        return data.shard_name(self.name, self.split, len(self.state.shards))
+        if not self.state.done:
+            self.state.done = True  # before on_shard, which saves it
+            if self.fill:
+                self._close_shard(self.state.next_doc, self.state.next_offset)
+            else:
+                self.on_shard()
 
     def _close_shard(self, next_doc: int, next_offset: int) -> None:
         assert self.file is not None
-        if self.fill != self.shard_size:  # a short last shard: new count, so hash it again
+        if self.fill != self.shard_size:  # a short last shard: the header gets its count
             self.file.seek(0)
             self.file.write(data.shard_header(self.fill).tobytes())
-            self.file.flush()
-            self.digest = hashlib.sha256()
-            with open(self.file.name, "rb") as written:
-                while block := written.read(1 << 20):
-                    self.digest.update(block)
+        self.file.flush()
+        digest = hashlib.sha256()
+        with open(self.file.name, "rb") as written:  # the temporary file, header included
+            while block := written.read(1 << 20):
+                digest.update(block)
         self.file = None
         self.open_shard.close()  # fsync, then the shard's own name
-        self.state.shards.append({"file": self._file_name(), "tokens": self.fill,
-                                  "sha256": self.digest.hexdigest(),
-                                  "documents_started": self.eots})
+        self.state.shards.append({"file": self.file_name, "tokens": self.fill,
+                                  "sha256": digest.hexdigest(), "documents_started": self.eots})
         self.state.next_doc, self.state.next_offset = next_doc, next_offset
         self.fill = self.eots = 0
         self.on_shard()
@@ -421,13 +387,9 @@ class Progress:
 
 @dataclass
 class Summary:
-    name: str
-    out_dir: Path
-    splits: dict[str, SplitState]
-    skipped: list[str]
+    splits: dict[str, SplitState]  # the splits asked for
     seconds: float
     new_tokens: int
-    resumed: bool
 
 
 def run_pipeline(source: Source, out_dir: Path, options: Options, args_record: dict[str, Any],
@@ -453,17 +415,21 @@ def run_pipeline(source: Source, out_dir: Path, options: Options, args_record: d
 
     started, new_tokens, doc_cursor = time.perf_counter(), 0, start
     with contextlib.ExitStack() as stack:
-        writers = {s: stack.enter_context(SplitWriter(out_dir, source.name, s,
-                                                      options.shard_size, states[s], checkpoint))
-                   for s in options.splits}
+        writers = {s: SplitWriter(out_dir, source.name, s, options.shard_size, states[s],
+                                  checkpoint) for s in options.splits}
+        for writer in writers.values():  # left on an error, it deletes the unfinished shard
+            stack.enter_context(writer.open_shard)
         bar = stack.enter_context(tqdm(desc=source.name, unit="tok", unit_scale=True,
                                        disable=None if options.progress else True,
                                        dynamic_ncols=True))
-        chunks = document_chunks(source.documents(start), CHUNK_CHARS)
-        for tokens, counts in tokenized_chunks(chunks, options.num_proc):
+        for tokens, counts in tokenized_chunks(source.documents(start), options.num_proc):
             doc_index = np.arange(doc_cursor, doc_cursor + counts.size, dtype=np.int64)
             doc_cursor += counts.size
-            _route(tokens, doc_index, counts, rule.is_val(doc_index, counts), writers)
+            is_val = rule.is_val(doc_index, counts)
+            for split, chosen in (("val", is_val), ("train", ~is_val)):
+                if split in writers:  # a split not asked for has none
+                    writers[split].add(tokens[np.repeat(chosen, counts)], doc_index[chosen],
+                                       counts[chosen])
             new_tokens += tokens.size
             bar.update(int(tokens.size))
             bar.set_postfix(docs=doc_cursor, refresh=False)
@@ -481,20 +447,11 @@ def run_pipeline(source: Source, out_dir: Path, options: Options, args_record: d
     if "train" in options.splits and not states["train"].shards:
         raise cli.UsageError(f"{source.name}: no training documents are left after the "
                              f"validation split (--val-tokens={options.val_tokens}); lower it")
-    summary = Summary(source.name, out_dir, states, source.skipped,
-                      time.perf_counter() - started, new_tokens, resume is not None)
-    _write_manifest(out_dir, source, options, args_record, summary)
+    summary = Summary({s: states[s] for s in options.splits}, time.perf_counter() - started,
+                      new_tokens)
+    _write_manifest(out_dir, source, args_record, summary.splits)
     progress_path.unlink(missing_ok=True)
     return summary
-
-
-def _route(tokens: np.ndarray, doc_index: np.ndarray, counts: np.ndarray, is_val: np.ndarray,
-           writers: dict[str, SplitWriter]) -> None:
-    """Each document to its split's writer; a split not asked for has none."""
-    for split, chosen in (("val", is_val), ("train", ~is_val)):
-        if split in writers:
-            writers[split].add(tokens[np.repeat(chosen, counts)], doc_index[chosen],
-                               counts[chosen])
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -535,12 +492,11 @@ def _shards_intact(out_dir: Path, splits: Any) -> bool:
     return all(path.is_file() and path.stat().st_size == size for path, size in sizes.items())
 
 
-def _write_manifest(out_dir: Path, source: Source, options: Options,
-                    args_record: dict[str, Any], summary: Summary) -> None:
+def _write_manifest(out_dir: Path, source: Source, args_record: dict[str, Any],
+                    states: dict[str, SplitState]) -> None:
     splits = {split: {"tokens": state.tokens,
                       "documents": sum(s["documents_started"] for s in state.shards),
-                      "shards": state.shards}
-              for split, state in summary.splits.items() if split in options.splits}
+                      "shards": state.shards} for split, state in states.items()}
     _write_json(out_dir / MANIFEST_NAME, {
         "name": source.name,
         "source": source.description,
@@ -551,7 +507,7 @@ def _write_manifest(out_dir: Path, source: Source, options: Options,
         "validation": source.val.description,
         "args": args_record,
         "splits": splits,
-        "skipped_not_utf8": summary.skipped,
+        "skipped_not_utf8": source.skipped,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "complete": True,  # last key: a manifest without it is from an unfinished run
     })
@@ -603,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=Path, default=None,
                    help="output root; shards go to DATA_ROOT/NAME/ (default: "
                         f"${data.DATA_ROOT_ENV} or ~/.cache/nano-gpt/data)")
-    p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE,
+    p.add_argument("--shard-size", type=parse_size, default=100_000_000,
                    help="tokens per shard, e.g. 100M (default: 100M)")
     p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1,
                    help="tokenizer threads (default: all CPU cores)")
@@ -620,9 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_splits(text: str) -> tuple[str, ...]:
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in names if s not in SPLIT_FILE_NAMES]
-    if not names or unknown:
+    names = {s.strip() for s in text.split(",")} - {""}
+    if not names or not names <= SPLIT_FILE_NAMES.keys():
         raise cli.UsageError(f"--splits={text}: use train, validation or train,validation")
     return tuple(sorted({SPLIT_FILE_NAMES[s] for s in names}, key=("train", "val").index))
 
@@ -632,9 +587,7 @@ def make_source(args: argparse.Namespace, data_root: Path) -> Source:
     if spec in HUB_DATASETS:
         repo = HUB_DATASETS[spec]
         return Source(spec, {"source": f"hf://datasets/{repo}", "subset": args.subset},
-                      f"hub:{repo}:{args.subset}",
-                      lambda start: hub_documents(repo, args.subset, args.text_field, start,
-                                                  args.debug),
+                      f"hub:{repo}:{args.subset}", lambda start: hub_documents(repo, args, start),
                       val_split(args, HUB_VAL_TOKENS))
     if spec == "tinyshakespeare":
         return tinyshakespeare_source(data_root, args.val_tokens or SMALL_VAL_FRACTION)
@@ -643,13 +596,19 @@ def make_source(args: argparse.Namespace, data_root: Path) -> Source:
         description = {"source": "python-stdlib", "python": sys.version.split()[0],
                        "path": sysconfig.get_paths()["stdlib"], "files": len(files)}
         return local_source("stdlib", files, description, args)
-    if not _looks_like_path(spec):
+    if not (os.sep in spec or "/" in spec or glob.has_magic(spec) or spec.startswith((".", "~"))
+            or Path(spec).suffix.lower() in LOCAL_SUFFIXES or Path(spec).exists()):
         raise cli.UsageError(f"--dataset={spec}: unknown dataset; use one of "
                              f"{', '.join(BUILTIN_NAMES)} or a path to local files")
     files = local_files(spec)
     if not files:
         raise cli.UsageError(f"--dataset={spec}: no {', '.join(LOCAL_SUFFIXES)} files there")
-    name = args.name or _name_from_path(spec)
+    name = args.name
+    if not name:  # the path less its wildcard parts, its last part less a known suffix
+        parts = [p for p in Path(os.path.expanduser(spec)).parts if not glob.has_magic(p)]
+        base = Path(*parts) if parts else Path("local")
+        stem = base.stem if base.suffix.lower() in LOCAL_SUFFIXES else base.name
+        name = re.sub(r"[^A-Za-z0-9-]+", "-", stem).strip("-") or "local"
     description = {"source": os.path.abspath(os.path.expanduser(spec)), "files": len(files)}
     return local_source(name, files, description, args)
 
@@ -690,32 +649,6 @@ def tinyshakespeare_source(data_root: Path, val_spec: str) -> Source:
                   ValSplit(why, lambda doc_index, doc_tokens: doc_index == 1))  # the tail
 
 
-def _looks_like_path(spec: str) -> bool:
-    return (os.sep in spec or "/" in spec or glob.has_magic(spec) or spec.startswith((".", "~"))
-            or Path(spec).suffix.lower() in LOCAL_SUFFIXES or Path(spec).exists())
-
-
-def _name_from_path(spec: str) -> str:
-    parts = [p for p in Path(os.path.expanduser(spec)).parts if not glob.has_magic(p)]
-    base = Path(*parts) if parts else Path("local")
-    stem = base.stem if base.suffix.lower() in LOCAL_SUFFIXES else base.name
-    name = re.sub(r"[^A-Za-z0-9-]+", "-", stem).strip("-")
-    return name or "local"
-
-
-def _report(summary: Summary) -> str:
-    pieces = [f"{len(st.shards)} {split} shard{'s' if len(st.shards) > 1 else ''} "
-              f"({st.tokens / 1e6:.2f}M tokens)"
-              for split, st in summary.splits.items() if st.shards]
-    rate = summary.new_tokens / max(summary.seconds, 1e-9) / 1e6
-    resumed = ", resumed" if summary.resumed else ""
-    line = (f"{summary.name}: wrote {' and '.join(pieces)} to {summary.out_dir} in "
-            f"{summary.seconds:.1f}s ({rate:.2f}M tokens/s{resumed})")
-    if summary.skipped:
-        line += f"; skipped {len(summary.skipped)} files that are not UTF-8"
-    return line
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -729,29 +662,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def prepare(args: argparse.Namespace) -> int:
-    """The command: check the flags, then skip the dataset if it is done, else (re)build or
-    resume it."""
     cli.check_range("--shard-size", args.shard_size, minimum=1)
     cli.check_range("--num-proc", args.num_proc, minimum=1)
     splits = parse_splits(args.splits)
     data_root = (args.data_root or data.default_data_root()).expanduser()
     source = make_source(args, data_root)
-    dataset = (args.dataset if args.dataset in BUILTIN_NAMES
-               else os.path.abspath(os.path.expanduser(args.dataset)))
+    dataset = args.dataset if args.dataset in BUILTIN_NAMES else source.description["source"]
     args_record = {"dataset": dataset, "subset": args.subset, "text_field": args.text_field,
                    "splits": list(splits), "shard_size": args.shard_size,
                    "val_tokens": args.val_tokens, "strict": args.strict}
+    out_dir = data_root / source.name
     if is_prepared(data_root, source.name) and not args.force:
-        earlier = _read_json(data_root / source.name / MANIFEST_NAME).get("args") or {}
+        earlier = _read_json(out_dir / MANIFEST_NAME).get("args") or {}
         changed = sorted(k for k in args_record if earlier.get(k) != args_record[k])
         if changed:
-            raise cli.UsageError(f"{data_root / source.name} already holds {source.name} "
-                                 f"prepared with other {', '.join(changed)}; pass --force to "
-                                 "redo it or --name=OTHER to keep both")
-        print(f"{source.name}: already prepared in {data_root / source.name} "
-              "(--force redoes it)")
+            raise cli.UsageError(f"{out_dir} already holds {source.name} prepared with other "
+                                 f"{', '.join(changed)}; pass --force to redo it or "
+                                 "--name=OTHER to keep both")
+        print(f"{source.name}: already prepared in {out_dir} (--force redoes it)")
         return 0
-    with exclusive_run(data_root, source.name) as out_dir:
+    with exclusive_run(out_dir):
         resume = None if args.force else load_progress(out_dir, source, args_record)
         remove_outputs(out_dir, source.name, resume)
         options = Options(args.shard_size, splits, args.num_proc,
@@ -762,7 +692,15 @@ def prepare(args: argparse.Namespace) -> int:
             # The input or the arguments must change, so these shards could never be resumed.
             remove_outputs(out_dir, source.name)
             raise
-        print(_report(summary))
+        pieces = [f"{len(st.shards)} {split} shard{'s' if len(st.shards) > 1 else ''} "
+                  f"({st.tokens / 1e6:.2f}M tokens)"
+                  for split, st in summary.splits.items() if st.shards]
+        rate = summary.new_tokens / max(summary.seconds, 1e-9) / 1e6
+        resumed = ", resumed" if resume else ""
+        skipped = (f"; skipped {len(source.skipped)} files that are not UTF-8"
+                   if source.skipped else "")
+        print(f"{source.name}: wrote {' and '.join(pieces)} to {out_dir} in "
+              f"{summary.seconds:.1f}s ({rate:.2f}M tokens/s{resumed}){skipped}")
         if "val" in splits and not summary.splits["val"].shards:
             print(f"prepare_dataset.py: warning: {source.name} has no validation documents "
                   f"(rule: {source.val.description}); pass --val-tokens=N to take the first N "
@@ -771,16 +709,15 @@ def prepare(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def exclusive_run(data_root: Path, name: str) -> Iterator[Path]:
-    """The dataset's folder, made if need be and held by this run alone (a second run would
-    delete the first's temporary files); the kernel drops a flock however its holder ends,
-    kill -9 included."""
-    out_dir = data_root / name
+def exclusive_run(out_dir: Path) -> Iterator[None]:
+    """Makes the dataset's folder if need be and holds it for this run alone (a second run
+    would delete the first's temporary files); the kernel drops a flock however its holder
+    ends, kill -9 included."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = open(out_dir / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115
     except OSError as exc:
-        raise PrepareError(f"--data-root={data_root}: cannot write to {out_dir} "
+        raise PrepareError(f"--data-root={out_dir.parent}: cannot write to {out_dir} "
                            f"({exc.strerror or exc}); pass a writable --data-root") from exc
     with lock:
         try:
@@ -791,10 +728,9 @@ def exclusive_run(data_root: Path, name: str) -> Iterator[Path]:
                                f"{lock.read().strip()}) is writing this dataset; wait for it "
                                "or stop it, then rerun") from None
         lock.truncate(0)
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
+        print(os.getpid(), file=lock, flush=True)
         try:
-            yield out_dir
+            yield
         finally:  # unlinked while still held: a run starting now makes a fresh lock
             (out_dir / LOCK_NAME).unlink(missing_ok=True)
 
