@@ -3,8 +3,8 @@ eval_hellaswag.py read:
 
     ckpt_0000040.pt   one torch.save dict: model_config, model, optimizer, scaler, step,
                       loader_states, world_size, config, ...
-    ckpt_0000040/     the same under --fsdp: torch.distributed.checkpoint shards (sharding.py
-                      writes and reads them) beside train_state.pt with the rest
+    ckpt_0000040/     the same under --fsdp: torch.distributed.checkpoint shards (sharding.py)
+                      beside train_state.pt: the rest, and each shard's sha256 (checked on load)
     log.jsonl         one JSON object per event, appended by rank 0
 
 `ckpt_{s:07d}` holds the weights after s optimizer steps; the fixed width sorts by name.
@@ -14,15 +14,20 @@ kill leaves at most a hidden temp file, which the next run in the folder removes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import warnings
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 import data
 import runtime
@@ -39,9 +44,6 @@ GPT_FIELDS = set(GPTConfig.__dataclass_fields__)  # a --fsdp folder's non-tensor
 STALE_GLOBS = (".ckpt_*.tmp", f".{LOG_NAME}.*.tmp")
 
 
-# -------------------------------------------------------------------------------- finding
-
-
 def path_for(out_dir: Path, step: int, sharded: bool = False) -> Path:
     """ckpt_0000040.pt, or the folder ckpt_0000040 of a torch.distributed.checkpoint."""
     return out_dir / (f"ckpt_{step:07d}" if sharded else f"ckpt_{step:07d}.pt")
@@ -49,8 +51,7 @@ def path_for(out_dir: Path, step: int, sharded: bool = False) -> Path:
 
 def find(out_dir: Path) -> list[Path]:
     """Both kinds, oldest first."""
-    found = [p for p in out_dir.glob("ckpt_*.pt") if p.is_file()]
-    found += [p for p in out_dir.glob("ckpt_*") if p.is_dir()]
+    found = [p for p in out_dir.glob("ckpt_*") if p.is_dir() or p.suffix == ".pt" and p.is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -73,23 +74,43 @@ def open_run(out_dir: Path, resumed: Path | None, step: int) -> None:
     go either way."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if resumed is None:
-        for old in find(out_dir):
+        for old in [*find(out_dir), out_dir / LOG_NAME]:
             remove(old)
-        (out_dir / LOG_NAME).unlink(missing_ok=True)
     else:
         cut_log(out_dir / LOG_NAME, resumed, step)
-    for pattern in STALE_GLOBS:
-        for stale in out_dir.glob(pattern):
-            remove(stale)
+    for stale in [p for pattern in STALE_GLOBS for p in out_dir.glob(pattern)]:
+        remove(stale)
 
 
-# ------------------------------------------------------------------------- saving, pruning
+class _KeepError:
+    """Keeps the first OSError of write(), which torch.save turns into "unexpected pos ..."."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return int(self.file.write(data))
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
-    """torch.save that never leaves a half-written checkpoint under `path`."""
+    """torch.save that never leaves a half-written checkpoint under `path`; a failed write
+    (a full disk) is the OSError naming `path`."""
     with data.atomic_output(path) as f:
-        torch.save(state, f)
+        out = _KeepError(f)
+        try:
+            torch.save(state, out)  # type: ignore[arg-type]  # it calls write and flush
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
 
 
 def remove(path: Path) -> None:
@@ -101,12 +122,8 @@ def remove(path: Path) -> None:
 
 def prune(out_dir: Path, keep: int) -> None:
     """Keep the newest `keep` checkpoints (0 keeps all)."""
-    if keep > 0:
-        for old in find(out_dir)[:-keep]:
-            remove(old)
-
-
-# ---------------------------------------------------------------------------------- loading
+    for old in find(out_dir)[:-keep] if keep > 0 else []:
+        remove(old)
 
 
 def load(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -115,47 +132,131 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
     A --fsdp folder's shards come back gathered into full weights (its optimizer state stays
     in the folder: sharding.load_optimizer_state reads it on resume)."""
     path = Path(path)
-    if path.is_dir():
-        return _load_folder(path)
-    if not path.is_file():
+    if path.is_dir() and path.suffix == ".pt":
+        raise ValueError(f"{path}: a directory, not a checkpoint file; pass a ckpt_*.pt file "
+                         "or a ckpt_NNNNNNN folder of train_gpt2.py --fsdp")
+    if not path.is_dir() and not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint file not found; pass the path of a "
                                 "ckpt_*.pt file written by train_gpt2.py")
-    state = _load_file(path)
-    if (not isinstance(state, dict) or not isinstance(state.get("model"), dict)
-            or not isinstance(state.get("model_config"), dict)
-            or not GPT2_FIELDS <= set(state["model_config"]) <= set(GPT_FIELDS)):
-        raise ValueError(f"{path}: not a train_gpt2.py checkpoint (no model_config/model "
-                         "entries); pass a ckpt_*.pt file")
+    return check(path, _load_folder(path) if path.is_dir() else _load_file(path))
+
+
+def check(path: Path, state: Any) -> dict[str, Any]:
+    """`state` if it is a checkpoint to build a model from: a model_config of positive ints
+    and bool switches, float weights (GPT.from_checkpoint checks their names and shapes),
+    every floating tensor finite. Else a ValueError naming the file and the key."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path}: {what}; the file is damaged or not a train_gpt2.py "
+                          "checkpoint, pass another one")
+    if not isinstance(state, dict) or not isinstance(state.get("model_config"), dict):
+        raise bad("no model_config entry")
+    config = state["model_config"]
+    for key in [*sorted(GPT2_FIELDS), *config]:
+        value, switch = config.get(key), key not in GPT2_FIELDS
+        if key not in GPT_FIELDS:
+            raise bad(f"model_config has an unknown key {key!r}")
+        if type(value) is not bool if switch else type(value) is not int or value <= 0:
+            raise bad(f"model_config[{key!r}] is {repr(value) if key in config else 'missing'}"
+                      f", not {'True or False' if switch else 'a positive integer'}")
+    try:
+        GPTConfig(**config)
+    except ValueError as exc:
+        raise bad(f"model_config: {exc}") from None
+    if not isinstance(state.setdefault("model", {}), dict):  # a --fsdp folder's come later
+        raise bad("no model entry")
+    for key, tensor in state["model"].items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise bad(f"model[{key!r}] is not float weights")
+    loaders = state.get("loader_states", [{"batch_size": 1}])
+    if not isinstance(loaders, list) or not all(
+            isinstance(s, dict) and type(s.get("batch_size")) is int for s in loaders or [0]):
+        raise bad("loader_states is not a list of data loader states")
+    leaves = state.get("optimizer_leaves", [])  # train_jax.py's optax state
+    if not isinstance(leaves, list) or not all(isinstance(t, torch.Tensor) for t in leaves):
+        raise bad("optimizer_leaves is not a list of tensors")
+    for name, tensor in _tensors(state, ""):  # a sum is finite only if every value is
+        if tensor.is_floating_point() and not (tensor.sum().isfinite() or tensor.isfinite().all()):
+            raise bad(f"{name} holds NaN or infinite values")
     return state
+
+
+def _tensors(value: Any, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor in nested dicts and lists, with its key path (model['wte.weight'])."""
+    if isinstance(value, torch.Tensor):
+        yield name, value
+    items = value.items() if isinstance(value, dict) else \
+        enumerate(value) if isinstance(value, list | tuple) else ()
+    for key, item in items:
+        yield from _tensors(item, f"{name}[{key!r}]" if name else str(key))
 
 
 def _load_file(path: Path) -> Any:
     try:
-        with warnings.catch_warnings():  # torch warns about foreign pickle protocols
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+        damaged = None
+        if zipfile.is_zipfile(path):  # torch.load does not check the records' CRC-32s
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+        if damaged is None:
+            with warnings.catch_warnings():  # torch warns about foreign pickle protocols
+                warnings.simplefilter("ignore")
+                return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling fails in many types
         raise ValueError(f"{path}: not a readable train_gpt2.py checkpoint "
                          f"({type(exc).__name__}); pass a ckpt_*.pt file") from None
+    raise ValueError(f"{path}: its record {damaged} is damaged (its CRC-32 differs); restore "
+                     "the checkpoint from a copy or pass another one")
 
 
 def _load_folder(path: Path) -> dict[str, Any]:
+    """train_state.pt, its files checked against the checksums it holds (a folder written
+    before them has none), and the shards' weights gathered. On resume this check covers
+    the optimizer state too: it lies in the same shard files."""
     state_file = path / STATE_NAME
     if not state_file.is_file():
-        raise ValueError(f"{path}: no {STATE_NAME} (not a train_gpt2.py --fsdp "
-                         "checkpoint, or one a kill left half-written)")
-    state = _load_file(state_file)
-    if not isinstance(state, dict) or not isinstance(state.get("model_config"), dict):
-        raise ValueError(f"{state_file}: not a train_gpt2.py checkpoint (no model_config)")
+        inside = find(path)  # a run folder (--out-dir) instead of one of its checkpoints?
+        raise ValueError(f"{path}: no {STATE_NAME}" + (
+            f"; pass one of its checkpoints, e.g. {inside[-1]}" if inside else
+            " (not a train_gpt2.py --fsdp checkpoint, or one a kill left half-written)"))
+    state = check(state_file, _load_file(state_file))
+    sums = state.get("sha256", {})
+    for name, digest in sums.items() if isinstance(sums, dict) else [("", None)]:
+        file = path / str(name)
+        if not file.is_file() or file_sha256(file) != digest:
+            raise ValueError(f"{file}: {'missing or ' if not file.is_file() else ''}not the file "
+                             "train_gpt2.py wrote (its checksum differs): the checkpoint is "
+                             "damaged, restore it from a copy or pass another one")
     return {**state, "model": sharding.load_full_weights(path, state["model_config"])}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def reading(path: Path, what: str) -> Iterator[None]:
+    """What reading `what` of the checkpoint `path` raises (its content is not what
+    train_gpt2.py wrote; a CheckpointException is a BaseException) as one RuntimeError naming it."""
+    try:
+        yield
+    except (CheckpointException, KeyError, TypeError, IndexError, ValueError, AssertionError,
+            RuntimeError, EOFError, OSError) as exc:
+        if str(exc).startswith(str(path)):
+            raise  # names the file already
+        inner = next(iter(getattr(exc, "failures", {}).values()), (exc,))[0]
+        detail = ": ".join([type(inner).__name__, *str(inner).strip().splitlines()[-1:]])
+        raise RuntimeError(f"{path}: cannot read its {what} ({detail}); the checkpoint is "
+                           "damaged or of another run, pass another one") from None
 
 
 def loader_state_for(state: dict[str, Any], path: Path, rank: int, world_size: int,
                  batch_size: int) -> dict[str, Any]:
-    """This rank's loader position in a checkpoint saved by any number of ranks. The loader's
-    step counts global batches of world_size x batch_size samples, rank r taking the r-th
-    slice, so another world size continues at the same sample (and the same global order)
-    when that product, the global micro-batch, is unchanged."""
+    """This rank's loader position in a checkpoint saved by any number of ranks: a step is a
+    global batch of world_size x batch_size samples (rank r takes the r-th slice), so another
+    world size continues at the same sample and order if that global micro-batch is unchanged."""
     saved_world = state.get("world_size", len(state["loader_states"]))
     if saved_world == world_size:
         return dict(state["loader_states"][rank])
@@ -168,17 +269,13 @@ def loader_state_for(state: dict[str, Any], path: Path, rank: int, world_size: i
     return {**saved, "rank": rank, "world_size": world_size, "batch_size": batch_size}
 
 
-# ------------------------------------------------------------------ train_gpt2.py runs
-
-
 def save_training(out_dir: Path, step: int, config: Any, env: runtime.DistEnv, model: GPT,
                   optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                   loader: data.ShardLoader, skipped_steps: int, argv: list[str]) -> Path:
     """Checkpoint `step` (every rank joins: the loader states are gathered, and under --fsdp
     each rank writes its shards), then the oldest beyond --keep-checkpoints go."""
-    states: list[Any] = [loader.state_dict()]
+    states: list[Any] = [loader.state_dict()] * env.world_size
     if env.is_distributed:
-        states = [None] * env.world_size
         torch.distributed.all_gather_object(states, loader.state_dict())
     # Under --fsdp the weights and optimizer state go into the sharded folder instead.
     tensors = {} if config.fsdp else {"model": model.state_dict(),
@@ -205,27 +302,24 @@ def restore_training(state: dict[str, Any], path: Path, fsdp: bool, env: runtime
     (its weights are the model's already); returns (step, skipped steps)."""
     sharded = path.is_dir()  # its optimizer state is read from the folder below
     wanted = ("scaler", "loader_states", "step") + (() if sharded else ("optimizer",))
-    missing = [k for k in wanted if k not in state]
-    if missing:
+    if missing := [k for k in wanted if k not in state]:
         raise RuntimeError(f"{path}: no {', '.join(missing)} to resume from (written by "
                            "another trainer?); start a new --out-dir with --init-from=PATH")
-    loader_state = loader_state_for(state, path, env.rank, env.world_size, loader.batch_size)
-    if sharded:
-        sharding.load_optimizer_state(path, model, optimizer)
-    elif fsdp:
-        raise RuntimeError(f"{path}: a .pt checkpoint cannot resume under --fsdp yet; "
-                           "resume it without --fsdp")
-    else:
-        optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    with reading(path, "optimizer, scaler or loader state"):
+        loader_state = loader_state_for(state, path, env.rank, env.world_size, loader.batch_size)
+        if sharded:
+            sharding.load_optimizer_state(path, model, optimizer)
+        elif fsdp:
+            raise RuntimeError(f"{path}: a .pt checkpoint cannot resume under --fsdp yet; "
+                               "resume it without --fsdp")
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
     try:
         loader.load_state_dict(loader_state)
     except ValueError as exc:
         raise RuntimeError(f"{path}: {exc}") from None
     return int(state["step"]), int(state.get("skipped_steps", 0))
-
-
-# -------------------------------------------------------------------------------------- log
 
 
 def append_log(out_dir: Path, step: int, **values: Any) -> None:
@@ -235,19 +329,17 @@ def append_log(out_dir: Path, step: int, **values: Any) -> None:
 
 
 def cut_log(path: Path, checkpoint: Path, resume_step: int) -> None:
-    """Cut the log back to the checkpoint a run resumes from (atomically): the lines with
+    """Cut the log back (atomically) to the checkpoint a run resumes from: the lines with
     step < resume_step, then that checkpoint's line, written anew because a kill can land
-    between the checkpoint's rename and its log line. The resumed run writes the rest, so
-    the log reads as if the run had never stopped."""
+    between the checkpoint's rename and its log line; the resumed run writes the rest."""
     kept = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill mid-write
-            if event.get("step", 0) < resume_step:
-                kept.append(line + "\n")
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill mid-write
+        if event.get("step", 0) < resume_step:
+            kept.append(line + "\n")
     kept.append(json.dumps({"step": resume_step, "checkpoint": str(checkpoint)}) + "\n")
     with data.atomic_output(path) as f:
         f.write("".join(kept).encode("utf-8"))

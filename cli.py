@@ -36,9 +36,8 @@ class UsageError(ValueError):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each optional flag's default after its help. A help that states its default in words
-    ("(default: all CPU cores)", where the value would be this machine's count) keeps them
-    alone, so no default shows twice; a required flag has none to show."""
+    """Each optional flag's default after its help, unless the help states it in words
+    ("(default: all CPU cores)") or the flag is required."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.required or "(default" in (action.help or ""):
@@ -47,8 +46,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with flag errors as one line (argparse prints the whole usage block first)
-    and every flag's default in --help."""
+    """argparse with flag errors as one line (not the whole usage block) and defaults shown."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
@@ -59,18 +57,28 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
+
+
 def check_range(flag: str, value: float | None, minimum: float | None = None,
-                maximum: float | None = None) -> None:
-    """A numeric flag's domain: finite, and within [minimum, maximum] where given. None
-    means the flag was left unset."""
+                maximum: float | None = None, below: float | None = None,
+                above: float | None = None) -> None:
+    """A numeric flag's domain: finite, within [minimum, maximum] and strictly between `above`
+    and `below` where given (an integer with no upper bound: int64's). None: left unset."""
     if value is None:
         return
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         raise UsageError(f"{flag}={value}: must be a finite number")
+    if isinstance(value, int) and maximum is None and below is None:
+        maximum = 2**63 - 1
     if minimum is not None and value < minimum:
         raise UsageError(f"{flag}={value}: must be at least {minimum}")
     if maximum is not None and value > maximum:
         raise UsageError(f"{flag}={value}: must be at most {maximum}")
+    if above is not None and value <= above:
+        raise UsageError(f"{flag}={value}: must be above {above}")
+    if below is not None and value >= below:
+        raise UsageError(f"{flag}={value}: must be below {below}")
 
 
 def run_script(body: Callable[[], int | None], debug: bool) -> int:
@@ -125,7 +133,7 @@ def load_model(pretrained: str | None, checkpoint: str | None,
     from model import GPT
 
     if checkpoint is not None:
-        model = GPT.from_checkpoint(run_folder.load(checkpoint))
+        model = GPT.from_checkpoint(run_folder.load(checkpoint), source=checkpoint)
     elif pretrained is not None:
         model = GPT.from_pretrained(pretrained)
     else:

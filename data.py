@@ -1,9 +1,8 @@
 """GPT-2 tokenizer, the token-shard format, and the batch loader.
 
-Shard format (llm.c's): a 1024-byte header of 256 little-endian int32
-`[20240520, 1, ntok, 0, ...]`, then `ntok` little-endian uint16 tokens; the file size is
-exactly `1024 + 2 * ntok`. One-dimensional uint16 `.npy` files (build-nanogpt's shards)
-are read as well. No shard is ever read whole.
+Shard format (llm.c's): a 1024-byte header of 256 little-endian int32 `[20240520, 1, ntok, 0,
+...]`, then `ntok` little-endian uint16 tokens; the file size is exactly `1024 + 2 * ntok`. 1-D
+uint16 `.npy` files (build-nanogpt's shards) are read too. No shard is ever read whole.
 """
 
 from __future__ import annotations
@@ -52,11 +51,24 @@ class ShardFormatError(ValueError):
     """A token shard that is not what its format promises; the message names the file."""
 
 
+class WriteError(OSError):
+    """A failed write, its message naming the file it was for; atomic_output passes it on."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def write_error(path: str | os.PathLike[str], exc: OSError) -> OSError:
+    """`exc` (a full disk, no permission) as the WriteError naming `path`; one already is."""
+    return exc if isinstance(exc, WriteError) else WriteError(
+        exc.errno, f"{path}: cannot write it ({exc.strerror or exc}); free some space, fix "
+                   "the permissions or write elsewhere")
+
+
 @functools.lru_cache(maxsize=1)
 def get_tokenizer() -> tiktoken.Encoding:
     """The GPT-2 BPE from the ranks file in `assets/`, checked against its sha256."""
     import tiktoken
-
     raw = GPT2_RANKS_FILE.read_bytes()
     digest = hashlib.sha256(raw).hexdigest()
     if digest != GPT2_RANKS_SHA256:
@@ -71,7 +83,6 @@ def get_tokenizer() -> tiktoken.Encoding:
 
 # ------------------------------------------------------------------------------ shard I/O
 def default_data_root() -> Path:
-    """`$NANO_GPT_DATA_ROOT`, else `~/.cache/nano-gpt/data`."""
     env = os.environ.get(DATA_ROOT_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "nano-gpt" / "data"
 
@@ -92,7 +103,6 @@ def shard_header(ntok: int) -> np.ndarray:
 
 
 def write_shard(path: str | os.PathLike[str], tokens: np.ndarray | list[int]) -> None:
-    """Write an llm.c `.bin` shard atomically: temp file, fsync, rename."""
     path = Path(path)
     array = np.asarray(tokens)
     if array.ndim != 1:
@@ -107,12 +117,12 @@ def write_shard(path: str | os.PathLike[str], tokens: np.ndarray | list[int]) ->
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """A binary file that appears at `path` only once complete (temp name in the same
-    folder, fsync, rename); on any error the temp file goes and `path` is untouched.
-    The file's `name` is the temp path, for checks that read it back before the rename.
-    A failed write (a full disk, no permission) is an OSError that names `path`."""
+    """A binary file that appears at `path` only once complete (temp file in the same folder,
+    fsync, rename; on any error the temp file goes). Its `name` is the temp path, to read back
+    before the rename. A failed write is the WriteError naming `path`; another output's
+    WriteError, or an OSError of the body naming its own file, goes on unchanged."""
     path = Path(path)
-    tmp_name = None
+    tmp_name, in_body = None, False
     try:
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         umask = os.umask(0)  # rw for whom the umask allows: mkstemp's 0600 hides it from the group
@@ -120,23 +130,22 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         os.fchmod(fd, 0o666 & ~umask)
         os.close(fd)
         with open(tmp_name, "wb") as f:
+            in_body = True
             yield f
+            in_body = False
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
     except BaseException as exc:
         if tmp_name is not None:
             Path(tmp_name).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise OSError(exc.errno, f"{path}: cannot write it ({exc.strerror or exc}); free "
-                                     "some space, fix the permissions or write elsewhere") from None
+        if isinstance(exc, OSError) and not (in_body and exc.filename is not None):
+            raise write_error(path, exc) from None
         raise
 
 
 def download(url: str, path: Path, check: Callable[[Path], None] | None = None) -> Path:
-    """`url` saved at `path` once: later calls find the file and return at once. The body
-    streams into a temp file that `check` (if given) validates before it is renamed into
-    place, so `path` never holds a partial or bad download."""
+    """`url` saved at `path` once, through a temp file that `check` (if given) validates first."""
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,8 +172,9 @@ def read_shard(path: str | os.PathLike[str]) -> np.ndarray:
     """Memory-map a `.bin` or `.npy` shard as uint16 tokens, checking its header."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: shard file not found (data.find_shards(folder, "
-                                "split) lists a folder's shards)")
+        what = "a directory, not a shard file" if path.is_dir() else "shard file not found"
+        raise FileNotFoundError(f"{path}: {what} (data.find_shards(folder, split) lists a "
+                                "folder's shards)")
     return _read_npy_shard(path) if path.suffix == ".npy" else _read_bin_shard(path)
 
 
@@ -208,20 +218,16 @@ def _read_npy_shard(path: Path) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ batch loader
-#
 # Sample stream. A sample is T+1 consecutive tokens; shard s holds the windows
-# tokens[j*T : j*T+T+1] for j < (ntok_s-1)//T, so fewer than T tokens per shard go unused.
-# An epoch is the shards in epoch order, each shard's windows in epoch order; epochs follow
-# each other forever. Global batch k is stream samples [k*W*B, (k+1)*W*B) and rank r takes
-# the B from k*W*B + r*B, so a batch that runs past an epoch's end continues into the next
-# (nothing dropped) and the whole loader state is one integer, the batches taken (`step`).
-#
+# tokens[j*T : j*T+T+1] for j < (ntok_s-1)//T, so fewer than T tokens per shard go unused. An
+# epoch is the shards in epoch order, each shard's windows in epoch order; epochs follow each
+# other forever. Global batch k is stream samples [k*W*B, (k+1)*W*B), rank r taking the B from
+# k*W*B + r*B: a batch past an epoch's end continues into the next (nothing dropped), and the
+# loader's whole state is the batches taken (`step`).
 # Order. With shuffle, epoch e orders shards and each shard's windows by sorting indices i
 # by splitmix64(key ^ i), key = mix(mix(mix(seed) ^ e) ^ stream) with stream 0 for the shard
 # order and 1+s for shard s. mix is a bijection on uint64, so keys never tie and the order
 # is a pure function of (seed, epoch); csrc/loader.cpp computes exactly the same.
-
-
 def _mix64(z: np.ndarray) -> np.ndarray:
     """splitmix64's output function on a uint64 array (wrapping arithmetic)."""
     z = z + np.uint64(0x9E3779B97F4A7C15)
@@ -230,17 +236,14 @@ def _mix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def _mix64_int(value: int) -> int:
-    return int(_mix64(np.array([value & _MASK64], dtype=np.uint64))[0])
-
-
 def order_key(seed: int, epoch: int, stream: int) -> int:
     """The 64-bit key of one permutation: stream 0 orders shards, 1+s shard s's windows."""
-    return _mix64_int(_mix64_int(_mix64_int(seed) ^ (epoch & _MASK64)) ^ (stream & _MASK64))
+    def mix(value: int) -> int:
+        return int(_mix64(np.array([value & _MASK64], dtype=np.uint64))[0])
+    return mix(mix(mix(seed) ^ (epoch & _MASK64)) ^ (stream & _MASK64))
 
 
 def seeded_permutation(n: int, key: int) -> np.ndarray:
-    """Indices 0..n-1 sorted by splitmix64(key ^ i): a permutation fixed by `key`."""
     index = np.arange(n, dtype=np.uint64)
     return np.argsort(_mix64(index ^ np.uint64(key)), kind="stable").astype(np.int64)
 
@@ -269,7 +272,6 @@ class _NumpyBackend:
 
     def next_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
-
         tokens = self.batch(step).astype(np.int64)
         xy = torch.from_numpy(np.stack([tokens[:, :-1], tokens[:, 1:]])).to(self.device)
         return xy[0], xy[1]
@@ -301,7 +303,6 @@ class _NumpyBackend:
         return out
 
     def _place(self, sample: int) -> tuple[int, int]:
-        """(shard id, first token) of sample `sample` of the stream."""
         epoch, index = divmod(sample, self.per_epoch)
         order, starts = self._shards(epoch)
         k = bisect.bisect_right(starts, index) - 1  # empty shards share a start: take the last
@@ -330,12 +331,10 @@ def _native_module() -> Any | None:
 
 
 class _NativeBackend:
-    """The compiled `_loader`: a C++ thread fills a ring of (2, B, T) int64 slots ahead.
-    On CPU the filled tensor itself goes to the caller, who owns it from then on, and its slot
-    goes straight back to the producer with a fresh tensor to fill (the allocator recycles
-    the batches the caller has dropped), so nothing tracks the caller's tensors. On CUDA the
-    slots are pinned, each batch is one non-blocking copy, and its slot goes back once the
-    copy's CUDA event has completed."""
+    """The compiled `_loader`: a C++ thread fills a ring of (2, B, T) int64 slots ahead. On
+    CPU the filled tensor goes to the caller, who owns it, and its slot goes back at once with
+    a fresh tensor to fill, so nothing tracks the caller's tensors. On CUDA the slots are
+    pinned; a slot goes back once its batch's non-blocking copy's CUDA event has completed."""
 
     SLOTS = 8
 
@@ -344,7 +343,6 @@ class _NativeBackend:
                  device: torch.device) -> None:
         import _loader  # type: ignore[import-not-found]  # ShardLoader found it built
         import torch
-
         self.module, self.device, self.cuda = _loader, device, device.type == "cuda"
         self.slots = [torch.empty((2, batch_size, seq_len), dtype=torch.int64,
                                   pin_memory=self.cuda) for _ in range(self.SLOTS)]
@@ -360,7 +358,6 @@ class _NativeBackend:
     def next_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch `step`, which is the ring's next one: the facade seeks it on every jump."""
         import torch
-
         if self.cuda:  # half the ring at most waits on copies, so the producer has slots to fill
             self._release_copied(keep=self.SLOTS // 2 - 1)
         try:
@@ -402,16 +399,14 @@ def _announce_backend(name: str) -> None:
 class ShardLoader:
     """(x, y) int64 batches of shape (batch_size, seq_len) from token shards, forever.
 
-    files: shard paths (`find_shards(folder, split)` lists a folder's), or one path.
-    backend: "native" (the compiled `_loader`: a C++ thread fills a ring of host buffers),
-    "numpy" (byte-identical batches) or "auto" (native when built, else numpy; says once per
-    process which). The returned tensors are the caller's. Order and sharding: see the top
-    of this section; state_dict() is the batches taken and the settings to resume with.
-    Every token is checked against vocab_size; a bad one, or a shard truncated under the
-    loader, raises ShardFormatError at its batch and at every call after it until reset()
-    or load_state_dict(). One consumer: next_batch(), reset() and load_state_dict() raise
-    RuntimeError at once while another thread is inside one of them.
-    """
+    files: shard paths (`find_shards(folder, split)` lists a folder's), or one path. backend:
+    "native" (the compiled `_loader`), "numpy" (byte-identical batches) or "auto" (native when
+    built, else numpy; says once per process which). The returned tensors are the caller's.
+    Order and sharding: see this section's top; state_dict() is the batches taken and the
+    settings to resume with. A token not below vocab_size, or a shard truncated under the
+    loader, raises ShardFormatError at its batch and every call after until reset() or
+    load_state_dict(). One consumer: next_batch(), reset() and load_state_dict() raise
+    RuntimeError at once while another thread is inside one of them."""
 
     def __init__(self, files: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
                  batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
@@ -450,7 +445,6 @@ class ShardLoader:
                                "built; run `pip install -e .` or use backend='numpy'")
         self.backend = backend
         import torch
-
         settings = (batch_size, seq_len, rank, world_size, self.shuffle, self.seed, vocab_size,
                     torch.device(device))
         self._source: _NumpyBackend | _NativeBackend | None = (
@@ -477,7 +471,6 @@ class ShardLoader:
         return x.cpu().numpy(), y.cpu().numpy()
 
     def reset(self) -> None:
-        """Back to the first batch of epoch 0."""
         self._seek(0)
 
     def state_dict(self) -> dict[str, Any]:
@@ -488,7 +481,6 @@ class ShardLoader:
                 "shuffle": self.shuffle, "seed": self.seed, "step": self.step, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where the loader that saved `state` stopped."""
         if state.get("format") != LOADER_STATE_FORMAT:
             raise ValueError(f"ShardLoader.load_state_dict: format {state.get('format')!r}, "
                              f"expected {LOADER_STATE_FORMAT!r}")

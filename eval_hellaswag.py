@@ -2,17 +2,13 @@
 
     python eval_hellaswag.py --pretrained=gpt2          # acc_norm 0.2955, acc 0.2859
 
-An ending is scored by the cross-entropy of its own tokens in the row
-`encode(ctx) + encode(" " + ending)` (the two parts encoded separately, then joined);
-pick_answers says which ending acc and acc_norm choose. The four endings share their
-context, so the model sees it once: one packed row per example holds the context and then
-the endings, each attending to the context and to itself with the positions it would have
-in a row of its own (same scores, about half the tokens). Several examples go through the
-model per forward pass, right-padded; padding is masked out. Under torchrun each rank
-scores `examples[rank::world_size]` and the three totals are all-reduced once.
-
-The validation file is downloaded once into `<data root>/hellaswag/` (or `--cache-dir`)
-through a temporary file, checked (10042 well-formed examples) before it is renamed.
+An ending is scored by the cross-entropy of its own tokens in `encode(ctx) + encode(" " +
+ending)`; pick_answers says which ending acc and acc_norm choose. One packed row per example
+holds the context once, then the endings, each attending to the context and itself with the
+positions it would have alone (same scores, about half the tokens); rows are batched,
+right-padded and masked. Under torchrun each rank scores `examples[rank::world_size]` and
+the totals are all-reduced once. The validation file is downloaded once into
+`<data root>/hellaswag/` (or `--cache-dir`) and checked (10042 examples) before it is kept.
 """
 
 from __future__ import annotations
@@ -49,41 +45,45 @@ PAD_ID = 0  # any id works: padded positions are never scored
 # ----------------------------------------------------------------------------------- data
 def load_examples(path: str | os.PathLike[str] | None = None, limit: int | None = None,
                   cache_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
-    """Examples from a local jsonl, or (path None) the official validation file, downloaded
-    into `cache_dir` on first use. `limit` keeps the first `limit` examples."""
+    """The first `limit` examples of a local jsonl, or (path None) of the validation file."""
     path = Path(path) if path is not None else ensure_validation_file(cache_dir)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: HellaSwag file not found; pass --data=JSONL with "
-                                "the path of hellaswag_val.jsonl")
-    with open(path, encoding="utf-8") as f:
+        what = "a directory, not a file" if path.is_dir() else "HellaSwag file not found"
+        raise FileNotFoundError(f"{path}: {what}; pass --data=JSONL with the path of "
+                                "hellaswag_val.jsonl")
+    with open(path, "rb") as f:
         lines = ((number, line) for number, line in enumerate(f, start=1) if line.strip())
         return [parse_example(line, f"{path}:{number}")
                 for number, line in itertools.islice(lines, limit)]
 
 
-def parse_example(line: str, where: str) -> dict[str, Any]:
+def parse_example(line: str | bytes, where: str) -> dict[str, Any]:
+    """One line of a HellaSwag file, every field it is scored by checked; errors name `where`."""
     try:
-        example = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: not a JSON line ({exc.msg})") from None
+        example = json.loads(line)  # bytes: decoded as UTF-8
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"{where}: not a UTF-8 JSON line ({getattr(exc, 'msg', exc)})") from None
     if not isinstance(example, dict) or not {"ctx", "endings", "label"} <= example.keys():
         raise ValueError(f"{where}: a HellaSwag example needs 'ctx', 'endings' and 'label' "
                          "fields")
-    endings, label = example["endings"], example["label"]
-    if not isinstance(endings, list) or len(endings) != NUM_ENDINGS:
+    ctx, endings, label = example["ctx"], example["endings"], example["label"]
+    if not isinstance(ctx, str) or not ctx:
+        raise ValueError(f"{where}: 'ctx' is {ctx!r}; it must be a non-empty string")
+    if not (isinstance(endings, list) and len(endings) == NUM_ENDINGS
+            and all(isinstance(e, str) for e in endings)):
         raise ValueError(f"{where}: 'endings' must be a list of {NUM_ENDINGS} strings")
-    if not isinstance(label, int) or not 0 <= label < NUM_ENDINGS:
-        raise ValueError(f"{where}: 'label' must be an integer in 0..{NUM_ENDINGS - 1}")
+    if type(label) is not int or not 0 <= label < NUM_ENDINGS:  # True is an int: refused
+        raise ValueError(f"{where}: 'label' is {label!r}; it must be an integer in "
+                         f"0..{NUM_ENDINGS - 1}")
     return example
 
 
 def ensure_validation_file(cache_dir: str | os.PathLike[str] | None,
                            url: str = HELLASWAG_VAL_URL,
                            expected_lines: int = HELLASWAG_VAL_EXAMPLES) -> Path:
-    """The validation file in `cache_dir` (default <data root>/hellaswag), downloaded first
-    if it is not there yet: kept only if every line is an example and none is missing."""
+    """The validation file in `cache_dir`, downloaded if need be and kept only if complete."""
     def check(path: Path) -> None:
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             count = 0
             for count, line in enumerate(f, start=1):  # noqa: B007 - read after the loop
                 parse_example(line, f"{url} line {count}")
@@ -137,9 +137,8 @@ class PackedExample:
 
 
 def pack_example(example: RenderedExample, block_size: int) -> PackedExample:
-    """The example's row for score_batch. A context plus ending longer than block_size + 1
-    tokens keeps its last block_size + 1 (the input drops the final one); such an example
-    gets one context copy per ending, since each ending then keeps a different share of it."""
+    """The example's row for score_batch. A context plus ending over block_size + 1 tokens
+    keeps its last block_size + 1, so each ending then gets its own copy of the context."""
     context, endings = example.context, example.endings
     if not context:
         raise ValueError("a HellaSwag example needs at least one context token")
@@ -161,8 +160,8 @@ def pack_example(example: RenderedExample, block_size: int) -> PackedExample:
 
 
 def _packed_inputs(packed: Sequence[PackedExample]) -> tuple[torch.Tensor, ...]:
-    """Token ids, position ids (B, W) and the attention mask (B, 1, W, W) of right-padded
-    rows. A padding token attends only to padding, and no real token attends to padding."""
+    """Token ids, positions (B, W) and mask (B, 1, W, W) of right-padded rows; padding and
+    real tokens never attend to each other."""
     def padded(rows: list[list[int]], fill: int) -> torch.Tensor:
         return pad_sequence([torch.tensor(r) for r in rows], batch_first=True,
                             padding_value=fill)
@@ -240,9 +239,8 @@ class HellaSwagScore:
 def evaluate(model: nn.Module, examples: Sequence[dict[str, Any]], device: torch.device | str,
              batch_size: int = 16, precision: runtime.Precision | None = None, rank: int = 0,
              world_size: int = 1, progress: bool = False) -> HellaSwagScore:
-    """acc and acc_norm over `examples`; with world_size > 1 this rank scores
-    examples[rank::world_size] and the totals of all ranks are summed (torch.distributed
-    must be initialised). The model's train/eval mode is restored afterwards."""
+    """acc and acc_norm over `examples` (this rank's share, summed over initialised ranks);
+    the model's train/eval mode is restored afterwards."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
     if not examples:

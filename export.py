@@ -8,7 +8,6 @@ from the tiktoken ranks in assets/. What GPT-2's format cannot hold is refused, 
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -72,7 +71,7 @@ def export(checkpoint_path: str, out: Path) -> None:
 
     if out.exists() and not out.is_dir():
         raise cli.UsageError(f"--out={out}: is a file; pass a folder")
-    model = GPT.from_checkpoint(checkpoint.load(checkpoint_path))
+    model = GPT.from_checkpoint(checkpoint.load(checkpoint_path), source=checkpoint_path)
     if model.config.vocab_size < GPT2_VOCAB_SIZE:
         raise ValueError(f"{checkpoint_path}: vocab_size {model.config.vocab_size} is below "
                          f"GPT-2's {GPT2_VOCAB_SIZE}; only GPT-2-tokenized models export")
@@ -84,17 +83,13 @@ def export(checkpoint_path: str, out: Path) -> None:
     print(f"wrote {out} (GPT2LMHeadModel.from_pretrained and AutoTokenizer load it)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a train_gpt2.py or train_jax.py "
                         "checkpoint (.pt file or --fsdp folder)")
     parser.add_argument("--out", required=True, type=Path, help="the folder to write")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     return cli.run_script(lambda: export(args.checkpoint, args.out), args.debug)
 
 

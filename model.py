@@ -49,8 +49,8 @@ class GPTConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:
         if name not in PRESETS:
-            known = ", ".join(PRESETS)
-            raise ValueError(f"unknown model preset '{name}': choose one of {known}")
+            raise ValueError(f"unknown model preset '{name}': choose one of "
+                             f"{', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
 
@@ -63,11 +63,6 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpt2-tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=256),
     "gpt2-mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
 }
-
-
-def rotary_frequencies(head_dim: int, base: float = 10000.0) -> torch.Tensor:
-    """The angle per position of each of the head's head_dim/2 rotated pairs (RoFormer)."""
-    return base ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -98,10 +93,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.write(layer, k, v)
             attn_mask = cache.mask
-        if attn_mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           is_causal=attn_mask is None)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -158,8 +151,10 @@ class GPT(nn.Module):
         if not config.untied_head:
             self.lm_head.weight = self.transformer.wte.weight  # tied input/output embedding
         if config.rotary:  # cos and sin of every position's angles, not saved with weights
+            # The angle per position of each of the head's d/2 rotated pairs (RoFormer).
+            d = config.n_embd // config.n_head
             angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32),
-                                 rotary_frequencies(config.n_embd // config.n_head))
+                                 10000.0 ** -(torch.arange(0, d, 2, dtype=torch.float32) / d))
             self.register_buffer("rope_cos", angles.cos(), persistent=False)
             self.register_buffer("rope_sin", angles.sin(), persistent=False)
         self.apply(self._init_weights)
@@ -196,12 +191,10 @@ class GPT(nn.Module):
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
                       positions: torch.Tensor | None = None,
                       attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-layer-norm output for every position of `idx` (B, T).
-
-        By default position t attends to positions <= t and has position id t (after any
-        cached prefix). Several sequences can share one row instead: `positions` (B, T)
-        gives each token its position id (each below block_size) and `attn_mask`
-        (B, 1, T, T) bool says which tokens each token attends to (at least itself)."""
+        """Final-layer-norm output for every position of `idx` (B, T): by default position t
+        attends to positions <= t and has position id t (after any cached prefix). Several
+        sequences can share one row instead: `positions` (B, T) gives each token its position
+        id (below block_size), bool `attn_mask` (B, 1, T, T) what it attends to (itself too)."""
         if (positions is None) != (attn_mask is None):
             raise ValueError("positions and attn_mask go together")
         if positions is not None and cache is not None:
@@ -245,12 +238,10 @@ class GPT(nn.Module):
         muon = [p for n, p in named if muon_lr is not None and n.startswith("transformer.h.")
                 and p.dim() == 2]
         adamw = [p for _, p in named if all(p is not m for m in muon)]
-        groups = [
+        adam = torch.optim.AdamW([
             {"params": [p for p in adamw if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in adamw if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        adam = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps,
-                                 fused=device_type == "cuda")
+        ], lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
         if muon_lr is None:
             return adam
         # The schedule sets each group's lr to the AdamW lr times its lr_ratio.
@@ -260,11 +251,9 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6 per parameter plus attention's 12*L*C*T (PaLM, app. B)."""
-        T = seq_len or self.config.block_size
         cfg = self.config
-        return 6.0 * self.num_params(non_embedding=True) + 12.0 * cfg.n_layer * cfg.n_embd * T
-
-    # Generation (its cache, sampler and CUDA-graph step are in the generation section).
+        return (6.0 * self.num_params(non_embedding=True)
+                + 12.0 * cfg.n_layer * cfg.n_embd * (seq_len or cfg.block_size))
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -272,27 +261,21 @@ class GPT(nn.Module):
                  generator: torch.Generator | None = None,
                  on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Append `max_new_tokens` sampled tokens to `idx` (B, T); temperature 0 is greedy.
-
-        `on_token`, if given, gets each new (B, 1) token as soon as it is sampled, still on
-        idx's device: nothing here waits for the device, so a caller that streams tokens to
-        the host chooses when to wait. The prompt is prefilled in one forward into a KV cache
-        sized for prompt + new tokens (in the autocast dtype when autocast is on, else the
-        weights'). Every later step runs the newest token against the whole cache, so its
-        shapes never change: on CUDA it is recorded once as a CUDA graph and replayed."""
+        `on_token` gets each new (B, 1) token as soon as it is sampled, still on idx's device:
+        nothing here waits for the device. The prompt is prefilled in one forward into a KV
+        cache (in the autocast dtype if autocast is on, else the weights'); every later step
+        runs the newest token against the whole cache, so on CUDA it is one CUDA graph."""
         if idx.size(1) + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt ({idx.size(1)}) + new tokens ({max_new_tokens}) exceed "
                              f"block_size {self.config.block_size}")
         if max_new_tokens < 1:
             return idx.clone()
-        dtype = self.transformer.wte.weight.dtype
-        if torch.is_autocast_enabled(idx.device.type):
-            dtype = torch.get_autocast_dtype(idx.device.type)
+        dtype = (torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(
+            idx.device.type) else self.transformer.wte.weight.dtype)
         cache = KVCache(self.config, idx.size(0), idx.size(1) + max_new_tokens, idx.device,
                         dtype)
-
         def last_logits(tokens: torch.Tensor) -> torch.Tensor:
             return self.lm_head(self.hidden_states(tokens, cache)[:, -1, :])
-
         step = CUDAGraphStep(last_logits) if idx.is_cuda else last_logits
         logits = last_logits(idx)
         sequence = [idx]
@@ -305,24 +288,36 @@ class GPT(nn.Module):
                 logits = step(token)
         return torch.cat(sequence, dim=1)
 
-    # Weights in and out (their helpers are in the last section).
-
     @classmethod
     def from_pretrained(cls, name_or_dir: str) -> GPT:
         """GPT-2 weights from a local HF directory or the hub (`gpt2`, `gpt2-medium`, ...)."""
         directory = resolve_pretrained_dir(name_or_dir)
         from safetensors.torch import load_file
-
         model = cls(config_from_hf_json(directory / "config.json"))
-        model.load_hf_state_dict(load_file(str(directory / "model.safetensors")),
-                                 source=str(directory))
+        weights = directory / "model.safetensors"
+        try:
+            tensors = load_file(str(weights))
+        except Exception as exc:  # safetensors raises its own SafetensorError, among others
+            raise ValueError(f"{weights}: not a readable safetensors file ({exc}); pass a "
+                             "folder written by save_pretrained or GPT.save_hf") from None
+        model.load_hf_state_dict(tensors, source=str(weights))
         return model
 
     @classmethod
-    def from_checkpoint(cls, state: dict[str, Any]) -> GPT:
-        """The model of a train_gpt2.py checkpoint, as checkpoint.load returns it."""
+    def from_checkpoint(cls, state: dict[str, Any], source: str = "checkpoint") -> GPT:
+        """The model of a checkpoint as checkpoint.load returns it; a weight missing, unknown
+        or of another shape is a ValueError naming `source` (the file) and the key."""
         model = cls(GPTConfig(**state["model_config"]))
-        model.load_state_dict(state["model"])
+        ours, theirs = model.state_dict(), state["model"]
+        for key in [*ours.keys() - theirs.keys(), *theirs.keys() - ours.keys()]:
+            what = "is missing" if key in ours else "is not a weight of its model_config"
+            raise ValueError(f"{source}: model[{key!r}] {what}; pass another checkpoint")
+        for key, tensor in theirs.items():
+            if tensor.shape != ours[key].shape:
+                raise ValueError(f"{source}: model[{key!r}] has shape {tuple(tensor.shape)}, "
+                                 f"its model_config gives {tuple(ours[key].shape)}; pass "
+                                 "another checkpoint")
+        model.load_state_dict(theirs)
         return model
 
     def load_hf_state_dict(self, tensors: dict[str, torch.Tensor],
@@ -331,9 +326,8 @@ class GPT(nn.Module):
         expected = {k for k in ours if k != "lm_head.weight"}
         seen: set[str] = set()
         for hf_key, tensor in tensors.items():
-            key = hf_key
-            if not key.startswith(("lm_head.", "transformer.")):
-                key = "transformer." + key  # the hub's own gpt2 files have no prefix
+            prefixed = hf_key.startswith(("lm_head.", "transformer."))
+            key = hf_key if prefixed else "transformer." + hf_key  # the hub's gpt2 has no prefix
             if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
                 continue  # causal-mask buffers; the output head is tied to wte
             if key not in expected:
@@ -343,8 +337,10 @@ class GPT(nn.Module):
             if tensor.shape != ours[key].shape:
                 raise ValueError(f"{source}: '{hf_key}' has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(ours[key].shape)}")
-            with torch.no_grad():
-                ours[key].copy_(tensor)
+            if not tensor.is_floating_point() or not bool(tensor.isfinite().all()):
+                raise ValueError(f"{source}: '{hf_key}' holds NaN, infinite or non-float "
+                                 "values; the weights are damaged, download them again")
+            ours[key].copy_(tensor)  # state_dict's tensors are detached views of the weights
             seen.add(key)
         missing = sorted(expected - seen)
         if missing:
@@ -352,10 +348,8 @@ class GPT(nn.Module):
                              f"({len(missing)} in all)")
 
     def save_hf(self, directory: str | os.PathLike[str]) -> None:
-        """Write `model.safetensors` + `config.json` that `GPT2LMHeadModel` loads; each file
-        appears whole or not at all."""
+        """Write the model.safetensors and config.json GPT2LMHeadModel loads, each atomically."""
         from safetensors.torch import save
-
         beyond = [k for k in ("rotary", "qk_norm", "relu_squared", "untied_head")
                   if getattr(self.config, k)]
         if beyond:
@@ -374,7 +368,14 @@ class GPT(nn.Module):
                 tensor = tensor.t()
             tensors[key] = tensor.detach().to("cpu", torch.float32).contiguous()
         _write_atomically(out / "model.safetensors", save(tensors, metadata={"format": "pt"}))
-        config = json.dumps(hf_config_dict(self.config, vocab), indent=2) + "\n"
+        cfg = self.config
+        hf = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=vocab,
+                  n_positions=cfg.block_size, n_ctx=cfg.block_size, n_embd=cfg.n_embd,
+                  n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
+                  layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                  bos_token_id=GPT2_VOCAB_SIZE - 1, eos_token_id=GPT2_VOCAB_SIZE - 1,
+                  tie_word_embeddings=True)
+        config = json.dumps(hf, indent=2) + "\n"
         _write_atomically(out / "config.json", config.encode())
 
 
@@ -421,9 +422,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """The logits exist one chunk of rows at a time, and the gradients are made in the
-    forward pass from that chunk, so neither pass keeps the (rows, vocab) logits or their
-    gradient: the biggest tensors of a GPT-2 training step."""
+    """The logits exist one chunk of rows at a time, their gradients made in the forward pass:
+    neither pass keeps the (rows, vocab) logits or their gradient, a step's biggest tensors."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -464,14 +464,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for `max_len` positions.
-
-    Shapes never change while decoding: each forward writes its tokens' keys and values at
-    their positions, and attention reads the whole cache under a mask of the slots filled so
-    far. The fill level is a tensor on the device, not a Python int, so a decoding step
-    recorded once as a CUDA graph advances it on every replay. Writing past `max_len` is an
-    index error (a device-side assert on CUDA): size the cache for prompt + new tokens.
-    """
+    """Keys and values of every layer, preallocated for `max_len` positions, so shapes never
+    change while decoding: each forward writes its tokens' keys and values at their positions
+    and attention reads the whole cache, masked to the slots filled so far. The fill level is
+    a device tensor, not a Python int, so a step recorded as a CUDA graph advances it on every
+    replay. Writing past `max_len` is an index error (a device-side assert on CUDA)."""
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int,
                  device: torch.device, dtype: torch.dtype) -> None:
@@ -496,8 +493,8 @@ class KVCache:
         self.mask = self.causal_mask[:0]
 
     def reserve(self, num_tokens: int) -> torch.Tensor:
-        """Positions of the next `num_tokens` tokens, which the layers then write and attend
-        from; the fill level moves past them."""
+        """Positions of the next `num_tokens` tokens, which the layers write and attend from;
+        the fill level moves past them."""
         self.positions = self.filled + self.slots[:num_tokens]
         self.mask = self.causal_mask.index_select(0, self.positions)
         self.filled.add_(num_tokens)
@@ -529,7 +526,6 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
         logits, ids = torch.topk(logits, min(top_k or logits.size(-1), logits.size(-1)))
     probs = F.softmax(logits, dim=-1)
     if top_p is not None:
-        # Keep the smallest set of top tokens whose probability reaches top_p.
         probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
     # Inverting the cumulative sum (torch.multinomial is several times slower on CPU);
     # float64 keeps a 50257-term sum exact, MPS has none. With u in (0, total] the first
@@ -542,17 +538,12 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
 
 
 class CUDAGraphStep:
-    """A one-token decoding step `fn(token) -> logits`, run eagerly on its first call,
-    recorded as a CUDA graph right after, and replayed on every later call: one launch per
-    token instead of a Python pass issuing some 150 kernels.
-
-    A raw torch.cuda.CUDAGraph rather than torch.compile(mode="reduce-overhead"): the step's
-    only state is the KV cache it updates in place, and a raw graph replays exactly the
-    recorded kernels on exactly those buffers. Compile's CUDA-graph trees decide for
-    themselves whether to graph at all (inputs mutated in place, like the cache, can make them
-    fall back to eager with no more than a log line), recompile for each new prompt length
-    and overwrite outputs a caller still holds; none of that can be ruled out without a GPU.
-    """
+    """A one-token decoding step `fn(token) -> logits`, run eagerly on its first call, recorded
+    as a CUDA graph right after and replayed on every later call: one launch per token, not a
+    Python pass issuing some 150 kernels. A raw graph replays exactly the recorded kernels on
+    exactly the KV cache; torch.compile(mode="reduce-overhead") may fall back to eager over the
+    cache's in-place updates with no more than a log line, recompile per prompt length and
+    overwrite outputs a caller still holds."""
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.fn = fn
@@ -561,18 +552,14 @@ class CUDAGraphStep:
         self.logits = torch.empty(0)  # the recorded output, overwritten by each replay
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
-        if self.graph is None:
-            return self._run_then_record(token)
-        self.token.copy_(token)
-        self.graph.replay()
-        return self.logits
-
-    def _run_then_record(self, token: torch.Tensor) -> torch.Tensor:
-        # The eager run is the warm-up torch.cuda.graph asks for (cuBLAS workspaces, the
-        # attention kernel's choice and lazy initialisation happen outside the capture), on a
-        # side stream as documented; recording on that same stream finds its cuBLAS
-        # workspace already there. Recording executes nothing, so the cache stays as the
-        # eager run left it and the first replay continues at the next position.
+        if self.graph is not None:
+            self.token.copy_(token)
+            self.graph.replay()
+            return self.logits
+        # The eager run is torch.cuda.graph's warm-up (cuBLAS workspaces, the attention
+        # kernel's choice, lazy init), on a side stream as documented, where recording then
+        # finds its cuBLAS workspace. Recording executes nothing: the cache stays as the eager
+        # run left it and the first replay continues at the next position.
         device = token.device
         with torch.cuda.device(device):  # the graph's device, whichever is current
             self.token = token.clone()
@@ -582,19 +569,15 @@ class CUDAGraphStep:
                 logits = self.fn(self.token)
             torch.cuda.current_stream(device).wait_stream(side)
             logits.record_stream(torch.cuda.current_stream(device))  # read there next
+            # The autocast in force minus its cache of weight casts: a cast cached while recording
+            # is freed when the caller's autocast exits, while the graph goes on reading it.
+            no_cast_cache = (contextlib.nullcontext() if not torch.is_autocast_enabled(device.type)
+                             else torch.autocast(device.type, torch.get_autocast_dtype(device.type),
+                                                 cache_enabled=False))
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=side), _autocast_without_cast_cache(device):
+            with torch.cuda.graph(self.graph, stream=side), no_cast_cache:
                 self.logits = self.fn(self.token)
         return logits
-
-
-def _autocast_without_cast_cache(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """The autocast in force, minus its cache of weight casts: a cast cached while recording
-    is freed when the caller's autocast exits, and the graph would go on reading it."""
-    if not torch.is_autocast_enabled(device.type):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type),
-                          cache_enabled=False)
 
 
 # ---------------------------------------------------------------------- weights in and out
@@ -626,18 +609,23 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def config_from_hf_json(path: Path) -> GPTConfig:
-    hf = json.loads(path.read_text())
-    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
-                     n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
-
-
-def hf_config_dict(config: GPTConfig, vocab_size: int) -> dict[str, Any]:
-    return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=vocab_size,
-                n_positions=config.block_size, n_ctx=config.block_size, n_embd=config.n_embd,
-                n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu_new",
-                layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                bos_token_id=GPT2_VOCAB_SIZE - 1, eos_token_id=GPT2_VOCAB_SIZE - 1,
-                tie_word_embeddings=True)
+    """A GPT-2 config.json's shape; bad JSON or a key missing or bad is a ValueError naming it."""
+    fix = "pass the config.json of a GPT-2 model (save_pretrained or GPT.save_hf writes it)"
+    try:
+        hf = json.loads(path.read_bytes())
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: not JSON ({exc}); {fix}") from None
+    keys = dict(block_size="n_positions", vocab_size="vocab_size", n_layer="n_layer",
+                n_head="n_head", n_embd="n_embd")
+    for key in keys.values():
+        value = hf.get(key) if isinstance(hf, dict) else None
+        if type(value) is not int or value <= 0:
+            raise ValueError(f"{path}: '{key}' is {'missing' if value is None else repr(value)}"
+                             f", not a positive integer; {fix}")
+    try:
+        return GPTConfig(**{ours: hf[theirs] for ours, theirs in keys.items()})
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}; {fix}") from None
 
 
 def resolve_pretrained_dir(name_or_dir: str) -> Path:
@@ -645,18 +633,15 @@ def resolve_pretrained_dir(name_or_dir: str) -> Path:
     if path.is_dir():
         for name in ("model.safetensors", "config.json"):
             if not (path / name).is_file():
-                raise PretrainedNotFound(f"{path}: no {name} in this directory; pass a folder "
-                                         "written by save_pretrained or GPT.save_hf")
+                what = (f"{path / name}: a directory, not a file" if (path / name).is_dir()
+                        else f"{path}: no {name} in this directory")
+                raise PretrainedNotFound(f"{what}; pass a folder written by save_pretrained "
+                                         "or GPT.save_hf")
         return path
     repo = HUB_REPOS.get(name_or_dir, name_or_dir)
     if repo not in HUB_REPOS.values():
-        known = ", ".join(HUB_REPOS)
         raise PretrainedNotFound(f"'{name_or_dir}' is neither a local directory nor one of "
-                                 f"{known}")
-    return _download_from_hub(repo, name_or_dir)
-
-
-def _download_from_hub(repo: str, name: str) -> Path:
+                                 f"{', '.join(HUB_REPOS)}")
     # Released weights never change: a cached copy is used without a request to the hub
     # (the client otherwise checks each file's etag online first).
     with contextlib.suppress(Exception):  # not cached yet (LocalEntryNotFoundError), or partly
@@ -665,15 +650,16 @@ def _download_from_hub(repo: str, name: str) -> Path:
         return _hub_files(repo, local_files_only=False)
     except Exception as exc:  # the hub raises many types for offline / DNS / HTTP failures
         raise PretrainedNotFound(
-            f"could not download '{name}' from the Hugging Face hub ({type(exc).__name__}; "
+            f"could not download '{name_or_dir}' from the Hugging Face hub ({type(exc).__name__}; "
             "no network?): pass a local directory with model.safetensors and config.json "
             "instead, e.g. --pretrained=/path/to/gpt2") from exc
 
 
 def _hub_files(repo: str, local_files_only: bool) -> Path:
     """The snapshot folder holding the repo's config.json and model.safetensors."""
-    from huggingface_hub import hf_hub_download
-
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    if not local_files_only:  # one quick try first: offline, hf_hub_download retries for 30 s
+        get_hf_file_metadata(hf_hub_url(repo, "config.json"), timeout=5)
     paths = [hf_hub_download(repo, filename, local_files_only=local_files_only)
              for filename in ("config.json", "model.safetensors")]
     return Path(paths[-1]).parent

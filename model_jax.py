@@ -1,14 +1,10 @@
-"""GPT-2 in JAX: model.py's parameters as a flat pytree, a jit-compiled forward pass, loading
-and saving model.py's checkpoints, and simple sampling.
-
-The parameters are a dict keyed and shaped exactly like model.GPT's state_dict
-("transformer.h.0.attn.c_attn.weight", ...), so weights move between the two by name:
-linear weights keep torch's (out, in) layout, and the output head is tied to
-"transformer.wte.weight", so it has no entry of its own ("lm_head.weight" is written back on
-save). The config is read off the shapes; only n_head is passed along.
-
-Only jax, numpy and data.py (which needs no torch) are imported at module level: torch and
-model.py are imported inside the functions that read or write their checkpoints.
+"""GPT-2 in JAX: model.py's parameters as a flat pytree, a jit-compiled forward pass, loading and
+saving model.py's checkpoints, and simple sampling. The parameters are a dict keyed and shaped
+exactly like model.GPT's state_dict, so weights move between the two by name; linear weights keep
+torch's (out, in) layout, and the head is tied to "transformer.wte.weight" ("lm_head.weight" is
+written back on save). The config is read off the shapes; only n_head is passed along. Only jax,
+numpy and data.py (which needs no torch) are imported at module level: torch and model.py only where
+checkpoints are touched.
 """
 
 from __future__ import annotations
@@ -35,23 +31,17 @@ LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, as GPT-2 was trained
 
 
 def params_from_state_dict(state_dict: Mapping[str, Any]) -> Params:
-    """model.GPT's state_dict (torch tensors or arrays) as fp32 JAX arrays, without the tied
-    output head."""
-    return {key: jnp.asarray(_float32(value)) for key, value in state_dict.items()
-            if key != TIED_HEAD}
-
-
-def _float32(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor, possibly bf16, which NumPy lacks
-        value = value.detach().to("cpu").float().numpy()
-    return np.asarray(value, dtype=np.float32)
+    """model.GPT's state_dict (torch tensors, possibly bf16, which NumPy lacks, or arrays) as
+    fp32 JAX arrays, without the tied output head."""
+    return {key: jnp.asarray(v.detach().cpu().float().numpy() if hasattr(v, "detach") else v,
+                             dtype=jnp.float32)
+            for key, v in state_dict.items() if key != TIED_HEAD}
 
 
 def state_dict_arrays(params: Params) -> dict[str, np.ndarray]:
     """The parameters as model.GPT's state_dict holds them: fp32 NumPy copies, head included."""
     arrays = {key: np.array(value, dtype=np.float32) for key, value in params.items()}
-    arrays[TIED_HEAD] = arrays["transformer.wte.weight"]
-    return arrays
+    return {**arrays, TIED_HEAD: arrays["transformer.wte.weight"]}
 
 
 def layer_count(params: Params) -> int:
@@ -77,16 +67,32 @@ def from_pretrained(name_or_dir: str) -> tuple[Params, int]:
 def from_checkpoint(path: str | os.PathLike[str]) -> tuple[Params, int]:
     """(params, n_head) of a train_gpt2.py or train_jax.py checkpoint."""
     import checkpoint
+    from model import GPT
 
-    state = checkpoint.load(path)
-    return params_from_state_dict(state["model"]), int(state["model_config"]["n_head"])
+    model = GPT.from_checkpoint(checkpoint.load(path), source=str(path))  # checks the weights
+    return params_from_state_dict(model.state_dict()), model.config.n_head
+
+
+def optimizer_state(leaves: list[Any], template: Any, path: str | os.PathLike[str]) -> Any:
+    """A train_jax.py checkpoint's optimizer_leaves (checkpoint.load checked that they are
+    finite tensors) as the optax state `template` (optimizer.init's) is shaped; a leaf of
+    another count or shape is a RuntimeError naming the file."""
+    expected = jax.tree.leaves(template)
+    if len(leaves) != len(expected):
+        raise RuntimeError(f"{path}: optimizer state of another shape ({len(leaves)} "
+                           f"arrays, expected {len(expected)})")
+    for i, (leaf, like) in enumerate(zip(leaves, expected, strict=True)):
+        if tuple(leaf.shape) != tuple(like.shape):
+            raise RuntimeError(f"{path}: optimizer_leaves[{i}] has shape {tuple(leaf.shape)}, "
+                               f"this run's optimizer {tuple(like.shape)}; resume with the "
+                               "model it was written with, or start a new --out-dir")
+    return jax.tree.unflatten(jax.tree.structure(template), [leaf.numpy() for leaf in leaves])
 
 
 def save_checkpoint(path: str | os.PathLike[str], params: Params, n_head: int,
                     **extra: Any) -> None:
-    """A checkpoint in train_gpt2.py's format, so checkpoint.load (sample.py,
-    eval_hellaswag.py) reads it; `extra` entries go beside "model_config" and "model".
-    Written atomically: a kill never leaves half a file under `path`."""
+    """A checkpoint in train_gpt2.py's format, which checkpoint.load (sample.py, eval_hellaswag.py)
+    reads, written atomically; `extra` entries go beside "model_config" and "model"."""
     import torch
 
     import checkpoint
@@ -103,8 +109,7 @@ def layer_norm(x: jax.Array, params: Params, name: str) -> jax.Array:
     """In fp32 whatever the compute dtype, as torch autocast runs layer norms."""
     x = x.astype(jnp.float32)
     mean = x.mean(axis=-1, keepdims=True)
-    var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
-    normed = (x - mean) * jax.lax.rsqrt(var + LAYER_NORM_EPS)
+    normed = (x - mean) * jax.lax.rsqrt(x.var(axis=-1, keepdims=True) + LAYER_NORM_EPS)
     return normed * params[name + ".weight"] + params[name + ".bias"]
 
 

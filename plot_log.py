@@ -38,11 +38,9 @@ def read_curves(path: str | os.PathLike[str]) -> Curves:
                 raise ValueError(f"{path}:{number}: not a JSON line; is this a "
                                  "train_gpt2.py log.jsonl?") from None
             step = event.get("step")
-            if step is None:
-                continue
             for key, series in (("loss", curves.train), ("val_loss", curves.val),
                                 ("hellaswag_acc_norm", curves.hellaswag)):
-                if key in event:
+                if key in event and step is not None:
                     series.append((int(step), float(event[key])))
     return curves
 
@@ -60,17 +58,13 @@ def plot(curves: Curves, output: Path, title: str) -> None:
         loss_ax.plot(*zip(*curves.train, strict=True), label="train", linewidth=0.8, alpha=0.8)
     if curves.val:
         loss_ax.plot(*zip(*curves.val, strict=True), label="val", marker="o", markersize=3)
-    loss_ax.set_xlabel("step")
-    loss_ax.set_ylabel("loss")
     loss_ax.legend()
-    loss_ax.grid(alpha=0.3)
     if curves.hellaswag:
-        hs_ax = axes[0][1]
-        hs_ax.plot(*zip(*curves.hellaswag, strict=True), marker="o", markersize=3,
-                   color="tab:green")
-        hs_ax.set_xlabel("step")
-        hs_ax.set_ylabel("HellaSwag acc_norm")
-        hs_ax.grid(alpha=0.3)
+        axes[0][1].plot(*zip(*curves.hellaswag, strict=True), marker="o", markersize=3,
+                        color="tab:green")
+    for ax, label in zip(axes[0], ("loss", "HellaSwag acc_norm"), strict=False):
+        ax.set(xlabel="step", ylabel=label)
+        ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
     try:

@@ -5,11 +5,11 @@
     python prepare_dataset.py --dataset=tinyshakespeare
     python prepare_dataset.py --dataset='notes/**/*.md' --name=notes
 
-Every source becomes one stream of documents in a fixed order, cut into chunks of about
-256K characters. A pool of threads (tiktoken releases the GIL) turns each chunk into one
-uint16 array, each document preceded by <|endoftext|>; the main thread takes the chunks in
-order, assigns whole documents to train or val, and streams tokens into the open shard,
-which data.atomic_output names only once full and fsynced. Memory stays a few chunks.
+Every source becomes one stream of documents in a fixed order, cut into ~256K-character
+chunks. Threads (tiktoken releases the GIL) turn each chunk into one uint16 array, each
+document preceded by <|endoftext|>; the main thread takes them in order, assigns whole
+documents to train or val and streams tokens into the open shard, which data.atomic_output
+names only once full and fsynced. Memory stays a few chunks.
 
 Validation documents (deterministic, never in train): `--val-tokens=N` (default 10M for
 the FineWeb sets) takes the first documents until they hold N tokens; `--val-tokens=P%`
@@ -73,7 +73,10 @@ class PrepareError(RuntimeError):
     Network trouble raises data.DownloadError instead, keeping the shards for a resume."""
 
 
-# ------------------------------------------------------------------------ document stream
+class NotUTF8(PrepareError):
+    """A local file that is not UTF-8 text: skipped whole, or with --strict an error."""
+
+
 @dataclass
 class Source:
     """A named, ordered document stream. `documents(start)` yields texts from index start."""
@@ -86,7 +89,6 @@ class Source:
 
 
 def stdlib_files() -> list[Path]:
-    """The running Python's standard-library .py files, site-packages excluded, sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
     found: list[Path] = []
     for folder, subfolders, names in os.walk(root):
@@ -114,63 +116,78 @@ def local_files(spec: str) -> list[Path]:
 
 def file_documents(files: list[Path], text_field: str, strict: bool,
                    skipped: list[str]) -> Iterator[str]:
-    """Documents of local files in order: a text file is one document, a .jsonl line or a
-    .parquet row is one. Files that are not UTF-8 are skipped and listed in `skipped`
-    (an error with `strict`). Empty documents are dropped."""
+    """Documents of local files in order: a text file, .jsonl line or .parquet row is one;
+    empty ones are dropped. A file not UTF-8 is skipped whole and listed in `skipped` (an
+    error with `strict`), so a .jsonl is checked through before its first document goes out."""
     for path in files:
         suffix = path.suffix.lower()
-        if suffix == ".parquet":
-            yield from _parquet_documents(path, text_field)
-            continue
         try:
-            if suffix == ".jsonl":
+            if suffix == ".parquet":
+                yield from _parquet_documents(path, text_field)
+            elif suffix == ".jsonl":
+                deque(_jsonl_documents(path, text_field), maxlen=0)  # the check
                 yield from _jsonl_documents(path, text_field)
-            elif text := path.read_bytes().decode("utf-8"):
+            elif text := _utf8(path.read_bytes(), str(path)):
                 yield text
-        except UnicodeDecodeError as exc:
+        except NotUTF8 as exc:
             if strict:
-                raise PrepareError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); fix "
-                                   "or remove the file, or drop --strict to skip it") from exc
+                raise PrepareError(f"{exc}; fix or remove the file, or drop --strict to skip "
+                                   "it") from exc
             skipped.append(str(path))
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise NotUTF8(f"{where}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
-            line = raw.decode("utf-8").strip()
+            line = _utf8(raw, f"{path}:{lineno}").strip()
             if not line:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PrepareError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line "
-                                   "must be one JSON object") from exc
+            except (ValueError, RecursionError) as exc:
+                raise PrepareError(f"{path}:{lineno}: not valid JSON ({getattr(exc, 'msg', exc)})"
+                                   "; each line must be one JSON object") from exc
             text = record.get(text_field) if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise PrepareError(f"{path}:{lineno}: no string field '{text_field}'; name the "
                                    "text field with --text-field")
+            try:
+                text.encode("utf-8")  # a lone surrogate escape ("\ud800") is not text
+            except UnicodeEncodeError as exc:
+                raise NotUTF8(f"{path}:{lineno}: not UTF-8 ({exc.reason})") from exc
             if text:
                 yield text
 
 
 def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
-
     try:
         parquet = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises several types for a file that is not parquet
+        schema = parquet.schema_arrow
+        if text_field not in schema.names:
+            raise PrepareError(f"{path}: no column '{text_field}' (columns: "
+                               f"{', '.join(schema.names)}); use --text-field")
+        kind = schema.field(text_field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise PrepareError(f"{path}: column '{text_field}' holds {kind}, not text; name "
+                               "the text column with --text-field")
+        for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+            yield from (text for text in batch.column(0).to_pylist() if text)
+    except (pa.ArrowException, UnicodeDecodeError) as exc:  # not parquet, or a damaged one
         raise PrepareError(f"{path}: not a readable parquet file ({exc})") from exc
-    if text_field not in parquet.schema_arrow.names:
-        raise PrepareError(f"{path}: no column '{text_field}' (columns: "
-                           f"{', '.join(parquet.schema_arrow.names)}); use --text-field")
-    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
-        yield from (text for text in batch.column(0).to_pylist() if text)
 
 
 def hub_documents(repo: str, args: argparse.Namespace, start: int) -> Iterator[str]:
     """Stream a Hugging Face dataset (nothing but shards lands on disk)."""
     import datasets
-
     if not args.debug:  # its retry warnings would bury the one-line error below
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     try:
@@ -185,14 +202,12 @@ def hub_documents(repo: str, args: argparse.Namespace, start: int) -> Iterator[s
                                  "elsewhere and pass --dataset=FOLDER --name=NAME") from exc
 
 
-# ---------------------------------------------------------------------------- val split
 @dataclass
 class ValSplit:
     """Which documents go to val; the rest is train. `is_val(doc_index, doc_tokens)` answers
-    for a chunk of consecutive documents (stream indices, token counts with the EOT), called
-    on the chunks in stream order. A rule that takes a prefix of the stream keeps its place
-    in `val_tokens` (before the next document) and `end_doc` (the first train document, once
-    known: val is finished then); progress.json saves end_doc."""
+    for each chunk of consecutive documents (stream indices, token counts with the EOT), in
+    stream order. A prefix rule keeps its place in `val_tokens` (before the next document) and
+    `end_doc` (the first train document, once known: val is finished); progress.json saves it."""
     description: str
     is_val: Callable[[np.ndarray, np.ndarray], np.ndarray]
     val_tokens: int = 0
@@ -211,20 +226,16 @@ def first_tokens(target: int) -> ValSplit:
     def is_val(doc_index: np.ndarray, doc_tokens: np.ndarray) -> np.ndarray:
         if rule.end_doc is not None:
             return doc_index < rule.end_doc
-        before = rule.val_tokens + np.cumsum(doc_tokens) - doc_tokens
-        val = before < target
+        val = rule.val_tokens + np.cumsum(doc_tokens) - doc_tokens < target  # tokens before each
         rule.val_tokens += int(doc_tokens[val].sum())
         if not val.all():
             rule.end_doc = int(doc_index[np.argmin(val)])
         return val
-
-    rule = ValSplit(f"the first documents of the stream holding at least {target} tokens",
-                    is_val)
+    rule = ValSplit(f"the first documents of the stream holding at least {target} tokens", is_val)
     return rule
 
 
 def parse_val_tokens(spec: str) -> Fraction | int:
-    """--val-tokens: 'P%' -> the fraction P/100 of the documents; 'N' -> a token count."""
     spec = spec.strip()
     if spec.endswith("%"):
         with contextlib.suppress(ValueError, ZeroDivisionError):
@@ -245,48 +256,40 @@ def val_split(args: argparse.Namespace, default: str) -> ValSplit:
     return every_kth(amount) if isinstance(amount, Fraction) else first_tokens(amount)
 
 
-# ------------------------------------------------------------------------- tokenization
 def encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """One uint16 array of `EOT doc0 EOT doc1 ...` and each document's token count (EOT
     included). Runs in the pool's threads; no per-token Python objects are made."""
     encode = data.get_tokenizer().encode_to_numpy
-    # Nothing allowed, nothing disallowed: special-token text is ordinary text, exactly as
-    # encode_ordinary treats it.
+    # Nothing allowed, nothing disallowed: special-token text is ordinary text (encode_ordinary's)
     docs = [encode(text, allowed_special=set(), disallowed_special=()) for text in texts]
     counts = np.array([ids.size + 1 for ids in docs], dtype=np.int64)
     parts = [part for ids in docs for part in (EOT, ids)]
     return np.concatenate(parts, dtype=np.uint16, casting="unsafe"), counts
 
 
-def document_chunks(documents: Iterable[str]) -> Iterator[list[str]]:
-    chunk: list[str] = []
-    size = 0
-    for text in documents:
-        chunk.append(text)
-        size += len(text)
-        if size >= CHUNK_CHARS:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
 def tokenized_chunks(documents: Iterable[str], num_proc: int,
                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """encode_documents over document_chunks, results in stream order, at most a few chunks
-    in flight (Executor.map would read the whole corpus ahead into its task queue)."""
+    """encode_documents over chunks of CHUNK_CHARS or more, results in stream order, at most a
+    few chunks in flight (Executor.map would read the whole corpus ahead into its task queue)."""
     data.get_tokenizer()  # built (and cached) here, before the threads share it
     with concurrent.futures.ThreadPoolExecutor(num_proc) as pool:
         pending: deque[Any] = deque()
-        for chunk in document_chunks(documents):
+        chunk: list[str] = []
+        size = 0
+        for text in documents:
+            chunk.append(text)
+            size += len(text)
+            if size >= CHUNK_CHARS:
+                pending.append(pool.submit(encode_documents, chunk))
+                chunk, size = [], 0
+                if len(pending) > 2 * num_proc:
+                    yield pending.popleft().result()
+        if chunk:
             pending.append(pool.submit(encode_documents, chunk))
-            if len(pending) > 2 * num_proc:
-                yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
 
 
-# ---------------------------------------------------------------------------- shard output
 @dataclass
 class SplitState:
     shards: list[dict[str, Any]] = field(default_factory=list)
@@ -300,9 +303,8 @@ class SplitState:
 
 
 class SplitWriter:
-    """Streams one split's documents into fixed-size shards, from where `state` stands.
-    Tokens go straight into the open shard (its header's count patched if it ends short),
-    so memory stays at a chunk whatever the shard size."""
+    """Streams one split's documents from where `state` stands straight into fixed-size shards
+    (a short last one's header count patched), so memory stays a chunk whatever the shard size."""
 
     def __init__(self, out_dir: Path, name: str, split: str, shard_size: int, state: SplitState,
                  on_shard: Callable[[], None]) -> None:
@@ -322,32 +324,41 @@ class SplitWriter:
         ends = np.cumsum(doc_tokens)
         starts = ends - doc_tokens
         pos = int(starts[first]) + (state.next_offset if doc_index[first] == state.next_doc else 0)
-        while pos < tokens.size:
-            if self.file is None:
-                self.file_name = data.shard_name(self.name, self.split, len(state.shards))
-                path = self.out_dir / self.file_name
-                self.file = self.open_shard.enter_context(data.atomic_output(path))
-                self.file.write(data.shard_header(self.shard_size).tobytes())
-            piece = np.ascontiguousarray(tokens[pos:pos + self.shard_size - self.fill], "<u2")
-            self.file.write(piece.data)
-            self.fill += piece.size
-            self.eots += int(np.count_nonzero(piece == data.EOT_TOKEN))
-            pos += piece.size
-            if self.fill == self.shard_size:  # the next shard starts in document k
-                k = int(np.searchsorted(ends, pos, side="right"))
-                if k == doc_index.size:
-                    self._close_shard(int(doc_index[-1]) + 1, 0)
-                else:
-                    self._close_shard(int(doc_index[k]), pos - int(starts[k]))
+        with self._writing():  # other outputs are open: the error names this one
+            while pos < tokens.size:
+                if self.file is None:
+                    self.file_name = data.shard_name(self.name, self.split, len(state.shards))
+                    path = self.out_dir / self.file_name
+                    self.file = self.open_shard.enter_context(data.atomic_output(path))
+                    self.file.write(data.shard_header(self.shard_size).tobytes())
+                piece = np.ascontiguousarray(tokens[pos:pos + self.shard_size - self.fill], "<u2")
+                self.file.write(piece.data)
+                self.fill += piece.size
+                self.eots += int(np.count_nonzero(piece == data.EOT_TOKEN))
+                pos += piece.size
+                if self.fill == self.shard_size:  # the next shard starts in document k
+                    k = int(np.searchsorted(ends, pos, side="right"))
+                    if k == doc_index.size:
+                        self._close_shard(int(doc_index[-1]) + 1, 0)
+                    else:
+                        self._close_shard(int(doc_index[k]), pos - int(starts[k]))
 
     def finish(self) -> None:
         """Close the last, short shard; nothing more comes to this split."""
         if not self.state.done:
             self.state.done = True  # before on_shard, which saves it
-            if self.fill:
-                self._close_shard(self.state.next_doc, self.state.next_offset)
-            else:
-                self.on_shard()
+            with self._writing():
+                if self.fill:
+                    self._close_shard(self.state.next_doc, self.state.next_offset)
+                else:
+                    self.on_shard()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            raise data.write_error(self.out_dir / self.file_name, exc) from None
 
     def _close_shard(self, next_doc: int, next_offset: int) -> None:
         assert self.file is not None
@@ -368,7 +379,6 @@ class SplitWriter:
         self.on_shard()
 
 
-# ------------------------------------------------------------------------------ pipeline
 @dataclass
 class Options:
     shard_size: int
@@ -397,7 +407,6 @@ def run_pipeline(source: Source, out_dir: Path, options: Options, args_record: d
     """Tokenize `source` into shards in `out_dir`, going on from `resume` if given, and write
     the manifest. Raises PrepareError or cli.UsageError on bad input."""
     from tqdm import tqdm
-
     states = resume.splits if resume else {split: SplitState() for split in ("train", "val")}
     start = min((states[s].next_doc for s in options.splits if not states[s].done), default=0)
     rule = source.val
@@ -407,12 +416,10 @@ def run_pipeline(source: Source, out_dir: Path, options: Options, args_record: d
         # empty then, so the stream restarts at 0 or at val's unfinished shard.
         rule.val_tokens = states["val"].tokens - states["val"].next_offset if start else 0
     progress_path = out_dir / PROGRESS_NAME
-
     def checkpoint() -> None:
         _write_json(progress_path, {"fingerprint": source.fingerprint, "args": args_record,
                                     "rule": {"val_end_doc": rule.end_doc},
                                     "splits": {s: vars(st) for s, st in states.items()}})
-
     started, new_tokens, doc_cursor = time.perf_counter(), 0, start
     with contextlib.ExitStack() as stack:
         writers = {s: SplitWriter(out_dir, source.name, s, options.shard_size, states[s],
@@ -420,8 +427,7 @@ def run_pipeline(source: Source, out_dir: Path, options: Options, args_record: d
         for writer in writers.values():  # left on an error, it deletes the unfinished shard
             stack.enter_context(writer.open_shard)
         bar = stack.enter_context(tqdm(desc=source.name, unit="tok", unit_scale=True,
-                                       disable=None if options.progress else True,
-                                       dynamic_ncols=True))
+                                       disable=not options.progress or None, dynamic_ncols=True))
         for tokens, counts in tokenized_chunks(source.documents(start), options.num_proc):
             doc_index = np.arange(doc_cursor, doc_cursor + counts.size, dtype=np.int64)
             doc_cursor += counts.size
@@ -468,8 +474,7 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load_progress(out_dir: Path, source: Source, args_record: dict[str, Any]) -> Progress | None:
-    """What an interrupted run with the same input and arguments left, if its shards are
-    all still there; None means start afresh."""
+    """What an interrupted run with the same input and arguments left, if its shards are intact."""
     saved = _read_json(out_dir / PROGRESS_NAME)
     if (saved.get("fingerprint") != source.fingerprint or saved.get("args") != args_record
             or not _shards_intact(out_dir, saved.get("splits"))):
@@ -498,15 +503,12 @@ def _write_manifest(out_dir: Path, source: Source, args_record: dict[str, Any],
                       "documents": sum(s["documents_started"] for s in state.shards),
                       "shards": state.shards} for split, state in states.items()}
     _write_json(out_dir / MANIFEST_NAME, {
-        "name": source.name,
-        "source": source.description,
+        "name": source.name, "source": source.description,
         "tokenizer": {"name": "gpt2", "sha256": data.GPT2_RANKS_SHA256,
                       "eot_token": data.EOT_TOKEN, "vocab_size": data.VOCAB_SIZE},
         "format": {"magic": data.SHARD_MAGIC, "version": data.SHARD_VERSION,
                    "header_bytes": data.HEADER_BYTES, "dtype": "uint16"},
-        "validation": source.val.description,
-        "args": args_record,
-        "splits": splits,
+        "validation": source.val.description, "args": args_record, "splits": splits,
         "skipped_not_utf8": source.skipped,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "complete": True,  # last key: a manifest without it is from an unfinished run
@@ -526,15 +528,12 @@ def remove_outputs(out_dir: Path, name: str, resume: Progress | None = None) -> 
 
 
 def is_prepared(data_root: Path, name: str) -> bool:
-    """True when `data_root/name/manifest.json` is complete and its shards are all there."""
     out_dir = Path(data_root) / name
     manifest = _read_json(out_dir / MANIFEST_NAME)
     return manifest.get("complete") is True and _shards_intact(out_dir, manifest.get("splits"))
 
 
-# ---------------------------------------------------------------------------------- CLI
 def parse_size(text: str) -> int:
-    """'100M' -> 100_000_000 (K, M, G suffixes; plain integers too)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*", text)
     if not match:
         raise argparse.ArgumentTypeError(f"'{text}' is not a token count such as 100M or 5000")
@@ -556,9 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="field holding the text in .jsonl/.parquet and hub rows (default: text)")
     p.add_argument("--splits", default="train,validation",
                    help="comma-separated splits to write: train, validation (default: both)")
-    p.add_argument("--data-root", type=Path, default=None,
-                   help="output root; shards go to DATA_ROOT/NAME/ (default: "
-                        f"${data.DATA_ROOT_ENV} or ~/.cache/nano-gpt/data)")
+    p.add_argument("--data-root", type=Path, default=None, help="output root; shards go to "
+                   f"DATA_ROOT/NAME/ (default: ${data.DATA_ROOT_ENV} or ~/.cache/nano-gpt/data)")
     p.add_argument("--shard-size", type=parse_size, default=100_000_000,
                    help="tokens per shard, e.g. 100M (default: 100M)")
     p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1,
@@ -618,15 +616,23 @@ def local_source(name: str, files: list[Path], description: dict[str, Any],
     stats = ((path, path.stat()) for path in files)
     listing = "".join(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n" for path, st in stats)
     skipped: list[str] = []
-
     def documents(start: int) -> Iterator[str]:
         skipped.clear()  # a resume walks the skipped files again
         # Skipping is cheap next to tokenizing: it only reads the files.
         yield from itertools.islice(file_documents(files, args.text_field, args.strict,
                                                    skipped), start, None)
-
+    rule = val_split(args, SMALL_VAL_FRACTION)
+    amount = parse_val_tokens(args.val_tokens or SMALL_VAL_FRACTION)
+    if isinstance(amount, Fraction) and amount and "val" in parse_splits(args.splits):
+        # Fewer than 1/amount documents would give val none: it gets the last one then.
+        few = sum(1 for _ in itertools.islice(documents(0), int(1 / amount) + 1))
+        if few == 1:
+            raise PrepareError(f"{description['source']}: one document, so no validation "
+                               "split; split it into several files, or pass --splits=train")
+        if 1 < few < 1 / amount:
+            rule = every_kth(Fraction(1, few))
     return Source(name, description, f"files:{hashlib.sha256(listing.encode()).hexdigest()}",
-                  documents, val_split(args, SMALL_VAL_FRACTION), skipped)
+                  documents, rule, skipped)
 
 
 def tinyshakespeare_source(data_root: Path, val_spec: str) -> Source:
@@ -635,14 +641,12 @@ def tinyshakespeare_source(data_root: Path, val_spec: str) -> Source:
                              "give a percentage such as 10%")
     val_fraction = Fraction(parse_val_tokens(val_spec))
     cache = data_root / "tinyshakespeare" / "input.txt"
-
     def documents(start: int) -> Iterator[str]:
-        text = data.download(TINYSHAKESPEARE_URL, cache).read_text(encoding="utf-8")
+        text = _utf8(data.download(TINYSHAKESPEARE_URL, cache).read_bytes(), str(cache))
         # The cut: the first line break at or after (1 - val_fraction) of the characters.
         newline = text.find("\n", int(len(text) * (1 - val_fraction)))
         cut = len(text) if newline < 0 else newline + 1
         yield from [d for d in (text[:cut], text[cut:]) if d][start:]
-
     why = f"the last {float(val_fraction):.0%} of the text, cut at a line break"
     return Source("tinyshakespeare", {"source": TINYSHAKESPEARE_URL, "cache": str(cache)},
                   f"tinyshakespeare:{val_spec}", documents,
@@ -701,18 +705,14 @@ def prepare(args: argparse.Namespace) -> int:
                    if source.skipped else "")
         print(f"{source.name}: wrote {' and '.join(pieces)} to {out_dir} in "
               f"{summary.seconds:.1f}s ({rate:.2f}M tokens/s{resumed}){skipped}")
-        if "val" in splits and not summary.splits["val"].shards:
-            print(f"prepare_dataset.py: warning: {source.name} has no validation documents "
-                  f"(rule: {source.val.description}); pass --val-tokens=N to take the first N "
-                  "tokens' documents", file=sys.stderr)
         return 0
 
 
 @contextlib.contextmanager
 def exclusive_run(out_dir: Path) -> Iterator[None]:
-    """Makes the dataset's folder if need be and holds it for this run alone (a second run
-    would delete the first's temporary files); the kernel drops a flock however its holder
-    ends, kill -9 included."""
+    """Makes the folder if need be and holds it for this run alone (a second would delete the
+    first's temporary files); the kernel drops a flock however its holder ends, kill -9 too."""
+    fresh = not out_dir.exists()  # removed again if the run leaves it empty
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = open(out_dir / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115
@@ -733,6 +733,9 @@ def exclusive_run(out_dir: Path) -> Iterator[None]:
             yield
         finally:  # unlinked while still held: a run starting now makes a fresh lock
             (out_dir / LOCK_NAME).unlink(missing_ok=True)
+            if fresh:
+                with contextlib.suppress(OSError):
+                    out_dir.rmdir()
 
 
 if __name__ == "__main__":

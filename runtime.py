@@ -20,11 +20,8 @@ DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` picks cuda, then mps, then cpu; an explicit device must exist."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if _mps_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else
+                            "mps" if _mps_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -68,8 +65,10 @@ def resolve_precision(device: torch.device, dtype: str = "auto") -> Precision:
     """bf16 autocast where supported, fp16 + GradScaler on pre-Ampere GPUs, fp32 on CPU."""
     if dtype not in DTYPE_CHOICES:
         raise ValueError(f"--dtype={dtype}: choose one of {', '.join(DTYPE_CHOICES)}")
-    if dtype == "auto":
-        dtype = _auto_dtype(device)
+    if dtype == "auto" and device.type == "cuda":
+        dtype = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    elif dtype == "auto":
+        dtype = "bf16" if device.type == "mps" else "fp32"
     if dtype == "fp32":
         return Precision("fp32", None, False)
     if dtype == "bf16":
@@ -79,14 +78,6 @@ def resolve_precision(device: torch.device, dtype: str = "auto") -> Precision:
     # fp16 gradients underflow without loss scaling. torch's GradScaler runs on CUDA and
     # CPU; MPS autocast in fp16 goes without it.
     return Precision("fp16", torch.float16, device.type in ("cuda", "cpu"))
-
-
-def _auto_dtype(device: torch.device) -> str:
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-    if device.type == "mps":
-        return "bf16"
-    return "fp32"
 
 
 def make_grad_scaler(precision: Precision, device: torch.device) -> torch.amp.GradScaler:
@@ -144,9 +135,8 @@ def init_distributed(env: DistEnv, device: torch.device) -> None:
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    torch.distributed.init_process_group(backend=backend, rank=env.rank,
-                                         world_size=env.world_size)
+    torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                         rank=env.rank, world_size=env.world_size)
 
 
 def destroy_distributed() -> None:
@@ -253,17 +243,12 @@ def gpu_peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, flops in GPU_BF16_PEAK_FLOPS.items():
-        if key in name:
-            return flops
-    return None
+    return next((flops for key, flops in GPU_BF16_PEAK_FLOPS.items() if key in name), None)
 
 
 def model_flops_utilization(flops_per_token: float, tok_per_s: float,
                             peak_flops: float | None, world_size: int) -> float | None:
-    if peak_flops is None:
-        return None
-    return flops_per_token * tok_per_s / (peak_flops * world_size)
+    return None if peak_flops is None else flops_per_token * tok_per_s / (peak_flops * world_size)
 
 
 class StopFlag:

@@ -39,14 +39,22 @@ def encode_prompt(prompt: str) -> list[int]:
     return tokens if tokens else [EOT_TOKEN]
 
 
-def new_token_count(model: GPT, prompt_len: int, max_length: int) -> int:
-    if max_length <= prompt_len:
-        raise UsageError(f"--max-length={max_length}: the prompt alone has {prompt_len} tokens; "
-                         "pass a larger --max-length (it counts prompt plus new tokens)")
-    if max_length > model.config.block_size:
-        raise UsageError(f"--max-length={max_length}: exceeds the model's block_size "
-                         f"{model.config.block_size}; pass a smaller --max-length")
-    return max_length - prompt_len
+def new_token_count(model: GPT, prompt: list[int], max_length: int,
+                    flags: tuple[str, str] = ("the prompt", "--max-length")) -> int:
+    """`max_length` less the prompt's tokens, checked against the model's context and
+    vocabulary; `flags` name the prompt and the length in the error."""
+    block, vocab, name, length = model.config.block_size, model.config.vocab_size, *flags
+    if max(prompt) >= vocab:
+        raise UsageError(f"{name} holds token id {max(prompt)}, beyond this model's "
+                         f"{vocab}-token vocabulary; pass a prompt of tokens below {vocab}")
+    if len(prompt) >= block:
+        raise UsageError(f"{name} has {len(prompt)} tokens and the model's context is {block} "
+                         f"(prompt plus new tokens); pass a prompt of under {block} tokens")
+    if not len(prompt) < max_length <= block:
+        raise UsageError(f"{length}={max_length}: pass {len(prompt) + 1} to {block} (it "
+                         f"counts the prompt's {len(prompt)} tokens plus the new ones, within "
+                         f"the model's context of {block})")
+    return max_length - len(prompt)
 
 
 def generate_text(model: GPT, prompt: str, num_samples: int, max_length: int,
@@ -61,7 +69,7 @@ def generate_text(model: GPT, prompt: str, num_samples: int, max_length: int,
     a time."""
     device = torch.device(device)
     prompt_tokens = encode_prompt(prompt)
-    max_new = new_token_count(model, len(prompt_tokens), max_length)
+    max_new = new_token_count(model, prompt_tokens, max_length)
     idx = torch.tensor([prompt_tokens] * num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     on_token = None
@@ -112,7 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="nucleus sampling: keep the smallest set reaching this "
                              "probability (default: off)")
     parser.add_argument("--temperature", type=float, default=1.0,
-                        help="softmax temperature; 0 is greedy")
+                        help="softmax temperature: 0 (greedy) or at least 1e-6")
     parser.add_argument("--seed", type=int, default=42, help="sampling seed")
     parser.add_argument("--stream", action="store_true",
                         help="print sample 0 token by token as it is generated")
@@ -124,10 +132,10 @@ def run(args: argparse.Namespace) -> None:
     cli.check_range("--num-samples", args.num_samples, minimum=1)
     cli.check_range("--max-length", args.max_length, minimum=1)
     cli.check_range("--top-k", args.top_k, minimum=0)
-    cli.check_range("--top-p", args.top_p, minimum=0, maximum=1)
-    if args.top_p == 0:
-        raise UsageError("--top-p=0: must be above 0 (1 keeps every token)")
-    cli.check_range("--temperature", args.temperature, minimum=0)
+    cli.check_range("--top-p", args.top_p, above=0, maximum=1)
+    if args.temperature != 0:  # 0 is greedy; below 1e-6, logits / temperature can overflow
+        cli.check_range("--temperature", args.temperature, minimum=1e-6)
+    cli.check_range("--seed", args.seed, *cli.SEED_RANGE)
     device, precision = cli.resolve_runtime(args.device, args.dtype)
     model = cli.load_model(None if args.checkpoint else args.pretrained, args.checkpoint, device)
     if precision.autocast_dtype is not None:

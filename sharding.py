@@ -5,6 +5,7 @@ or a single process, reads back (checkpoint.load gathers them into full weights)
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import warnings
@@ -27,33 +28,24 @@ import runtime
 from model import GPT, GPTConfig
 
 
-def mixed_precision_policy(precision: runtime.Precision,
-                           device: torch.device) -> MixedPrecisionPolicy:
-    """bf16 compute over fp32 master weights where autocast would be bf16 (CUDA); plain fp32
-    elsewhere. Gradients are reduced in fp32 so the sum over ranks loses nothing."""
-    if device.type == "cuda" and precision.autocast_dtype == torch.bfloat16:
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    return MixedPrecisionPolicy()
-
-
 def shard_model(model: GPT, precision: runtime.Precision, device: torch.device) -> None:
     """Each block its own FSDP unit, so only one block's full weights exist at a time; the
-    root unit holds the embeddings (tied to the output head) and the final norm."""
-    policy = mixed_precision_policy(precision, device)
+    root unit holds the embeddings (tied to the output head) and the final norm. bf16 compute
+    over fp32 master weights where autocast would be bf16 (CUDA), else plain fp32; gradients
+    are reduced in fp32 so the sum over ranks loses nothing."""
+    policy = MixedPrecisionPolicy()
+    if device.type == "cuda" and precision.autocast_dtype == torch.bfloat16:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in model.transformer.h:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
-
-
-def unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "_orig_mod", model)
 
 
 @contextlib.contextmanager
 def gradient_sync(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
     """Reduce gradients only when `enabled` (the last micro-step of gradient accumulation);
     the other micro-steps accumulate locally, under DDP and FSDP alike."""
-    inner = unwrap_compiled(model)
+    inner = getattr(model, "_orig_mod", model)  # under torch.compile
     if isinstance(inner, FSDPModule):
         inner.set_requires_gradient_sync(enabled)
         yield
@@ -83,23 +75,26 @@ def full_weights_copy(model: GPT, device: torch.device) -> GPT:
     return copy.to(device).eval()
 
 
-def temp_folder(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
-
-
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     train_state: dict[str, Any], env: runtime.DistEnv) -> None:
     """Every rank writes its shards into a temp folder; rank 0 adds the non-tensor state and
     renames the folder into place, so `path` appears only once complete."""
-    tmp = temp_folder(path)
+    tmp = path.with_name(f".{path.name}.tmp")
     if env.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     torch.distributed.barrier()
     tensors = {"model": get_model_state_dict(model),
                "optimizer": get_optimizer_state_dict(model, optimizer)}
     dcp.save(tensors, checkpoint_id=tmp)  # returns on every rank once the metadata is written
+    # Each rank's checksums of the shards it wrote (__RANK_*.distcp); rank 0 adds the rest.
+    sums: list[Any] = [None] * env.world_size
+    torch.distributed.all_gather_object(sums, {p.name: checkpoint.file_sha256(p)
+                                               for p in tmp.glob(f"__{env.rank}_*")})
     if env.is_main:
-        checkpoint.save(tmp / checkpoint.STATE_NAME, train_state)
+        sha256 = {name: digest for rank_sums in sums for name, digest in rank_sums.items()}
+        sha256 |= {p.name: checkpoint.file_sha256(p) for p in tmp.iterdir()
+                   if p.name not in sha256}
+        checkpoint.save(tmp / checkpoint.STATE_NAME, {**train_state, "sha256": sha256})
         replace_folder(tmp, path)
     torch.distributed.barrier()
 
@@ -120,10 +115,12 @@ def replace_folder(source: Path, target: Path) -> None:
 def load_optimizer_state(path: Path, model: torch.nn.Module,
                          optimizer: torch.optim.Optimizer) -> None:
     """The optimizer state of a sharded checkpoint, resharded to this run: FSDP on any number
-    of ranks, DDP or a single process (the state is keyed by parameter name, not by rank)."""
+    of ranks, DDP or a single process (the state is keyed by parameter name, not by rank).
+    checkpoint.load(path), where the resumed state came from, checked the files' checksums."""
     state = get_optimizer_state_dict(model, optimizer)
-    dcp.load({"optimizer": state}, checkpoint_id=path,
-             no_dist=not torch.distributed.is_initialized())
+    with reading(path, "optimizer state"):
+        dcp.load({"optimizer": state}, checkpoint_id=path,
+                 no_dist=not torch.distributed.is_initialized())
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state)
 
 
@@ -132,7 +129,21 @@ def load_full_weights(path: Path, model_config: dict[str, Any]) -> dict[str, tor
     of ranks wrote it: the shards are stored by parameter name and offset, not by rank."""
     with torch.random.fork_rng(devices=[]):  # the init is overwritten; keep the caller's RNG
         weights = GPT(GPTConfig(**model_config)).state_dict()
-    with warnings.catch_warnings():  # dcp warns that no process group is initialized
-        warnings.simplefilter("ignore", UserWarning)
+    with reading(path, "shards"):
         dcp.load({"model": weights}, checkpoint_id=path, no_dist=True)
     return weights
+
+
+@contextlib.contextmanager
+def reading(path: Path, what: str) -> Iterator[None]:
+    """dcp.load of `what` in the folder `path`: what it raises as one line naming the folder
+    (checkpoint.reading), without its warnings (that no process group is initialized, and a
+    traceback logged when it cannot read the metadata, before the exception that says so)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), checkpoint.reading(path, what):
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        logging.disable(previous)

@@ -1,7 +1,6 @@
 """Weights & Biases for train_gpt2.py --wandb-project: every log.jsonl event, from rank 0.
-log.jsonl stays the record of the run and W&B a view of it, so nothing W&B does may stop or
-slow training: offline when the server is out of reach, one warning and no more sends when
-anything breaks."""
+log.jsonl stays the record and W&B a view, so nothing W&B does may stop or slow training:
+offline when the server is out of reach, one warning and no more sends when anything breaks."""
 
 from __future__ import annotations
 
@@ -71,8 +70,7 @@ def start_wandb(project: str, run_name: str | None, config: dict[str, Any],
 
 
 def finish() -> None:
-    """Close the W&B run now, flushing its files (at exit W&B closes it itself, with the exit
-    status); for callers that go on in the same process. A second call is a no-op."""
+    """Close the W&B run now (at exit W&B closes it itself, with the exit status)."""
     while _runs:
         try:
             _runs.pop().finish()

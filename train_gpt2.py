@@ -33,7 +33,9 @@ from torch.nn.parallel import DistributedDataParallel
 import checkpoint
 import cli
 import data
+import eval_hellaswag
 import runtime
+import sample
 import sharding
 from cli import UsageError
 from model import GPT, PADDED_VOCAB_SIZE, PRESETS, GPTConfig
@@ -75,12 +77,12 @@ RECIPES = {
 
 
 def option(default: Any, help: str = "", minimum: float | None = None,
-           maximum: float | None = None, **argparse_kwargs: Any) -> Any:
-    """A TrainConfig field that is also a command-line flag: its help, its value's domain
-    (checked by validate(), with every float also required to be finite) and any extra
-    argparse settings (choices) live here, once."""
-    metadata = {"help": help, "minimum": minimum, "maximum": maximum, **argparse_kwargs}
-    return field(default=default, metadata=metadata)
+           maximum: float | None = None, below: float | None = None,
+           **argparse_kwargs: Any) -> Any:
+    """A TrainConfig field that is also a flag: its help, its domain (what the code downstream
+    takes; validate() checks it) and any other argparse settings (choices), once."""
+    domain = {"minimum": minimum, "maximum": maximum, "below": below}
+    return field(default=default, metadata={"help": help, "domain": domain, **argparse_kwargs})
 
 
 def micro_batch_arg(text: str) -> int | Literal["auto"]:
@@ -119,8 +121,8 @@ class TrainConfig:
     vocab_size: int = option(PADDED_VOCAB_SIZE, "embedding rows; 50304 pads GPT-2's 50257 "
                              "for faster matmuls", minimum=1)
     init_from: str = option("scratch", "scratch, a pretrained name or HF folder (gpt2, "
-                            "gpt2-medium, ...), or a checkpoint .pt file (weights only; "
-                            "fresh optimizer)")
+                            "gpt2-medium, ...), or a checkpoint (.pt file or --fsdp folder; "
+                            "weights only, fresh optimizer)")
     rotary: bool = option(False, "rotary position embeddings instead of learned ones")
     qk_norm: bool = option(False, "RMS-normalise each head's queries and keys")
     relu_squared: bool = option(False, "ReLU-squared MLP instead of GELU")
@@ -150,11 +152,12 @@ class TrainConfig:
     muon_lr: float = option(0.02, "Muon's peak learning rate; it follows the same schedule",
                             minimum=0)
     weight_decay: float = option(0.1, "AdamW weight decay on the 2-D weights", minimum=0)
-    beta1: float = option(0.9, "AdamW beta1", minimum=0, maximum=1)
-    beta2: float = option(0.95, "AdamW beta2", minimum=0, maximum=1)
-    adam_eps: float = option(1e-8, "AdamW epsilon", minimum=0)
+    beta1: float = option(0.9, "AdamW beta1", minimum=0, below=1)
+    beta2: float = option(0.95, "AdamW beta2", minimum=0, below=1)
+    adam_eps: float = option(1e-8, "AdamW epsilon: at least fp32's smallest normal number "
+                             "(0 makes 0/0 updates)", minimum=torch.finfo(torch.float32).tiny)
     grad_clip: float = option(1.0, "max global grad norm; 0 disables clipping", minimum=0)
-    seed: int = option(1337, "seed of the model's init and the data order")
+    seed: int = option(1337, "seed of the model's init and the data order", *cli.SEED_RANGE)
     # evaluation, samples, checkpoints
     eval_interval: int = option(250, "steps between validation-loss evaluations", minimum=0)
     val_steps: int = option(20, "val batches per evaluation (the same batches every time)",
@@ -168,8 +171,9 @@ class TrainConfig:
     sample_interval: int | None = option(None, "steps between printed samples (default: "
                                          "--eval-interval)", minimum=0)
     sample_prompt: str = option("Hello, I'm a language model,", "prompt of the printed samples")
-    num_samples: int = option(4, "samples printed each time", minimum=0)
-    sample_length: int = option(32, "tokens per sample, prompt included", minimum=1)
+    num_samples: int = option(4, "samples printed each time (--sample-interval=0: none)",
+                              minimum=1)
+    sample_length: int = option(32, "tokens per sample, prompt included", minimum=2)
     checkpoint_interval: int = option(5000, "steps between checkpoints (the last step is "
                                       "always saved)", minimum=0)
     keep_checkpoints: int = option(3, "keep the newest K checkpoints; 0 keeps all", minimum=0)
@@ -257,8 +261,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
             action = argparse.BooleanOptionalAction if negatable else "store_true"
             group.add_argument(name, action=action, default=f.default, help=text)
         else:
-            extra = {k: v for k, v in f.metadata.items() if k not in ("help", "minimum",
-                                                                        "maximum")}
+            extra = {k: v for k, v in f.metadata.items() if k not in ("help", "domain")}
             group.add_argument(name, help=text, default=f.default, **{"type": kind, **extra})
     return parser
 
@@ -268,8 +271,7 @@ def validate(config: TrainConfig) -> None:
     for f in dataclasses.fields(TrainConfig):
         value = getattr(config, f.name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            cli.check_range("--" + f.name.replace("_", "-"), value, f.metadata["minimum"],
-                            f.metadata["maximum"])
+            cli.check_range("--" + f.name.replace("_", "-"), value, **f.metadata["domain"])
     if config.dataset and config.data_dir:
         raise UsageError("--dataset and --data-dir both given: pass only one")
     if config.recipe == "finetune" and not (config.dataset or config.data_dir):
@@ -327,22 +329,28 @@ def data_root(config: TrainConfig) -> Path:
 
 
 def prepare_command(name: str, config: TrainConfig) -> str:
+    """The command that writes dataset `name` (from the user's text if not a built-in)."""
+    import prepare_dataset
+
     root = f" --data-root={config.data_root}" if config.data_root else ""
-    return f"python prepare_dataset.py --dataset={name}{root}"
+    source = name if name in prepare_dataset.BUILTIN_NAMES else f"PATH/TO/TEXT --name={name}"
+    return f"python prepare_dataset.py --dataset={source}{root}"
 
 
 def find_data(config: TrainConfig, env: runtime.DistEnv,
               say: Callable[[str], None]) -> tuple[list[Path], list[Path], Path]:
-    """(train shards, val shards, their folder). The quickstart's corpus is tokenized first
-    (rank 0, offline, once) if it is not prepared yet."""
+    """(train shards, val shards, their folder); the quickstart's corpus prepared first."""
     if config.data_dir:
         directory = Path(config.data_dir).expanduser()
         fix = ("pass a folder of *_train_* and *_val_* shards "
                "(python prepare_dataset.py writes them)")
     else:
         assert config.dataset is not None
-        directory = data_root(config) / config.dataset
-        fix = f"prepare it first: {prepare_command(config.dataset, config)}"
+        root = data_root(config)
+        directory = root / config.dataset
+        ready = ", ".join(p.name for p in sorted(root.glob("*")) if data.find_shards(p, "train"))
+        fix = (f"prepare it first: {prepare_command(config.dataset, config)} (prepared in "
+               f"{root}: {ready or 'none yet'})")
     if config.quickstart:
         prepare_quickstart(config, env, say)
     train, val = data.find_shards(directory, "train"), data.find_shards(directory, "val")
@@ -355,6 +363,7 @@ def find_data(config: TrainConfig, env: runtime.DistEnv,
 
 def prepare_quickstart(config: TrainConfig, env: runtime.DistEnv,
                        say: Callable[[str], None]) -> None:
+    """Tokenize the offline stdlib corpus once (rank 0) if it is not prepared yet."""
     import prepare_dataset
 
     root = data_root(config)
@@ -382,14 +391,10 @@ def make_loader(files: list[Path], config: TrainConfig, env: runtime.DistEnv,
 
 
 def model_config(config: TrainConfig) -> GPTConfig:
-    overrides: dict[str, int] = {"vocab_size": config.vocab_size}
-    for name in ("n_layer", "n_head", "n_embd", "block_size"):
-        value = getattr(config, name)
-        if value is not None:
-            overrides[name] = value
-    switches = {k: getattr(config, k) for k in SWITCHES}
+    given = [k for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(config, k)]
+    overrides = {k: getattr(config, k) for k in ("vocab_size", *given, *SWITCHES)}
     try:
-        return GPTConfig.from_preset(config.model, **overrides, **switches)
+        return GPTConfig.from_preset(config.model, **overrides)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -399,10 +404,12 @@ def build_model(config: TrainConfig, resume: dict[str, Any] | None,
     """The resumed checkpoint's model, else (--init-from) a fresh model, pretrained GPT-2
     weights or a checkpoint's weights."""
     source = config.init_from
-    if resume is None and (source.endswith(".pt") or Path(source).is_file()):
-        resume, resume_path = checkpoint.load(source), Path(source)
+    path = Path(source).expanduser()  # a .pt file, or an --fsdp folder (ckpt_NNNNNNN/)
+    given = path.is_file() or path.suffix == ".pt" or path.name.startswith("ckpt_")
+    if resume is None and (given or (path / checkpoint.STATE_NAME).is_file()):
+        resume, resume_path = checkpoint.load(path), path
     if resume is not None:
-        model = GPT.from_checkpoint(resume)
+        model = GPT.from_checkpoint(resume, source=str(resume_path))
         ours = model_config(config)
         diffs = [f"{k}={v} (this run: {getattr(ours, k)})"
                  for k, v in dataclasses.asdict(model.config).items() if getattr(ours, k) != v]
@@ -576,8 +583,6 @@ def load_hellaswag(config: TrainConfig, env: runtime.DistEnv) -> list[dict[str, 
     be had (missing, no network): training goes on without it."""
     if config.hellaswag_every <= 0:
         return None
-    import eval_hellaswag
-
     try:
         return eval_hellaswag.load_examples(config.hellaswag_data, limit=config.hellaswag_limit)
     except Exception as exc:
@@ -619,18 +624,20 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
     config.samples_per_rank(env.world_size, 1 if config.batch_size == AUTO else
                             config.micro_batch)
     check_fsdp(config, env, precision)
+    runtime.init_distributed(env, device)
+    train_files, val_files, source = find_data(config, env, say)  # before any --out-dir clash
     out_dir = Path(config.out_dir).expanduser()
     resume_path = checkpoint.resume_point(out_dir, config.resume, config.overwrite)
     if config.resume and resume_path is None:
         say(f"--resume: no checkpoint in {out_dir}; starting from scratch")
     resume = checkpoint.load(resume_path) if resume_path else None
-
-    runtime.init_distributed(env, device)
-    train_files, val_files, source = find_data(config, env, say)
     torch.manual_seed(config.seed)  # the model's init is the run's only random draw
     if device.type == "cuda":
         runtime.enable_tf32()
     model = build_model(config, resume, resume_path).to(device)
+    if config.sample_every > 0 and config.max_steps > 0:  # the samples' prompt and length fit
+        sample.new_token_count(model, sample.encode_prompt(config.sample_prompt), min(
+            config.sample_length, model.config.block_size), ("--sample-prompt", "--sample-length"))
     model.activation_checkpointing = config.activation_checkpointing
     chosen = None
     if config.batch_size == AUTO:
@@ -662,7 +669,8 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
         train_model = DistributedDataParallel(train_model, device_ids=ids)
     optimizer = build_optimizer(model, config, device)
     scaler = runtime.make_grad_scaler(precision, device)
-    vocab = min(model.config.vocab_size, 2**16)
+    vocab = (data.VOCAB_SIZE if model.config.vocab_size == PADDED_VOCAB_SIZE  # padding rows
+             else min(model.config.vocab_size, 2**16))
     with (make_loader(train_files, config, env, device, config.shuffle, vocab) as loader,
           make_loader(val_files, config, env, device, False, vocab) as val_loader):
         start_step, skipped = 0, 0
@@ -720,8 +728,6 @@ def training_loop(*, config: TrainConfig, env: runtime.DistEnv, device: torch.de
                 # alone, and HellaSwag gives ranks different numbers of forward passes.
                 eval_model = sharding.full_weights_copy(model, device) if config.fsdp else model
                 if hellaswag is not None and run_hellaswag:
-                    import eval_hellaswag
-
                     score = eval_hellaswag.evaluate(eval_model, hellaswag, device,
                                                     precision=precision, rank=env.rank,
                                                     world_size=env.world_size)
@@ -729,8 +735,6 @@ def training_loop(*, config: TrainConfig, env: runtime.DistEnv, device: torch.de
                         f"{score.total} = {score.acc_norm:.4f}")
                     log(step, hellaswag_acc_norm=score.acc_norm, hellaswag_acc=score.acc)
                 if samples and env.is_main:
-                    import sample
-
                     texts = sample.generate_text(
                         eval_model, config.sample_prompt, config.num_samples,
                         min(config.sample_length, model.config.block_size), seed=config.seed,
@@ -764,13 +768,10 @@ def training_loop(*, config: TrainConfig, env: runtime.DistEnv, device: torch.de
             loss_scale = result.loss_scale if scaler.is_enabled() else None
             say(format_step(step, config.max_steps, loss, lr, grad_norm, dt, tok_per_s, mfu,
                             loss_scale, skipped))
-            record: dict[str, Any] = dict(loss=loss, lr=lr, grad_norm=grad_norm,
-                                          dt_ms=dt * 1000, tok_per_s=tok_per_s)
-            if mfu is not None:
-                record["mfu"] = mfu
-            if loss_scale is not None:
-                record.update(loss_scale=loss_scale, skipped_steps=skipped)
-            log(step, **record)
+            record = dict(loss=loss, lr=lr, grad_norm=grad_norm, dt_ms=dt * 1000,
+                          tok_per_s=tok_per_s, mfu=mfu, loss_scale=loss_scale,
+                          skipped_steps=None if loss_scale is None else skipped)
+            log(step, **{k: v for k, v in record.items() if v is not None})
 
             if due(config.checkpoint_interval, step + 1, config.max_steps) or stop_requested:
                 last_checkpoint = checkpoint.save_training(

@@ -3,21 +3,16 @@
     pip install -e ".[jax]"                   # CPU; on NVIDIA GPUs add "jax[cuda12]"
     python train_jax.py --device=cuda         # 124M on prepared finewebedu, every local GPU
 
-What is train_gpt2.py's, unchanged: the flags and their checks (TrainConfig), the data
-(data.ShardLoader, as NumPy arrays), the LR schedule, AdamW with weight decay on 2-D
-weights, gradient clipping, the step numbering, log.jsonl's keys, and checkpoints that
-checkpoint.load reads, so sample.py and eval_hellaswag.py take them. The weights start
-where train_gpt2.py's would (its init for the same --seed, or --init-from), so from the same
-start both scripts log the same losses.
+train_gpt2.py's, unchanged: the flags and their checks, the data (data.ShardLoader as NumPy
+arrays), the LR schedule, AdamW with decay on 2-D weights, clipping, step numbering,
+log.jsonl's keys, checkpoints that checkpoint.load reads (so sample.py and eval take them),
+and the init (the same --seed or --init-from), so from one start both log the same losses.
+Several local devices split the batch axis (jax.sharding; the gradient mean is XLA's
+all-reduce), --batch-size per device as per torchrun rank. Matmuls run in bf16 on GPU
+(fp32 weights, optimizer and layer norms), fp32 on CPU.
 
-Data parallel: with several local devices the batch axis is split over them (jax.sharding)
-and the gradient mean is XLA's all-reduce. --batch-size is per device, as it is per rank
-under torchrun, and the devices together read exactly what as many torchrun ranks would.
-The matmuls run in bf16 on GPU (fp32 weights, optimizer and layer norms), fp32 on CPU.
-
-Not here: HellaSwag during training (run eval_hellaswag.py --checkpoint on a checkpoint),
---batch-size=auto, fp16, --compile (JAX compiles every step), several hosts. --resume takes
-train_jax.py checkpoints only: a train_gpt2.py one holds PyTorch's optimizer state.
+Not here: HellaSwag in training (eval_hellaswag.py --checkpoint), --batch-size=auto, fp16,
+--compile, Muon, the switches beyond GPT-2, several hosts; --resume of train_jax.py's own.
 """
 
 from __future__ import annotations
@@ -193,11 +188,7 @@ def restore(state: dict[str, Any], path: Path, opt_state: Any, sharding: NamedSh
         raise RuntimeError(f"{path}: a train_gpt2.py checkpoint, whose PyTorch optimizer "
                            "state train_jax.py cannot continue; resume it with train_gpt2.py, "
                            f"or start from its weights with --init-from={path}")
-    expected = len(jax.tree.leaves(opt_state))
-    if len(leaves) != expected:
-        raise RuntimeError(f"{path}: optimizer state of another shape ({len(leaves)} "
-                           f"arrays, expected {expected})")
-    restored = jax.tree.unflatten(jax.tree.structure(opt_state), [leaf.numpy() for leaf in leaves])
+    restored = model_jax.optimizer_state(leaves, opt_state, path)
     try:
         loader.load_state_dict(state["loader_states"][0])
     except ValueError as exc:

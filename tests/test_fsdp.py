@@ -11,10 +11,12 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from test_hostile import Case, check_case
 from test_train import (
     SCRIPT,
     read_log,
@@ -26,7 +28,9 @@ from test_train import (
 )
 
 import cli
+import eval_hellaswag
 import sample
+import train_gpt2
 
 STEPS = 30
 RESUME_STEP = 20
@@ -154,3 +158,95 @@ def test_hellaswag_and_samples_under_fsdp(tmp_path: Path,
     assert sample.main([f"--checkpoint={out / 'ckpt_0000002'}", "--device=cpu",
                         "--max-length=4", "--num-samples=1", "Hello"]) == 0
     assert capsys.readouterr().out.startswith("> Hello")
+
+
+def flip_a_byte(path: Path) -> None:
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+
+
+def edit_train_state(folder: Path, edit: Callable[[dict], object]) -> None:
+    state = torch.load(folder / "train_state.pt", weights_only=True)
+    edit(state)
+    torch.save(state, folder / "train_state.pt")
+
+
+def without_checksums(folder: Path) -> None:
+    """The folder as train_gpt2.py wrote it before checksums."""
+    edit_train_state(folder, lambda state: state.pop("sha256"))
+
+
+def copy_of_run(runs: Path, root: Path, spoil: Callable[[Path], object]) -> Path:
+    """runs/fsdp copied to root/out, its newest checkpoint folder spoiled."""
+    shutil.copytree(runs / "fsdp", root / "out")
+    spoil(root / "out" / f"ckpt_{STEPS:07d}")
+    return root / "out" / f"ckpt_{STEPS:07d}"
+
+
+def cut_a_shard(folder: Path) -> None:
+    without_checksums(folder)
+    shard = folder / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+
+
+def lose_the_metadata(folder: Path) -> None:
+    without_checksums(folder)
+    (folder / ".metadata").unlink()
+
+
+FOLDER_FAULTS = {  # name: (script, spoil, what the one error line names)
+    "sample: a flipped byte in a shard": (
+        sample.main, lambda f: flip_a_byte(f / "__0_0.distcp"), "__0_0.distcp: not the file"),
+    "eval: a flipped byte in the metadata": (
+        eval_hellaswag.main, lambda f: flip_a_byte(f / ".metadata"), ".metadata: not the file"),
+    "train: --resume with a flipped byte in a shard": (
+        train_gpt2.main, lambda f: flip_a_byte(f / "__1_0.distcp"), "__1_0.distcp: not the file"),
+    "sample: a shard cut short (no checksums)": (
+        sample.main, cut_a_shard, f"ckpt_{STEPS:07d}: cannot read its shards"),
+    "train: --resume from a folder whose metadata is gone (no checksums)": (
+        train_gpt2.main, lose_the_metadata, f"ckpt_{STEPS:07d}: cannot read its shards"),
+    "sample: a string in train_state.pt's model_config": (
+        sample.main, lambda f: edit_train_state(f, lambda s: s["model_config"].update(
+            n_head="2")), "train_state.pt: model_config['n_head'] is '2'"),
+    "eval: train_state.pt of another model (no checksums)": (
+        eval_hellaswag.main, lambda f: edit_train_state(f, lambda s: (
+            s.pop("sha256"), s["model_config"].update(n_layer=3))), "Missing key"),
+}
+
+
+@pytest.mark.parametrize("name", list(FOLDER_FAULTS))
+def test_a_damaged_fsdp_folder_is_one_line(runs: Path, name: str, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    script, spoil, names = FOLDER_FAULTS[name]
+
+    def args(root: Path) -> list[str]:
+        folder = copy_of_run(runs, root, spoil)
+        if script is train_gpt2.main:
+            return tiny_args(runs / "shards", root / "out", *COMMON, "--batch-size=4",
+                             "--resume")
+        if script is eval_hellaswag.main:
+            return [f"--checkpoint={folder}", "--device=cpu",
+                    f"--data={write_hellaswag(root / 'hs.jsonl')}"]
+        return [f"--checkpoint={folder}", "--device=cpu", "--max-length=4"]
+
+    check_case(Case(script, args, 1, names), tmp_path, capsys, monkeypatch)
+
+
+def test_a_folder_without_checksums_still_loads(runs: Path, tmp_path: Path) -> None:
+    folder = copy_of_run(runs, tmp_path, without_checksums)
+    old = cli.load_model(None, str(folder), "cpu")
+    new = cli.load_model(None, str(runs / "fsdp" / f"ckpt_{STEPS:07d}"), "cpu")
+    for name, weight in new.state_dict().items():
+        assert torch.equal(old.state_dict()[name], weight), name
+
+
+def test_init_from_an_fsdp_folder(runs: Path, tmp_path: Path) -> None:
+    """The folder's weights start the run: its first validation loss is the last one of the
+    run that wrote the folder."""
+    folder = runs / "fsdp" / f"ckpt_{STEPS:07d}"
+    assert train_gpt2.main(tiny_args(runs / "shards", tmp_path / "out", "--max-steps=1",
+                                     "--eval-interval=1", f"--init-from={folder}")) == 0
+    assert val_losses(tmp_path / "out")[0] == pytest.approx(
+        val_losses(runs / "fsdp")[STEPS], abs=1e-5)

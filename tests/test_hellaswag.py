@@ -241,7 +241,10 @@ def test_load_examples_reads_the_official_format_and_limit(tmp_path, examples):
 
 @pytest.mark.parametrize("bad", [{"ctx": "x", "endings": ["a", "b", "c"], "label": 0},
                                  {"ctx": "x", "endings": ["a", "b", "c", "d"], "label": 4},
-                                 {"endings": ["a", "b", "c", "d"], "label": 1}])
+                                 {"endings": ["a", "b", "c", "d"], "label": 1},
+                                 {"ctx": 3, "endings": ["a", "b", "c", "d"], "label": 1},
+                                 {"ctx": "x", "endings": ["a", None, "c", "d"], "label": 1},
+                                 {"ctx": "x", "endings": ["a", "b", "c", "d"], "label": True}])
 def test_load_examples_rejects_malformed_lines(tmp_path, examples, bad):
     path = write_jsonl(tmp_path / "bad.jsonl", [examples[0], bad])
     with pytest.raises(ValueError, match=r"bad\.jsonl:2"):

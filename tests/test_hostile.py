@@ -7,12 +7,18 @@ checks the outcome; the table names the kind of fault each case stands for.
 
 from __future__ import annotations
 
-import errno
+import dataclasses
+import json
 import os
 import pickle
+import resource
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -97,6 +103,85 @@ def hellaswag_file(root: Path, lines: list[str]) -> Path:
     return path
 
 
+HELLASWAG = json.dumps({"ctx": "The cat sat on the", "label": 0,
+                        "endings": [" mat.", " moon.", " idea.", " seven."]})
+
+
+def spoiled(root: Path, spoil: Callable[[dict[str, Any]], object], name: str = "bad.pt") -> Path:
+    """A real checkpoint's entries (as train_jax.py writes them) after `spoil`, saved."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("gpt2-tiny", n_embd=32, vocab_size=VOCAB))
+    state = {"model_config": dataclasses.asdict(model.config), "model": model.state_dict()}
+    spoil(state)
+    torch.save(state, root / name)
+    return root / name
+
+
+def spoiled_run(root: Path, spoil: Callable[[dict[str, Any]], object]) -> Path:
+    """checkpoint()'s newest checkpoint, rewritten after `spoil`."""
+    path = checkpoint(root)
+    state = torch.load(path, weights_only=True)
+    spoil(state)
+    torch.save(state, path)
+    return path
+
+
+def hf_spoiled(root: Path, spoil: Callable[[Path], object]) -> list[str]:
+    folder = hf_dir(root)
+    spoil(folder)
+    return [f"--pretrained={folder}", "--device=cpu"]
+
+
+def edit_config(**changes: Any) -> Callable[[Path], object]:
+    def spoil(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        config.update(changes)
+        (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items()
+                                                        if v is not None}))
+    return spoil
+
+
+def nan_weights(state: dict[str, Any]) -> None:
+    for tensor in state["model"].values():
+        tensor.fill_(float("nan"))
+
+
+def set_weight(key: str, value: torch.Tensor | None) -> Callable[[dict[str, Any]], None]:
+    def spoil(state: dict[str, Any]) -> None:
+        state["model"].pop(key)
+        if value is not None:
+            state["model"][key] = value
+    return spoil
+
+
+def set_config(**changes: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda state: state["model_config"].update(changes)
+
+
+def nan_safetensors(folder: Path) -> None:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("gpt2-tiny"))
+    model.state_dict()["transformer.h.0.mlp.c_fc.weight"].fill_(float("inf"))
+    model.save_hf(folder)
+
+
+def folder(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def sample_ckpt(path: Path) -> list[str]:
+    return [f"--checkpoint={path}", "--device=cpu", "--max-length=4"]
+
+
+def eval_ckpt(root: Path, path: Path) -> list[str]:
+    return [f"--checkpoint={path}", "--device=cpu", f"--data={hellaswag_file(root, [HELLASWAG])}"]
+
+
 @dataclass
 class Case:
     main: Callable[[list[str]], int]
@@ -105,21 +190,6 @@ class Case:
     names: str  # what the one error line must name (the file or the flag)
     fault: Callable[[Path, pytest.MonkeyPatch], None] | None = None  # injected after setup
 
-
-def full_disk_after(fsyncs: int) -> Callable[[Path, pytest.MonkeyPatch], None]:
-    """A disk that fills up: the first `fsyncs` fsync calls succeed, every later one fails
-    (where a full disk shows for writes that the page cache took)."""
-    def fault(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        real, calls = os.fsync, [0]
-
-        def fsync(fd: int) -> None:
-            calls[0] += 1
-            if calls[0] > fsyncs:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            real(fd)
-
-        monkeypatch.setattr(os, "fsync", fsync)
-    return fault
 
 
 def text_corpus(root: Path) -> list[str]:
@@ -167,10 +237,6 @@ CASES = {
     "train: --init-from a garbage file": Case(
         train_gpt2.main, lambda r: train_args(r, f"--init-from={garbage_file(r)}"), 1,
         "garbage.pt"),
-    "train: disk full while writing a checkpoint": Case(
-        train_gpt2.main, lambda r: resume_args(r), 1, "ckpt_0000003.pt", full_disk_after(1)),
-    "prepare: disk full while writing a shard": Case(
-        prepare_dataset.main, text_corpus, 1, "corpus_train_000000.bin", full_disk_after(0)),
     "train: --max-lr=-1": Case(train_gpt2.main, lambda r: train_args(r, "--max-lr=-1"), 2,
                                "--max-lr=-1"),
     "train: --max-lr=nan": Case(train_gpt2.main, lambda r: train_args(r, "--max-lr=nan"), 2,
@@ -189,14 +255,68 @@ CASES = {
     "eval: a HellaSwag line that is not JSON": Case(
         eval_hellaswag.main, lambda r: hf(r, f"--data={hellaswag_file(r, ['{oops'])}"), 1,
         "hs.jsonl:1"),
+    "sample: a string in a checkpoint's model_config": Case(
+        sample.main, lambda r: sample_ckpt(spoiled(r, set_config(n_layer="2"))), 1,
+        "bad.pt: model_config['n_layer'] is '2'"),
+    "sample: a zero in a checkpoint's model_config": Case(
+        sample.main, lambda r: sample_ckpt(spoiled(r, set_config(n_head=0))), 1,
+        "bad.pt: model_config['n_head'] is 0"),
+    "eval: a checkpoint that lacks a weight": Case(
+        eval_hellaswag.main, lambda r: eval_ckpt(r, spoiled(r, set_weight(
+            "transformer.h.1.mlp.c_fc.bias", None))), 1,
+        "bad.pt: model['transformer.h.1.mlp.c_fc.bias'] is missing"),
+    "sample: a checkpoint weight of the wrong shape": Case(
+        sample.main, lambda r: sample_ckpt(spoiled(r, set_weight(
+            "transformer.ln_f.weight", torch.ones(31)))), 1,
+        "bad.pt: model['transformer.ln_f.weight'] has shape (31,)"),
+    "sample: a folder named like a checkpoint file": Case(
+        sample.main, lambda r: sample_ckpt(folder(r / "ckpt_0000003.pt")), 1,
+        "ckpt_0000003.pt: a directory"),
+    "sample: a run folder as --checkpoint": Case(
+        sample.main, lambda r: sample_ckpt(checkpoint(r).parent), 1,
+        "pass one of its checkpoints"),
+    "train: --init-from a checkpoint with a float n_embd": Case(
+        train_gpt2.main, lambda r: train_args(r, "--init-from=" + str(spoiled(
+            r, set_config(n_embd=32.0)))), 1, "bad.pt: model_config['n_embd'] is 32.0"),
+    "train: --resume from a checkpoint with a foreign optimizer state": Case(
+        train_gpt2.main, lambda r: resume_args(r, lambda s: s.update(optimizer={
+            "state": {}, "param_groups": []})), 1, "ckpt_0000002.pt: cannot read its optimizer"),
+    "train: --resume where a folder is named like a checkpoint file": Case(
+        train_gpt2.main, lambda r: resume_args(r, lambda s: folder(r / "out" / "ckpt_0000003.pt")),
+        1, "ckpt_0000003.pt: a directory"),
+    "sample: a Hugging Face config.json without n_head": Case(
+        sample.main, lambda r: hf_spoiled(r, edit_config(n_head=None)), 1,
+        "config.json: 'n_head' is missing"),
+    "eval: a Hugging Face config.json with a string n_embd": Case(
+        eval_hellaswag.main, lambda r: [*hf_spoiled(r, edit_config(n_embd="64")),
+                                        f"--data={hellaswag_file(r, [HELLASWAG])}"], 1,
+        "config.json: 'n_embd' is '64'"),
+    "sample: a Hugging Face config.json that is not JSON": Case(
+        sample.main, lambda r: hf_spoiled(r, lambda f: cut_in_half(f / "config.json")), 1,
+        "config.json: not JSON"),
+    "sample: a Hugging Face model.safetensors cut short": Case(
+        sample.main, lambda r: hf_spoiled(r, lambda f: cut_in_half(
+            f / "model.safetensors")), 1, "model.safetensors: not a readable"),
+    # 2. input that used to give a silently wrong result
+    "eval: a checkpoint of NaN weights (scored 0.25)": Case(
+        eval_hellaswag.main, lambda r: eval_ckpt(r, spoiled(r, nan_weights)), 1,
+        "bad.pt: model['transformer.wte.weight'] holds NaN"),
+    "train: --resume from a checkpoint with an infinite weight": Case(
+        train_gpt2.main, lambda r: resume_args(r, lambda s: s["model"][
+            "transformer.h.0.attn.c_attn.bias"].fill_(float("inf"))), 1,
+        "ckpt_0000002.pt: model['transformer.h.0.attn.c_attn.bias'] holds NaN or infinite"),
+    "sample: infinite Hugging Face weights": Case(
+        sample.main, lambda r: hf_spoiled(r, nan_safetensors), 1,
+        "model.safetensors: 'transformer.h.0.mlp.c_fc.weight' holds NaN"),
     # 3. concurrency
     "prepare: a second run of the same dataset": Case(
         prepare_dataset.main, text_corpus, 1, "pid 4242", another_run_holds_the_lock),
 }
 
 
-def resume_args(root: Path) -> list[str]:
-    checkpoint(root)
+def resume_args(root: Path, spoil: Callable[[dict[str, Any]], object] = lambda s: None
+                ) -> list[str]:
+    spoiled_run(root, spoil)
     return train_args(root, "--max-steps=4", "--checkpoint-interval=1", "--resume")
 
 
@@ -209,7 +329,13 @@ def snapshot(root: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_hostile_input(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                        monkeypatch: pytest.MonkeyPatch) -> None:
-    case = CASES[name]
+    check_case(CASES[name], tmp_path, capsys, monkeypatch)
+
+
+def check_case(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs the case: one error line naming case.names, case.code, no traceback, the files
+    that were there unchanged, no temp file left."""
     monkeypatch.setenv("NANO_GPT_DATA_ROOT", str(tmp_path / "data-root"))
     args = case.args(tmp_path)
     before = snapshot(tmp_path)
@@ -227,3 +353,29 @@ def test_hostile_input(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[
     assert {k: v for k, v in after.items() if k in before} == before, "existing files changed"
     assert not list(tmp_path.rglob(".*.tmp")), "a half-written file was left"
     assert not (tmp_path / "PWNED").exists(), "the checkpoint ran code"
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line(tmp_path: Path) -> None:
+    """The kernel refuses the write: RLIMIT_FSIZE below the checkpoint's size, SIGXFSZ
+    ignored, so write() fails with EFBIG inside torch.save (which would report it as
+    "unexpected pos ...")."""
+    args = resume_args(tmp_path)
+    saved = snapshot(tmp_path)
+    limit = (tmp_path / "out" / "ckpt_0000002.pt").stat().st_size // 2  # the log fits
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    # -B: no .pyc is written under the limit (a cut-short one would break later imports).
+    done = subprocess.run([sys.executable, "-B", train_gpt2.__file__, *args], cwd=tmp_path,
+                          env={**os.environ, "NANO_GPT_DATA_ROOT": str(tmp_path / "data-root")},
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit_file_size)
+    assert done.returncode == 1, done.stderr
+    error_lines = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(error_lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"{tmp_path / 'out' / 'ckpt_0000003.pt'}: cannot write it (File too large)" \
+        in error_lines[0], done.stderr
+    assert not list(tmp_path.rglob(".*.tmp")), "a half-written file was left"
+    assert {k: v for k, v in snapshot(tmp_path).items() if k in saved} == saved

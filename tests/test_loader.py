@@ -253,6 +253,19 @@ def test_token_at_or_above_vocab_size_names_the_shard(tmp_path, backend):
         take(loader, 20)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("token", [data.VOCAB_SIZE, 50303])
+def test_padding_ids_past_gpt2s_vocabulary_are_refused_by_default(tmp_path, backend, token):
+    tokens = np.arange(400, dtype=np.uint16)
+    tokens[250] = token  # a padding row of the 50304-row embedding: no GPT-2 token
+    path = tmp_path / "pad_train_000000.bin"
+    data.write_shard(path, tokens)
+    with data.ShardLoader([path], 2, 20, backend=backend) as loader:
+        with pytest.raises(data.ShardFormatError, match=f"pad_train_000000.bin: token id "
+                                                        f"{token} near token 240 .* 50257"):
+            take(loader, 10)
+
+
 def corrupt(path: Path, kind: str) -> None:
     raw = bytearray(path.read_bytes())
     header = np.frombuffer(raw[:1024], dtype="<i4").copy()

@@ -156,16 +156,19 @@ def test_splits_train_only_keeps_validation_documents_out(
     assert documents_of(split_tokens(out_dir, "train")) == expected
 
 
-def test_too_few_documents_for_validation_warns(
+def test_too_few_documents_for_validation_give_val_the_last_one(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     docs = make_documents(5, seed=11)  # 10% of 5 documents is none
     corpus = write_txt_corpus(tmp_path / "c", docs)
     code, _, err = run([f"--dataset={corpus}", f"--data-root={tmp_path}/r"], capsys)
-    assert code == 0
-    assert err.count("\n") == 1 and "no validation documents" in err and "--val-tokens" in err
+    assert code == 0 and err == "", err
     out_dir = tmp_path / "r" / "c"
-    assert data.find_shards(out_dir, "val") == []
-    assert documents_of(split_tokens(out_dir, "train")) == [encode(d) for d in docs]
+    assert documents_of(split_tokens(out_dir, "val")) == [encode(docs[-1])]
+    assert documents_of(split_tokens(out_dir, "train")) == [encode(d) for d in docs[:-1]]
+    write_txt_corpus(tmp_path / "one", docs[:1])
+    code, _, err = run([f"--dataset={tmp_path}/one", f"--data-root={tmp_path}/r"], capsys)
+    assert_one_line_error(code, err, 1, "one document", "--splits=train")
+    assert not (tmp_path / "r" / "one").exists()
 
 
 def test_jsonl_and_parquet_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -303,6 +306,18 @@ def test_not_utf8_file_is_skipped_and_counted(
     assert manifest["skipped_not_utf8"] == [str(corpus / "doc00003.txt")]
 
 
+def test_a_jsonl_with_one_line_not_utf8_is_skipped_whole(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    docs = make_documents(12, seed=8)
+    corpus = write_txt_corpus(tmp_path / "c", docs)
+    lines = [json.dumps({"text": d}).encode() for d in make_documents(300, seed=3)]
+    (corpus / "more.jsonl").write_bytes(b"\n".join([*lines[:200], b'{"text": "\xe9"}', *lines]))
+    code, out, err = run([f"--dataset={corpus}", f"--data-root={tmp_path}/r", "--splits=train",
+                          "--val-tokens=0%"], capsys)
+    assert code == 0 and "skipped 1 files that are not UTF-8" in out, err
+    assert documents_of(split_tokens(tmp_path / "r" / "c", "train")) == [encode(d) for d in docs]
+
+
 def assert_one_line_error(code: int, err: str, expected_code: int, *pieces: str) -> None:
     assert code == expected_code
     assert err.count("\n") == 1 and "Traceback" not in err, err
@@ -318,7 +333,7 @@ def test_strict_not_utf8_is_an_error_and_nothing_is_left(
     code, _, err = run([f"--dataset={corpus}", f"--data-root={tmp_path}/r", "--strict",
                         "--shard-size=50", "--num-proc=1"], capsys)
     assert_one_line_error(code, err, 1, str(bad), "UTF-8")
-    assert [p.name for p in (tmp_path / "r" / "c").iterdir()] == []
+    assert not (tmp_path / "r" / "c").exists()
 
 
 @pytest.mark.parametrize(
@@ -414,20 +429,18 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(
 
 def stop_documents_after(count: int, error: BaseException,
                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """The next run's document stream fails after `count` documents (a network drop or a
+    """The first document stream to reach document `count` fails there (a network drop or a
     Ctrl-C part-way through); later runs read the files normally."""
     real = prepare_dataset.file_documents
-    calls = []
+    fired: list[int] = []
 
     def failing(*args: object, **kwargs: object) -> object:
-        calls.append(1)
         stream = real(*args, **kwargs)  # type: ignore[arg-type]
-        if len(calls) > 1:
-            return stream
 
         def cut() -> object:
             for i, doc in enumerate(stream):
-                if i == count:
+                if i == count and not fired:
+                    fired.append(1)
                     raise error
                 yield doc
         return cut()
