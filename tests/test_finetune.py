@@ -76,3 +76,19 @@ def test_finetune_without_a_dataset_is_one_line(tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     assert train_gpt2.main(["--recipe=finetune", f"--out-dir={tmp_path / 'o'}"]) == 2
     assert "--recipe=finetune: pass --dataset=NAME" in capsys.readouterr().err
+
+
+def test_the_finetuned_checkpoint_exports_to_a_folder_transformers_loads(
+        finetuned: Path, tmp_path: Path) -> None:
+    from transformers import GPT2LMHeadModel
+
+    import checkpoint
+    import export
+
+    ckpt = finetuned / "ckpt_0000020.pt"
+    assert export.main([f"--checkpoint={ckpt}", f"--out={tmp_path / 'hf'}"]) == 0
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ours = GPT.from_checkpoint(checkpoint.load(ckpt)).eval()
+    idx = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx)[0], rtol=1e-5, atol=1e-5)
