@@ -24,7 +24,8 @@ step by step in this process, in forward and reversed order, so the load of a sh
 machine hits all alike; ratios to gpt2. The training runs' own dt_ms is printed as well.
 
     python bench/bench_recipe.py --quick          # smoke test: gpt2-tiny, ~2-4 minutes
-    python bench/bench_recipe.py --jobs=2         # the full comparison on a 2-core CPU
+    python bench/bench_recipe.py --jobs=2         # the full comparison: 18 runs of gpt2-mini,
+                                                  # ~1 h on an idle 2-core CPU, 2 h loaded
     python bench/bench_recipe.py --steps=400 --multipliers=0.5,1,2,4 --seeds=0,1,2
 """
 
