@@ -81,6 +81,11 @@ def check_range(flag: str, value: float | None, minimum: float | None = None,
         raise UsageError(f"{flag}={value}: must be below {below}")
 
 
+def first_line(exc: BaseException) -> str:
+    """What an error says, in one line (its type where it says nothing)."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def run_script(body: Callable[[], int | None], debug: bool) -> int:
     """A script's exit status under the error policy above."""
     try:
@@ -88,8 +93,7 @@ def run_script(body: Callable[[], int | None], debug: bool) -> int:
     except (OSError, ValueError, RuntimeError) as exc:
         if debug:
             raise
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"error: {text}", file=sys.stderr)
+        print(f"error: {first_line(exc)}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cli import UsageError
+from cli import UsageError, first_line
 
 INIT_TIMEOUT_S = 10  # the online attempt; W&B's default (90 s) would hold up the start
 _runs: list[Any] = []  # the run started here, for finish()
@@ -36,7 +36,7 @@ def start_wandb(project: str, run_name: str | None, config: dict[str, Any],
                              mode=mode, settings=settings)
             break
         except Exception as exc:  # online: no API key, or no network
-            why = f" ({_reason(exc)})"
+            why = f" ({first_line(exc)})"
     else:
         print(f"warning: W&B off for this run{why}", file=sys.stderr, flush=True)
         return lambda step, values: None
@@ -63,7 +63,7 @@ def start_wandb(project: str, run_name: str | None, config: dict[str, Any],
             # step arrives (or at finish); W&B's own process does the writing and uploading.
             run.log(row, step=step)
         except Exception as exc:
-            broken.append(_reason(exc))
+            broken.append(first_line(exc))
             print(f"warning: W&B logging stopped: {broken[0]} (log.jsonl has every event)",
                   file=sys.stderr, flush=True)
     return send
@@ -75,8 +75,4 @@ def finish() -> None:
         try:
             _runs.pop().finish()
         except Exception as exc:
-            print(f"warning: W&B finish failed: {_reason(exc)}", file=sys.stderr, flush=True)
-
-
-def _reason(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            print(f"warning: W&B finish failed: {first_line(exc)}", file=sys.stderr, flush=True)

@@ -586,9 +586,8 @@ def load_hellaswag(config: TrainConfig, env: runtime.DistEnv) -> list[dict[str, 
     try:
         return eval_hellaswag.load_examples(config.hellaswag_data, limit=config.hellaswag_limit)
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if env.is_main:
-            print(f"warning: HellaSwag eval skipped for this run: {reason} (pass "
+            print(f"warning: HellaSwag eval skipped for this run: {cli.first_line(exc)} (pass "
                   "--hellaswag-data=JSONL, or --hellaswag-interval=0 to silence this)",
                   file=sys.stderr, flush=True)
         return None

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from test_train import (
-    SCRIPT,
     VOCAB,
     assert_same_run,
     load_ckpt,
     read_log,
-    subprocess_env,
+    single_and_two_gloo_ranks,
     tiny_args,
     write_shards,
 )
@@ -150,24 +146,7 @@ def test_muon_refusals_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
 def test_two_gloo_ranks_match_one_process_under_the_modern_recipe(tmp_path: Path) -> None:
-    shards = write_shards(tmp_path / "shards")
-    common = ["--recipe=modern", "--max-steps=3", "--eval-interval=3",
-              "--checkpoint-interval=3"]
-    assert train_gpt2.main(tiny_args(shards, tmp_path / "single", *common,
-                                     "--batch-size=4")) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torchrun = Path(sys.executable).parent / "torchrun"
-    ddp = subprocess.run(
-        [str(torchrun), "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={port}", str(SCRIPT),
-         *tiny_args(shards, tmp_path / "ddp", *common, "--batch-size=2")],
-        cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True,
-        timeout=180)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    a = load_ckpt(tmp_path / "single" / "ckpt_0000003.pt")
-    b = load_ckpt(tmp_path / "ddp" / "ckpt_0000003.pt")
+    a, b = single_and_two_gloo_ranks(tmp_path, "--recipe=modern")
     # The same losses; the weights agree less tightly than AdamW's: Newton-Schulz maps every
     # singular value of an update towards 1, rounding-level ones too, and from zero-
     # initialised projections the early gradients have many of those.

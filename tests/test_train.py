@@ -295,10 +295,11 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path: Path) -> None:
     assert "--resume" in stdout
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
-def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
+def single_and_two_gloo_ranks(tmp_path: Path, *common: str) -> tuple[dict, dict]:
+    """Checkpoint 3 of one process at --batch-size=4 and of two torchrun ranks at 2 each:
+    the same global batches."""
     shards = write_shards(tmp_path / "shards")
-    common = ["--max-steps=3", "--eval-interval=3", "--checkpoint-interval=3"]
+    common = ("--max-steps=3", "--eval-interval=3", "--checkpoint-interval=3", *common)
     assert train_gpt2.main(tiny_args(shards, tmp_path / "single", *common,
                                      "--batch-size=4")) == 0
     with socket.socket() as s:
@@ -312,8 +313,13 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
         cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True,
         timeout=180)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    a = load_ckpt(tmp_path / "single" / "ckpt_0000003.pt")
-    b = load_ckpt(tmp_path / "ddp" / "ckpt_0000003.pt")
+    return (load_ckpt(tmp_path / "single" / "ckpt_0000003.pt"),
+            load_ckpt(tmp_path / "ddp" / "ckpt_0000003.pt"))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
+    a, b = single_and_two_gloo_ranks(tmp_path)
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=2e-5)
     assert len(b["loader_states"]) == 2
