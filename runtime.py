@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -66,18 +67,29 @@ def resolve_precision(device: torch.device, dtype: str = "auto") -> Precision:
     if dtype not in DTYPE_CHOICES:
         raise ValueError(f"--dtype={dtype}: choose one of {', '.join(DTYPE_CHOICES)}")
     if dtype == "auto" and device.type == "cuda":
-        dtype = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+        dtype = "bf16" if bf16_supported(device) else "fp16"
     elif dtype == "auto":
         dtype = "bf16" if device.type == "mps" else "fp32"
     if dtype == "fp32":
         return Precision("fp32", None, False)
     if dtype == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        if device.type == "cuda" and not bf16_supported(device):
             raise ValueError("--dtype=bf16: this GPU has no bf16 support; use --dtype=fp16")
         return Precision("bf16", torch.bfloat16, False)
     # fp16 gradients underflow without loss scaling. torch's GradScaler runs on CUDA and
     # CPU; MPS autocast in fp16 goes without it.
     return Precision("fp16", torch.float16, device.type in ("cuda", "cpu"))
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: every CPU and MPS device here, and CUDA GPUs
+    from Ampere (compute capability 8) on. Asked of `device` itself, not of the current
+    CUDA device, which a single-process --device=cuda:N run never changes."""
+    if device.type != "cuda":
+        return True
+    if torch.version.hip is not None:  # every ROCm GPU torch supports has bf16
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def make_grad_scaler(precision: Precision, device: torch.device) -> torch.amp.GradScaler:
@@ -162,19 +174,49 @@ DEFAULT_AUTO_MICRO_BATCH = 8
 OOM_SEARCH_DEVICES = ("cuda",)
 
 
-def trial_micro_step(model: torch.nn.Module, batch_size: int, seq_len: int,
-                     precision: Precision, device: torch.device) -> None:
-    """Forward and backward of one micro-batch, leaving no gradient, optimizer or RNG state
-    behind. The tokens are all zero: a step's cost does not depend on their values."""
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` says the device ran out of memory: torch.OutOfMemoryError from the
+    caching allocator, or a plain RuntimeError from memory taken outside it (cuBLAS's handle:
+    CUBLAS_STATUS_ALLOC_FAILED; NCCL's buffers; a raw "CUDA error: out of memory")."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(
+        words in str(exc) for words in ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED"))
+
+
+def release_device_memory(device: torch.device) -> None:
+    """Hand the blocks PyTorch caches on `device` back to the driver (after the trials, for
+    NCCL, cuBLAS and the compiled step, which allocate outside the cache)."""
+    gc.collect()  # a failed trial's traceback can keep its tensors alive through a cycle
     if device.type == "cuda":
-        torch.cuda.empty_cache()  # hand back the blocks a failed larger trial left cached
-    idx = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
+        torch.cuda.empty_cache()
+
+
+def trial_micro_step(model: torch.nn.Module, batch_size: int, seq_len: int,
+                     precision: Precision, device: torch.device,
+                     held_shapes: Sequence[torch.Size] = ()) -> None:
+    """Forward and backward of one micro-batch, leaving no gradient, optimizer or RNG state
+    behind. The tokens are all zero: a step's cost does not depend on their values. An fp32
+    tensor of each of `held_shapes` stays allocated through the trial: the state a real step
+    keeps beside its activations."""
+    release_device_memory(device)  # the blocks a failed larger trial left cached
+    held: list[torch.Tensor] = []
     try:
+        # Inside the try: if even these do not fit, that is this trial's out-of-memory.
+        held = [torch.empty(shape, dtype=torch.float32, device=device) for shape in held_shapes]
+        idx = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
         with precision.autocast(device):
             _, loss = model(idx, idx)
         loss.backward()
     finally:
+        del held
         model.zero_grad(set_to_none=True)
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: its shard under --fsdp (a DTensor), else itself."""
+    to_local = getattr(param, "to_local", None)
+    return to_local() if callable(to_local) else param
 
 
 def auto_micro_batch(model: torch.nn.Module, samples: int, seq_len: int, precision: Precision,
@@ -182,22 +224,30 @@ def auto_micro_batch(model: torch.nn.Module, samples: int, seq_len: int, precisi
     """--batch-size=auto for `samples` per rank and step, and how it was chosen. On a GPU:
     the largest that fits, trying `samples`, then halving, each size a divisor of `samples`
     so that gradient accumulation makes up exactly the total batch. The trials run the eager
-    model: torch.compile's fused kernels need less memory, not more."""
+    model, the already sharded one under --fsdp (every rank tries the same sizes in step,
+    since its collectives run inside the trial)."""
     if device.type not in OOM_SEARCH_DEVICES:
         size = max(d for d in range(1, DEFAULT_AUTO_MICRO_BATCH + 1) if samples % d == 0)
         return size, f"the default on {device.type}"
-    # AdamW's two moments (and under DDP the gradient buckets) appear only at the first real
-    # step; holding their size here keeps room for them beside the micro-batch found.
-    held = [torch.empty_like(p, dtype=torch.float32) for p in model.parameters()
-            for _ in range(3 if env.is_distributed else 2)]
+    local = [_local(p).shape for p in model.parameters()]
+    full = [p.shape for p in model.parameters()]  # a DTensor's shape is the whole parameter's
+    sharded = local != full
+    # State a real step keeps that the trial would not: AdamW's two moments (shards under
+    # --fsdp); the gradients accumulated over micro-steps 1..N-1, there through the forward
+    # of the next (whole: FSDP2 keeps them unsharded while gradient sync is off); and under
+    # DDP its gradient buckets.
+    held_shapes = [*local, *local, *full, *(full if env.is_distributed and not sharded else [])]
     size = samples
     while size > 0:
         try:
-            trial_micro_step(model, size, seq_len, precision, device)
+            trial_micro_step(model, size, seq_len, precision, device, held_shapes)
             break
-        except torch.OutOfMemoryError:  # leaving the except block frees the trial's tensors
-            size = max((d for d in range(1, size // 2 + 1) if samples % d == 0), default=0)
-    del held
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            if not is_out_of_memory(exc):
+                raise
+        # Out of the except block: the exception no longer holds the trial's frames.
+        size = max((d for d in range(1, size // 2 + 1) if samples % d == 0), default=0)
+    release_device_memory(device)  # before NCCL's first collective and the first real step
     if env.is_distributed:  # every rank takes the smallest size any rank found
         packed = torch.tensor(size, device=device)
         torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MIN)
@@ -214,14 +264,25 @@ def time_micro_step(model: torch.nn.Module, batch_size: int, seq_len: int,
                     precision: Precision, device: torch.device) -> float:
     """Seconds of one forward and backward of a micro-batch on this machine, now."""
     for _ in range(2):  # the first call pays one-time allocations; the second is timed
+        synchronize(device)
         start = time.perf_counter()
         trial_micro_step(model, batch_size, seq_len, precision, device)
+        synchronize(device)  # a GPU's kernels are only queued when the call returns
     return time.perf_counter() - start
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until `device` has run all the work queued so far (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 # ------------------------------------------------------------------------------ MFU peaks
 
-# Dense bf16 tensor-core peaks in FLOP/s, from the vendors' spec sheets.
+# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendors' spec sheets; a
+# device name is matched against the longest key it contains ("L40S" before "L4").
 GPU_BF16_PEAK_FLOPS = {
     "H200": 989e12,
     "H100 NVL": 835e12,
@@ -242,8 +303,13 @@ def gpu_peak_flops(device: torch.device) -> float | None:
     """bf16 (or fp16 on pre-Ampere) peak of the GPU `device`, or None if unknown."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in GPU_BF16_PEAK_FLOPS.items() if key in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(gpu_name: str) -> float | None:
+    """The table's peak for a GPU's name as its driver reports it, or None if unknown."""
+    keys = sorted((key for key in GPU_BF16_PEAK_FLOPS if key in gpu_name), key=len)
+    return GPU_BF16_PEAK_FLOPS[keys[-1]] if keys else None
 
 
 def model_flops_utilization(flops_per_token: float, tok_per_s: float,
