@@ -197,7 +197,7 @@ def search_sharded(rank: int, port: int, out_dir: str) -> None:
         size, _ = runtime.auto_micro_batch(model, 16, SEQ, precision, cpu,
                                            runtime.DistEnv(rank, rank, 2))
         full = [list(p.shape) for p in model.parameters()]
-        local = [list(p.to_local().shape) for p in model.parameters()]  # type: ignore[operator]
+        local = [list(p.to_local().shape) for p in model.parameters()]  # type: ignore[attr-defined]
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
             {"size": size, "held": held[:len(held) // 3], "full": full, "local": local}))
     finally:
