@@ -6,19 +6,25 @@ eval_hellaswag.py read:
     ckpt_0000040/     the same under --fsdp: torch.distributed.checkpoint shards (sharding.py)
                       beside train_state.pt: the rest, and each shard's sha256 (checked on load)
     log.jsonl         one JSON object per event, appended by rank 0
+    .lock             held (flock) by the one run writing the folder; it names its pid
 
-`ckpt_{s:07d}` holds the weights after s optimizer steps; the fixed width sorts by name.
-Every file appears whole or not at all (data.atomic_output, sharding's folder rename); a
-kill leaves at most a hidden temp file, which the next run in the folder removes.
+`ckpt_{s:07d}` holds the weights after s optimizer steps; the fixed width sorts by name, and
+nothing else in the folder counts as a checkpoint (a user's copy ckpt_best.pt is left alone).
+Every file appears whole or not at all (data.atomic_output, a folder written under a temp
+name and renamed); a kill leaves at most a hidden temp file, which the next run removes.
+
+Reading a checkpoint runs no code from it: .pt files through torch.load(weights_only=True),
+--fsdp folders through sharding.py's restricted reader. load() is the one place a checkpoint
+is opened and checked; what it returns, the rest of the code trusts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
+import re
 import shutil
 import warnings
 import zipfile
@@ -40,6 +46,8 @@ STATE_NAME = "train_state.pt"
 # A checkpoint's model_config holds these; the switches beyond GPT-2 came later (default off).
 GPT2_FIELDS = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd"}
 GPT_FIELDS = set(GPTConfig.__dataclass_fields__)  # a --fsdp folder's non-tensor state
+LOCK_NAME = ".lock"
+CHECKPOINT_NAME = re.compile(r"ckpt_\d{7}(\.pt)?")
 # What a kill can leave: a checkpoint's or the log's temp file, a --fsdp temp folder.
 STALE_GLOBS = (".ckpt_*.tmp", f".{LOG_NAME}.*.tmp")
 
@@ -50,9 +58,35 @@ def path_for(out_dir: Path, step: int, sharded: bool = False) -> Path:
 
 
 def find(out_dir: Path) -> list[Path]:
-    """Both kinds, oldest first."""
-    found = [p for p in out_dir.glob("ckpt_*") if p.is_dir() or p.suffix == ".pt" and p.is_file()]
+    """The checkpoints of both kinds that a run wrote into `out_dir`, oldest first."""
+    found = []
+    for path in out_dir.glob("ckpt_*"):
+        if not CHECKPOINT_NAME.fullmatch(path.name):
+            continue
+        if path.suffix == ".pt" and path.is_file() or path.suffix == "" and path.is_dir():
+            found.append(path)
     return sorted(found, key=lambda p: p.name)
+
+
+@contextlib.contextmanager
+def hold(out_dir: Path, env: runtime.DistEnv) -> Iterator[None]:
+    """Holds `out_dir` for this run alone, from before its first write to its exit: rank 0
+    takes the folder's lock (the kernel drops it however the process ends, kill -9 too) and
+    every rank learns whether it got it, so a refused run stops on every rank."""
+    with contextlib.ExitStack() as stack:
+        refusal: list[str | None] = [None]
+        if env.is_main:
+            try:
+                stack.enter_context(data.hold_folder(out_dir, LOCK_NAME))
+            except data.FolderHeld as exc:
+                refusal[0] = (f"--out-dir={out_dir}: another run (pid {exc.pid}) is writing "
+                              "this folder\nhint: wait for it or stop it, or pass another "
+                              "--out-dir")
+        if env.is_distributed:
+            torch.distributed.broadcast_object_list(refusal, src=0)
+        if refusal[0] is not None:
+            raise UsageError(refusal[0])
+        yield
 
 
 def resume_point(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:
@@ -127,57 +161,91 @@ def prune(out_dir: Path, keep: int) -> None:
 
 
 def load(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A checkpoint of either kind as one dict, on CPU. weights_only loading runs no code
-    from the file; anything that is not such a checkpoint is one ValueError naming the file.
-    A --fsdp folder's shards come back gathered into full weights (its optimizer state stays
-    in the folder: sharding.load_optimizer_state reads it on resume)."""
+    """A checkpoint of either kind as one dict, on CPU, checked (check()). A --fsdp folder's
+    shards come back gathered into full weights (its optimizer state stays in the folder:
+    sharding.load_optimizer_state reads it on resume)."""
     path = Path(path)
     if path.is_dir() and path.suffix == ".pt":
-        raise ValueError(f"{path}: a directory, not a checkpoint file; pass a ckpt_*.pt file "
-                         "or a ckpt_NNNNNNN folder of train_gpt2.py --fsdp")
+        raise ValueError(f"{path}: a directory, not a checkpoint file\nhint: pass a ckpt_*.pt "
+                         "file or a ckpt_NNNNNNN folder of train_gpt2.py --fsdp")
     if not path.is_dir() and not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint file not found; pass the path of a "
+        raise FileNotFoundError(f"{path}: checkpoint file not found\nhint: pass the path of a "
                                 "ckpt_*.pt file written by train_gpt2.py")
-    return check(path, _load_folder(path) if path.is_dir() else _load_file(path))
+    if path.is_dir():
+        return _load_folder(path)
+    return check(path, _load_file(path))
+
+
+def _damaged(path: Path, what: str) -> ValueError:
+    return ValueError(f"{path}: {what}\nhint: the file is damaged or not a train_gpt2.py "
+                      "checkpoint; pass another one")
 
 
 def check(path: Path, state: Any) -> dict[str, Any]:
-    """`state` if it is a checkpoint to build a model from: a model_config of positive ints
-    and bool switches, float weights (GPT.from_checkpoint checks their names and shapes),
-    every floating tensor finite. Else a ValueError naming the file and the key."""
-    def bad(what: str) -> ValueError:
-        return ValueError(f"{path}: {what}; the file is damaged or not a train_gpt2.py "
-                          "checkpoint, pass another one")
+    """`state` if it is a checkpoint to build a model from (and, where it holds the training
+    state, to resume from). Else a ValueError naming the file and the key."""
     if not isinstance(state, dict) or not isinstance(state.get("model_config"), dict):
-        raise bad("no model_config entry")
+        raise _damaged(path, "no model_config entry")
     config = state["model_config"]
-    for key in [*sorted(GPT2_FIELDS), *config]:
-        value, switch = config.get(key), key not in GPT2_FIELDS
+    for key in config:
         if key not in GPT_FIELDS:
-            raise bad(f"model_config has an unknown key {key!r}")
-        if type(value) is not bool if switch else type(value) is not int or value <= 0:
-            raise bad(f"model_config[{key!r}] is {repr(value) if key in config else 'missing'}"
-                      f", not {'True or False' if switch else 'a positive integer'}")
+            raise _damaged(path, f"model_config has an unknown key {key!r}")
+    for key in sorted(GPT2_FIELDS):
+        value = config.get(key)
+        if type(value) is not int or value <= 0:
+            shown = repr(value) if key in config else "missing"
+            raise _damaged(path, f"model_config[{key!r}] is {shown}, not a positive integer")
+    for key in GPT_FIELDS - GPT2_FIELDS:
+        if key in config and type(config[key]) is not bool:
+            raise _damaged(path, f"model_config[{key!r}] is {config[key]!r}, not True or False")
     try:
         GPTConfig(**config)
     except ValueError as exc:
-        raise bad(f"model_config: {exc}") from None
+        raise _damaged(path, f"model_config: {exc}") from None
     if not isinstance(state.setdefault("model", {}), dict):  # a --fsdp folder's come later
-        raise bad("no model entry")
+        raise _damaged(path, "no model entry")
     for key, tensor in state["model"].items():
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            raise bad(f"model[{key!r}] is not float weights")
+            raise _damaged(path, f"model[{key!r}] is not float weights")
+    for key in ("step", "skipped_steps"):
+        if key in state and (type(state[key]) is not int or state[key] < 0):
+            raise _damaged(path, f"{key} is {state[key]!r}, not a count of steps")
+    if "world_size" in state and (type(state["world_size"]) is not int or state["world_size"] < 1):
+        raise _damaged(path, f"world_size is {state['world_size']!r}, not a number of processes")
     loaders = state.get("loader_states", [{"batch_size": 1}])
-    if not isinstance(loaders, list) or not all(
-            isinstance(s, dict) and type(s.get("batch_size")) is int for s in loaders or [0]):
-        raise bad("loader_states is not a list of data loader states")
+    if not isinstance(loaders, list) or not loaders or not all(
+            isinstance(s, dict) and type(s.get("batch_size")) is int for s in loaders):
+        raise _damaged(path, "loader_states is not a list of data loader states")
     leaves = state.get("optimizer_leaves", [])  # train_jax.py's optax state
     if not isinstance(leaves, list) or not all(isinstance(t, torch.Tensor) for t in leaves):
-        raise bad("optimizer_leaves is not a list of tensors")
-    for name, tensor in _tensors(state, ""):  # a sum is finite only if every value is
+        raise _damaged(path, "optimizer_leaves is not a list of tensors")
+    for name, tensor in _tensors(state, ""):
+        # A sum is finite only if every value is; the full test runs only when it is not.
         if tensor.is_floating_point() and not (tensor.sum().isfinite() or tensor.isfinite().all()):
-            raise bad(f"{name} holds NaN or infinite values")
+            raise _damaged(path, f"{name} holds NaN or infinite values")
+    if state["model"]:
+        check_shapes(path, config, {k: t.shape for k, t in state["model"].items()})
     return state
+
+
+def check_shapes(path: Path, config: dict[str, Any], stored: dict[str, Any]) -> None:
+    """The stored weights' names and shapes are those `config` calls for. The layer count is
+    compared first, and the model is laid out on the meta device, so a config that asks for
+    far more than the file holds is refused before anything is allocated."""
+    layers = {key.split(".")[2] for key in stored if key.startswith("transformer.h.")}
+    if len(layers) != config["n_layer"]:
+        raise _damaged(path, f"model_config[{'n_layer'!r}] is {config['n_layer']}, its weights "
+                       f"hold {len(layers)} layers")
+    with torch.device("meta"):
+        expected = {k: t.shape for k, t in GPT(GPTConfig(**config)).state_dict().items()}
+    for key in sorted(expected.keys() - stored.keys()):
+        raise _damaged(path, f"model[{key!r}] is missing")
+    for key in sorted(stored.keys() - expected.keys()):
+        raise _damaged(path, f"model[{key!r}] is not a weight of its model_config")
+    for key, shape in expected.items():
+        if tuple(stored[key]) != tuple(shape):
+            raise _damaged(path, f"model[{key!r}] has shape {tuple(stored[key])}, its "
+                           f"model_config gives {tuple(shape)}")
 
 
 def _tensors(value: Any, name: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -202,9 +270,9 @@ def _load_file(path: Path) -> Any:
                 return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling fails in many types
         raise ValueError(f"{path}: not a readable train_gpt2.py checkpoint "
-                         f"({type(exc).__name__}); pass a ckpt_*.pt file") from None
-    raise ValueError(f"{path}: its record {damaged} is damaged (its CRC-32 differs); restore "
-                     "the checkpoint from a copy or pass another one")
+                         f"({type(exc).__name__})\nhint: pass a ckpt_*.pt file") from None
+    raise ValueError(f"{path}: its record {damaged} is damaged (its CRC-32 differs)\nhint: "
+                     "restore the checkpoint from a copy or pass another one")
 
 
 def _load_folder(path: Path) -> dict[str, Any]:
@@ -214,26 +282,23 @@ def _load_folder(path: Path) -> dict[str, Any]:
     state_file = path / STATE_NAME
     if not state_file.is_file():
         inside = find(path)  # a run folder (--out-dir) instead of one of its checkpoints?
-        raise ValueError(f"{path}: no {STATE_NAME}" + (
-            f"; pass one of its checkpoints, e.g. {inside[-1]}" if inside else
-            " (not a train_gpt2.py --fsdp checkpoint, or one a kill left half-written)"))
+        hint = (f"pass one of its checkpoints, e.g. {inside[-1]}" if inside else
+                "pass a ckpt_NNNNNNN folder of train_gpt2.py --fsdp, whole")
+        raise ValueError(f"{path}: no {STATE_NAME}\nhint: {hint}")
     state = check(state_file, _load_file(state_file))
     sums = state.get("sha256", {})
     for name, digest in sums.items() if isinstance(sums, dict) else [("", None)]:
         file = path / str(name)
-        if not file.is_file() or file_sha256(file) != digest:
-            raise ValueError(f"{file}: {'missing or ' if not file.is_file() else ''}not the file "
-                             "train_gpt2.py wrote (its checksum differs): the checkpoint is "
-                             "damaged, restore it from a copy or pass another one")
-    return {**state, "model": sharding.load_full_weights(path, state["model_config"])}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+        if not file.is_file() or data.file_sha256(file) != digest:
+            what = "missing" if not file.is_file() else "not the file train_gpt2.py wrote"
+            raise ValueError(f"{file}: {what} (its checksum differs)\nhint: the checkpoint is "
+                             "damaged; restore it from a copy or pass another one")
+    with reading(path, "shards"):
+        stored = {key.removeprefix("model."): getattr(item, "size", ())
+                  for key, item in sharding.read_metadata(path).state_dict_metadata.items()
+                  if key.startswith("model.")}
+        check_shapes(path, state["model_config"], stored)
+        return {**state, "model": sharding.load_full_weights(path, state["model_config"])}
 
 
 @contextlib.contextmanager
@@ -248,8 +313,8 @@ def reading(path: Path, what: str) -> Iterator[None]:
             raise  # names the file already
         inner = next(iter(getattr(exc, "failures", {}).values()), (exc,))[0]
         detail = ": ".join([type(inner).__name__, *str(inner).strip().splitlines()[-1:]])
-        raise RuntimeError(f"{path}: cannot read its {what} ({detail}); the checkpoint is "
-                           "damaged or of another run, pass another one") from None
+        raise RuntimeError(f"{path}: cannot read its {what} ({detail})\nhint: the checkpoint "
+                           "is damaged or of another run; pass another one") from None
 
 
 def loader_state_for(state: dict[str, Any], path: Path, rank: int, world_size: int,
@@ -277,22 +342,35 @@ def save_training(out_dir: Path, step: int, config: Any, env: runtime.DistEnv, m
     states: list[Any] = [loader.state_dict()] * env.world_size
     if env.is_distributed:
         torch.distributed.all_gather_object(states, loader.state_dict())
-    # Under --fsdp the weights and optimizer state go into the sharded folder instead.
-    tensors = {} if config.fsdp else {"model": model.state_dict(),
-                                      "optimizer": optimizer.state_dict()}
-    state = {"model_config": dataclasses.asdict(model.config), **tensors,
-             "scaler": scaler.state_dict(), "skipped_steps": skipped_steps, "step": step,
-             "loader_states": states, "world_size": env.world_size, "args": list(argv),
+    state = {"model_config": dataclasses.asdict(model.config), "scaler": scaler.state_dict(),
+             "skipped_steps": skipped_steps, "step": step, "loader_states": states,
+             "world_size": env.world_size, "args": list(argv),
              "config": dataclasses.asdict(config)}
     path = path_for(out_dir, step, sharded=config.fsdp)
     if config.fsdp:
-        sharding.save_checkpoint(path, model, optimizer, state, env)
+        _save_folder(path, model, optimizer, state, env)
     elif env.is_main:
-        save(path, state)
+        save(path, {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()})
     if env.is_main:
         prune(out_dir, config.keep_checkpoints)
         print(f"saved {path}", flush=True)
     return path
+
+
+def _save_folder(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 state: dict[str, Any], env: runtime.DistEnv) -> None:
+    """Every rank writes its shards into a temp folder; rank 0 adds train_state.pt (`state`
+    and each file's sha256) and renames the folder into place, so `path` appears only once
+    complete."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    torch.distributed.barrier()
+    sha256 = sharding.write_shards(tmp, model, optimizer, env)
+    if env.is_main:
+        save(tmp / STATE_NAME, {**state, "sha256": sha256})
+        data.replace_folder(tmp, path)
+    torch.distributed.barrier()
 
 
 def restore_training(state: dict[str, Any], path: Path, fsdp: bool, env: runtime.DistEnv,
@@ -304,22 +382,38 @@ def restore_training(state: dict[str, Any], path: Path, fsdp: bool, env: runtime
     wanted = ("scaler", "loader_states", "step") + (() if sharded else ("optimizer",))
     if missing := [k for k in wanted if k not in state]:
         raise RuntimeError(f"{path}: no {', '.join(missing)} to resume from (written by "
-                           "another trainer?); start a new --out-dir with --init-from=PATH")
+                           "another trainer?)\nhint: start a new --out-dir with --init-from=PATH")
+    if fsdp and not sharded:
+        raise RuntimeError(f"{path}: a .pt checkpoint cannot resume under --fsdp yet\nhint: "
+                           "resume it without --fsdp")
     with reading(path, "optimizer, scaler or loader state"):
         loader_state = loader_state_for(state, path, env.rank, env.world_size, loader.batch_size)
         if sharded:
             sharding.load_optimizer_state(path, model, optimizer)
-        elif fsdp:
-            raise RuntimeError(f"{path}: a .pt checkpoint cannot resume under --fsdp yet; "
-                               "resume it without --fsdp")
         else:
             optimizer.load_state_dict(state["optimizer"])
+        check_optimizer_state(path, optimizer)
         scaler.load_state_dict(state["scaler"])
     try:
         loader.load_state_dict(loader_state)
     except ValueError as exc:
         raise RuntimeError(f"{path}: {exc}") from None
-    return int(state["step"]), int(state.get("skipped_steps", 0))
+    return state["step"], state.get("skipped_steps", 0)
+
+
+def check_optimizer_state(path: Path, optimizer: torch.optim.Optimizer) -> None:
+    """Each parameter's restored moments have the parameter's shape (the optimizer's
+    load_state_dict does not check it, and the first step would fail naming nothing)."""
+    parts = getattr(optimizer, "parts", {"": optimizer}).values()  # MuonWithAdamW: two
+    for part in parts:
+        for param, moments in part.state.items():
+            for name, value in moments.items():
+                if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                    continue  # the step count
+                if value.shape != param.shape:
+                    raise ValueError(f"{path}: its optimizer state {name!r} has shape "
+                                     f"{tuple(value.shape)} for a parameter of shape "
+                                     f"{tuple(param.shape)}")
 
 
 def append_log(out_dir: Path, step: int, **values: Any) -> None:
@@ -331,15 +425,24 @@ def append_log(out_dir: Path, step: int, **values: Any) -> None:
 def cut_log(path: Path, checkpoint: Path, resume_step: int) -> None:
     """Cut the log back (atomically) to the checkpoint a run resumes from: the lines with
     step < resume_step, then that checkpoint's line, written anew because a kill can land
-    between the checkpoint's rename and its log line; the resumed run writes the rest."""
+    between the checkpoint's rename and its log line; the resumed run writes the rest.
+    A kill tears at most the last line, which goes; any other line that is not an event
+    stops the resume, naming the line, before the log is touched."""
+    lines = path.read_bytes().splitlines() if path.exists() else []
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+    for number, line in enumerate(lines, start=1):
         try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by a kill mid-write
+            event = json.loads(line.decode("utf-8"))
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            if number == len(lines):
+                continue  # torn by a kill mid-write
+            event = None
+        if not isinstance(event, dict) or type(event.get("step", 0)) is not int:
+            raise ValueError(f"{path}:{number}: not an event of train_gpt2.py's log (a JSON "
+                             "object with an integer step)\nhint: delete that line, or start "
+                             "afresh with --overwrite")
         if event.get("step", 0) < resume_step:
-            kept.append(line + "\n")
+            kept.append(line.decode("utf-8") + "\n")
     kept.append(json.dumps({"step": resume_step, "checkpoint": str(checkpoint)}) + "\n")
     with data.atomic_output(path) as f:
         f.write("".join(kept).encode("utf-8"))

@@ -3,10 +3,12 @@
     nano-gpt train --device=cuda            # the same as: python train_gpt2.py --device=cuda
     nano-gpt sample --pretrained=gpt2       # python sample.py --pretrained=gpt2
     nano-gpt eval --pretrained=gpt2         # python eval_hellaswag.py --pretrained=gpt2
+    nano-gpt core --pretrained=gpt2         # python eval_core.py --pretrained=gpt2
     nano-gpt prepare_dataset --dataset=stdlib
     nano-gpt export --checkpoint=out/ckpt_000075.pt --out=hf/
 
-Error policy: bad input ends as one line on stderr naming the flag or file and the fix;
+Error policy: bad input ends as one line on stderr naming the flag or file and what is wrong,
+then, where there is one, a `hint:` line with the fix;
 a UsageError (a bad flag) exits 2, a runtime failure (a missing or unreadable file, an
 OSError such as a full disk, a bad value in a data file) exits 1. `--debug` shows the
 traceback instead.
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     from model import GPT
 
 COMMANDS = {"train": "train_gpt2", "sample": "sample", "eval": "eval_hellaswag",
-            "prepare_dataset": "prepare_dataset", "export": "export"}
+            "core": "eval_core", "prepare_dataset": "prepare_dataset", "export": "export"}
 
 
 class UsageError(ValueError):
@@ -86,6 +88,11 @@ def first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
+def hint(exc: BaseException) -> str | None:
+    """The `hint:` line of an error's message, where it has one: the fix."""
+    return next((line for line in str(exc).splitlines() if line.startswith("hint: ")), None)
+
+
 def run_script(body: Callable[[], int | None], debug: bool) -> int:
     """A script's exit status under the error policy above."""
     try:
@@ -94,6 +101,8 @@ def run_script(body: Callable[[], int | None], debug: bool) -> int:
         if debug:
             raise
         print(f"error: {first_line(exc)}", file=sys.stderr)
+        if fix := hint(exc):
+            print(fix, file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
 
 

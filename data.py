@@ -11,10 +11,12 @@ import base64
 import bisect
 import collections
 import contextlib
+import fcntl
 import functools
 import hashlib
 import itertools
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -142,6 +144,54 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         if isinstance(exc, OSError) and not (in_body and exc.filename is not None):
             raise write_error(path, exc) from None
         raise
+
+
+def replace_folder(source: Path, target: Path) -> None:
+    """Rename the finished folder `source` to `target`, so `target` appears whole; an older
+    `target` is moved aside first (a rename cannot replace a folder) and then removed."""
+    if not target.exists():
+        os.replace(source, target)
+        return
+    old = target.with_name(f".{target.name}.old.tmp")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(source, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class FolderHeld(RuntimeError):
+    """Another process holds the folder (hold_folder); `pid` is the one its lock file names."""
+
+    def __init__(self, folder: Path, pid: str) -> None:
+        super().__init__(f"{folder}: held by pid {pid}")
+        self.pid = pid
+
+
+@contextlib.contextmanager
+def hold_folder(folder: Path, lock_name: str) -> Iterator[None]:
+    """Holds `folder` (made if need be) for this process alone while the block runs: an
+    exclusive flock on its lock file, which names our pid. The kernel drops a flock however
+    its holder ends, kill -9 too, so a dead holder never blocks the next run. The lock file
+    stays: removing it would let a third process lock a new file while a second still holds
+    the old one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / lock_name, "a+", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise FolderHeld(folder, lock.read().strip() or "unknown") from None
+        lock.truncate(0)
+        print(os.getpid(), file=lock, flush=True)
+        yield
 
 
 def download(url: str, path: Path, check: Callable[[Path], None] | None = None) -> Path:

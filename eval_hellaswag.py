@@ -48,13 +48,18 @@ def load_examples(path: str | os.PathLike[str] | None = None, limit: int | None 
     """The first `limit` examples of a local jsonl, or (path None) of the validation file."""
     path = Path(path) if path is not None else ensure_validation_file(cache_dir)
     if not path.is_file():
-        what = "a directory, not a file" if path.is_dir() else "HellaSwag file not found"
-        raise FileNotFoundError(f"{path}: {what}; pass --data=JSONL with the path of "
+        what = ("a directory, not a file" if path.is_dir() else "not a regular file"
+                if path.exists() else "HellaSwag file not found")
+        raise FileNotFoundError(f"{path}: {what}\nhint: pass --data=JSONL with the path of "
                                 "hellaswag_val.jsonl")
     with open(path, "rb") as f:
         lines = ((number, line) for number, line in enumerate(f, start=1) if line.strip())
-        return [parse_example(line, f"{path}:{number}")
-                for number, line in itertools.islice(lines, limit)]
+        examples = [parse_example(line, f"{path}:{number}")
+                    for number, line in itertools.islice(lines, limit)]
+    if not examples:
+        raise ValueError(f"{path}: no HellaSwag examples in it (the file is empty)\nhint: pass "
+                         "--data=JSONL with the path of hellaswag_val.jsonl")
+    return examples
 
 
 def parse_example(line: str | bytes, where: str) -> dict[str, Any]:
@@ -75,7 +80,7 @@ def parse_example(line: str | bytes, where: str) -> dict[str, Any]:
     if type(label) is not int or not 0 <= label < NUM_ENDINGS:  # True is an int: refused
         raise ValueError(f"{where}: 'label' is {label!r}; it must be an integer in "
                          f"0..{NUM_ENDINGS - 1}")
-    return example
+    return {**example, "where": where}
 
 
 def ensure_validation_file(cache_dir: str | os.PathLike[str] | None,
@@ -103,6 +108,7 @@ class RenderedExample:
     context: list[int]
     endings: list[list[int]]
     label: int
+    where: str = "a HellaSwag example"  # file:line, for errors
 
 
 def render_example(example: dict[str, Any]) -> RenderedExample:
@@ -110,7 +116,8 @@ def render_example(example: dict[str, Any]) -> RenderedExample:
     enc = get_tokenizer()
     return RenderedExample(context=enc.encode_ordinary(example["ctx"]),
                            endings=[enc.encode_ordinary(" " + e) for e in example["endings"]],
-                           label=int(example["label"]))
+                           label=int(example["label"]),
+                           where=example.get("where", RenderedExample.where))
 
 
 # -------------------------------------------------------------------------------- scoring
@@ -141,11 +148,12 @@ def pack_example(example: RenderedExample, block_size: int) -> PackedExample:
     keeps its last block_size + 1, so each ending then gets its own copy of the context."""
     context, endings = example.context, example.endings
     if not context:
-        raise ValueError("a HellaSwag example needs at least one context token")
+        raise ValueError(f"{example.where}: a HellaSwag example needs at least one context "
+                         "token")
     for ending in endings:
         if len(ending) > block_size:
-            raise ValueError(f"an ending of {len(ending)} tokens does not fit the model's "
-                             f"block_size {block_size}")
+            raise ValueError(f"{example.where}: an ending of {len(ending)} tokens does not fit "
+                             f"the model's block_size {block_size}")
     cuts = [max(0, len(context) + len(ending) - (block_size + 1)) for ending in endings]
     # Segments: (the context they keep, the endings that share it).
     segments = ([(context[cut:], [j]) for j, cut in enumerate(cuts)] if any(cuts)
@@ -238,9 +246,11 @@ class HellaSwagScore:
 
 def evaluate(model: nn.Module, examples: Sequence[dict[str, Any]], device: torch.device | str,
              batch_size: int = 16, precision: runtime.Precision | None = None, rank: int = 0,
-             world_size: int = 1, progress: bool = False) -> HellaSwagScore:
+             world_size: int = 1, progress: bool = False,
+             source: str = "the model") -> HellaSwagScore:
     """acc and acc_norm over `examples` (this rank's share, summed over initialised ranks);
-    the model's train/eval mode is restored afterwards."""
+    the model's train/eval mode is restored afterwards. Losses that are not finite stop it
+    with an error naming `source`: an argmin over NaN would pick ending 0 and score it."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
     if not examples:
@@ -257,7 +267,11 @@ def evaluate(model: nn.Module, examples: Sequence[dict[str, Any]], device: torch
     try:
         for begin in range(0, len(mine), batch_size):
             batch = mine[begin:begin + batch_size]
-            pred, pred_norm = pick_answers(*score_batch(model, batch, device, precision))
+            sums, means = score_batch(model, batch, device, precision)
+            if not bool(sums.isfinite().all()):
+                raise ValueError(f"{source}: its HellaSwag losses are NaN or infinite\nhint: its "
+                                 "weights overflow or are damaged; pass another checkpoint")
+            pred, pred_norm = pick_answers(sums, means)
             labels = torch.tensor([e.label for e in batch])
             correct += int((pred == labels).sum())
             correct_norm += int((pred_norm == labels).sum())
@@ -305,7 +319,8 @@ def run(args: argparse.Namespace) -> None:
                 torch.distributed.barrier()
         examples = load_examples(args.data, args.limit, args.cache_dir)
         score = evaluate(model, examples, device, args.batch_size, precision, env.rank,
-                         env.world_size, progress=env.is_main)
+                         env.world_size, progress=env.is_main,
+                         source=args.checkpoint or args.pretrained)
         runtime.print0(f"acc: {score.correct}/{score.total} = {score.acc:.4f}", env=env)
         runtime.print0(f"Accuracy: {score.correct_norm}/{score.total} = {score.acc_norm:.4f}",
                        env=env)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -64,22 +65,34 @@ def tokenizer_files(enc: tiktoken.Encoding, block_size: int) -> dict[str, str]:
             "special_tokens_map.json": json.dumps(specials, indent=2) + "\n"}
 
 
-def export(checkpoint_path: str, out: Path) -> None:
-    """Each file written whole, after every check (a refusal leaves `out` untouched)."""
+def export(checkpoint_path: str, out: Path, overwrite: bool = False) -> None:
+    """After every check, the files are written into a temp folder beside `out` that is then
+    renamed to `out`: a refusal, a full disk or a kill leaves no half-written export."""
     import checkpoint
     from model import GPT, GPT2_VOCAB_SIZE
 
     if out.exists() and not out.is_dir():
-        raise cli.UsageError(f"--out={out}: is a file; pass a folder")
+        raise cli.UsageError(f"--out={out}: is a file\nhint: pass a folder")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        raise cli.UsageError(f"--out={out}: already holds {', '.join(held[:3])}"
+                             f"{' ...' if len(held) > 3 else ''}\nhint: pass --overwrite to "
+                             "replace that folder, or another --out")
     model = GPT.from_checkpoint(checkpoint.load(checkpoint_path), source=checkpoint_path)
     if model.config.vocab_size < GPT2_VOCAB_SIZE:
         raise ValueError(f"{checkpoint_path}: vocab_size {model.config.vocab_size} is below "
                          f"GPT-2's {GPT2_VOCAB_SIZE}; only GPT-2-tokenized models export")
     enc = data.get_tokenizer()  # checks the ranks file before anything is written
-    model.save_hf(out)  # refuses (ValueError) before writing a model GPT-2 cannot hold
-    for name, content in tokenizer_files(enc, model.config.block_size).items():
-        with data.atomic_output(out / name) as f:
-            f.write(content.encode())
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # what a killed export left
+    try:
+        model.save_hf(tmp)  # refuses (ValueError) before writing a model GPT-2 cannot hold
+        for name, content in tokenizer_files(enc, model.config.block_size).items():
+            with data.atomic_output(tmp / name) as f:
+                f.write(content.encode())
+        data.replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {out} (GPT2LMHeadModel.from_pretrained and AutoTokenizer load it)")
 
 
@@ -88,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="a train_gpt2.py or train_jax.py "
                         "checkpoint (.pt file or --fsdp folder)")
     parser.add_argument("--out", required=True, type=Path, help="the folder to write")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it holds files already")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     args = parser.parse_args(argv)
-    return cli.run_script(lambda: export(args.checkpoint, args.out), args.debug)
+    return cli.run_script(lambda: export(args.checkpoint, args.out, args.overwrite), args.debug)
 
 
 if __name__ == "__main__":

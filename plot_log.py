@@ -28,20 +28,27 @@ class Curves:
 def read_curves(path: str | os.PathLike[str]) -> Curves:
     """The loss, val_loss and hellaswag_acc_norm series of a log.jsonl, in file order."""
     curves = Curves()
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            where = f"{path}:{number}"
             try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}:{number}: not a JSON line; is this a "
-                                 "train_gpt2.py log.jsonl?") from None
-            step = event.get("step")
+                event = json.loads(line)  # bytes: decoded as UTF-8
+            except ValueError:  # JSONDecodeError, UnicodeDecodeError
+                raise ValueError(f"{where}: not a UTF-8 JSON line\nhint: pass a train_gpt2.py "
+                                 "log.jsonl") from None
+            if not isinstance(event, dict) or type(event.get("step", 0)) is not int:
+                raise ValueError(f"{where}: not an event of train_gpt2.py's log (a JSON object "
+                                 "with an integer step)")
             for key, series in (("loss", curves.train), ("val_loss", curves.val),
                                 ("hellaswag_acc_norm", curves.hellaswag)):
-                if key in event and step is not None:
-                    series.append((int(step), float(event[key])))
+                if key not in event or "step" not in event:
+                    continue
+                value = event[key]
+                if type(value) not in (int, float):
+                    raise ValueError(f"{where}: {key} is {value!r}, not a number")
+                series.append((event["step"], float(value)))
     return curves
 
 
@@ -90,7 +97,11 @@ def run(log: Path, output_name: str | None) -> None:
         raise RuntimeError('plot_log.py needs matplotlib: pip install -e ".[plot]" (or pip '
                            'install matplotlib)') from None
     if not log.is_file():
-        raise FileNotFoundError(f"{log}: no such log; train_gpt2.py writes OUT_DIR/log.jsonl")
+        what = "a directory, not a log" if log.is_dir() else "no such log"
+        raise FileNotFoundError(f"{log}: {what}\nhint: train_gpt2.py writes OUT_DIR/log.jsonl")
+    if output.suffix == ".jsonl" or output.resolve() == log.resolve():
+        raise cli.UsageError(f"--output={output}: would overwrite a log with the plot\nhint: "
+                             "pass a .png path")
     curves = read_curves(log)
     if not (curves.train or curves.val):
         raise ValueError(f"{log}: no loss or val_loss entries to plot")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import fcntl
 import glob
 import hashlib
 import itertools
@@ -602,6 +601,9 @@ def make_source(args: argparse.Namespace, data_root: Path) -> Source:
     if not files:
         raise cli.UsageError(f"--dataset={spec}: no {', '.join(LOCAL_SUFFIXES)} files there")
     name = args.name
+    if name and (Path(name).is_absolute() or Path(name).name != name):
+        raise cli.UsageError(f"--name={name}: a dataset name, not a path\nhint: pass a plain "
+                             "name; the dataset goes into --data-root/NAME")
     if not name:  # the path less its wildcard parts, its last part less a known suffix
         parts = [p for p in Path(os.path.expanduser(spec)).parts if not glob.has_magic(p)]
         base = Path(*parts) if parts else Path("local")
@@ -711,27 +713,22 @@ def prepare(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def exclusive_run(out_dir: Path) -> Iterator[None]:
     """Makes the folder if need be and holds it for this run alone (a second would delete the
-    first's temporary files); the kernel drops a flock however its holder ends, kill -9 too."""
+    first's temporary files)."""
     fresh = not out_dir.exists()  # removed again if the run leaves it empty
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(out_dir / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115
-    except OSError as exc:
-        raise PrepareError(f"--data-root={out_dir.parent}: cannot write to {out_dir} "
-                           f"({exc.strerror or exc}); pass a writable --data-root") from exc
-    with lock:
+    with contextlib.ExitStack() as held:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            raise PrepareError(f"{out_dir}: another prepare_dataset.py (pid "
-                               f"{lock.read().strip()}) is writing this dataset; wait for it "
-                               "or stop it, then rerun") from None
-        lock.truncate(0)
-        print(os.getpid(), file=lock, flush=True)
+            held.enter_context(data.hold_folder(out_dir, LOCK_NAME))
+        except data.FolderHeld as exc:
+            raise PrepareError(f"{out_dir}: another prepare_dataset.py (pid {exc.pid}) is "
+                               "writing this dataset\nhint: wait for it or stop it, then "
+                               "rerun") from None
+        except OSError as exc:
+            raise PrepareError(f"--data-root={out_dir.parent}: cannot write to {out_dir} "
+                               f"({exc.strerror or exc})\nhint: pass a writable --data-root"
+                               ) from exc
         try:
             yield
-        finally:  # unlinked while still held: a run starting now makes a fresh lock
+        finally:  # a dataset folder holds only the dataset once no run is writing it
             (out_dir / LOCK_NAME).unlink(missing_ok=True)
             if fresh:
                 with contextlib.suppress(OSError):

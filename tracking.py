@@ -16,14 +16,20 @@ INIT_TIMEOUT_S = 10  # the online attempt; W&B's default (90 s) would hold up th
 _runs: list[Any] = []  # the run started here, for finish()
 
 
-def start_wandb(project: str, run_name: str | None, config: dict[str, Any],
-                out_dir: Path) -> Callable[[int, dict[str, Any]], None]:
-    """A W&B run in out_dir/wandb holding the run's config; returns send(step, values)."""
+def require_wandb() -> Any:
+    """The wandb module; train_gpt2.py asks before it touches the run folder."""
     try:
         import wandb
     except ImportError:
-        raise UsageError('--wandb-project needs the wandb package: pip install -e ".[wandb]"'
-                         ) from None
+        raise UsageError('--wandb-project needs the wandb package\nhint: pip install -e '
+                         '".[wandb]"') from None
+    return wandb
+
+
+def start_wandb(project: str, run_name: str | None, config: dict[str, Any],
+                out_dir: Path) -> Callable[[int, dict[str, Any]], None]:
+    """A W&B run in out_dir/wandb holding the run's config; returns send(step, values)."""
+    wandb = require_wandb()
     finish()  # a second run in one process (a notebook, the tests) is a new W&B run
     why = ""
     for mode in (None, "offline"):  # None: online, unless WANDB_MODE says otherwise

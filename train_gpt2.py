@@ -283,6 +283,10 @@ def validate(config: TrainConfig) -> None:
     if config.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
         raise UsageError(f"--optimizer=muon needs torch 2.9 or newer (torch.optim.Muon); this "
                          f"is torch {torch.__version__}")
+    if config.wandb_project:  # before the run folder is touched
+        import tracking
+
+        tracking.require_wandb()
     if config.optimizer == "muon" and config.max_lr <= 0:
         raise UsageError("--optimizer=muon: Muon's lr follows --max-lr's schedule as a ratio; "
                          "pass --max-lr above 0")
@@ -403,28 +407,51 @@ def build_model(config: TrainConfig, resume: dict[str, Any] | None,
                 resume_path: Path | None) -> GPT:
     """The resumed checkpoint's model, else (--init-from) a fresh model, pretrained GPT-2
     weights or a checkpoint's weights."""
-    source = config.init_from
-    path = Path(source).expanduser()  # a .pt file, or an --fsdp folder (ckpt_NNNNNNN/)
-    given = path.is_file() or path.suffix == ".pt" or path.name.startswith("ckpt_")
-    if resume is None and (given or (path / checkpoint.STATE_NAME).is_file()):
-        resume, resume_path = checkpoint.load(path), path
-    if resume is not None:
+    source = Path(config.init_from).expanduser()  # a .pt file, or an --fsdp folder
+    from_checkpoint = (source.is_file() or source.suffix == ".pt"
+                       or source.name.startswith("ckpt_")
+                       or (source / checkpoint.STATE_NAME).is_file())
+    if resume is not None and resume_path is not None:
         model = GPT.from_checkpoint(resume, source=str(resume_path))
-        ours = model_config(config)
-        diffs = [f"{k}={v} (this run: {getattr(ours, k)})"
-                 for k, v in dataclasses.asdict(model.config).items() if getattr(ours, k) != v]
-        if diffs:
-            raise RuntimeError(f"{resume_path}: checkpoint of another model shape: "
-                               f"{', '.join(diffs)}; pass the matching --model/--n-layer/"
-                               "--n-head/--n-embd/--vocab-size or another --out-dir")
-    elif source == "scratch":
+        check_same_model(config, model, resume, resume_path, resuming=True)
+    elif from_checkpoint:
+        state = checkpoint.load(source)
+        model = GPT.from_checkpoint(state, source=str(source))
+        check_same_model(config, model, state, source, resuming=False)
+    elif config.init_from == "scratch":
         model = GPT(model_config(config))
     else:
-        model = GPT.from_pretrained(source)
+        model = GPT.from_pretrained(config.init_from)
     if config.seq_len > model.config.block_size:
         raise UsageError(f"--seq-len={config.seq_len} exceeds the model's block size "
-                         f"{model.config.block_size}; lower --seq-len or raise --block-size")
+                         f"{model.config.block_size}\nhint: lower --seq-len or raise "
+                         "--block-size")
     return model
+
+
+def check_same_model(config: TrainConfig, model: GPT, state: dict[str, Any], path: Path,
+                     resuming: bool) -> None:
+    """The checkpoint's model is the one this run's flags describe, and, when resuming, it
+    was trained with this run's optimizer (whose state it holds)."""
+    ours = model_config(config)
+    diffs = [f"{k}={v} (this run: {getattr(ours, k)})"
+             for k, v in dataclasses.asdict(model.config).items() if getattr(ours, k) != v]
+    saved_config = state.get("config")
+    saved_optimizer = saved_config.get("optimizer") if isinstance(saved_config, dict) else None
+    if resuming and saved_optimizer not in (None, config.optimizer):
+        diffs.append(f"optimizer={saved_optimizer} (this run: {config.optimizer})")
+    if diffs:
+        raise UsageError(f"{path}: checkpoint of another model: {', '.join(diffs)}\nhint: pass "
+                         f"the flags it was trained with ({flags_of(state)}) or another "
+                         "--out-dir")
+
+
+def flags_of(state: dict[str, Any]) -> str:
+    """The command-line flags a checkpoint was trained with, as the user can pass them."""
+    args = state.get("args")
+    if isinstance(args, list) and args and all(isinstance(a, str) for a in args):
+        return " ".join(args)
+    return "unknown: the checkpoint does not record them"
 
 
 def build_optimizer(model: GPT, config: TrainConfig,
@@ -626,74 +653,77 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
     runtime.init_distributed(env, device)
     train_files, val_files, source = find_data(config, env, say)  # before any --out-dir clash
     out_dir = Path(config.out_dir).expanduser()
-    resume_path = checkpoint.resume_point(out_dir, config.resume, config.overwrite)
-    if config.resume and resume_path is None:
-        say(f"--resume: no checkpoint in {out_dir}; starting from scratch")
-    resume = checkpoint.load(resume_path) if resume_path else None
-    torch.manual_seed(config.seed)  # the model's init is the run's only random draw
-    if device.type == "cuda":
-        runtime.enable_tf32()
-    model = build_model(config, resume, resume_path).to(device)
-    if config.sample_every > 0 and config.max_steps > 0:  # the samples' prompt and length fit
-        sample.new_token_count(model, sample.encode_prompt(config.sample_prompt), min(
-            config.sample_length, model.config.block_size), ("--sample-prompt", "--sample-length"))
-    model.activation_checkpointing = config.activation_checkpointing
-    chosen = None
-    if config.batch_size == AUTO:
-        if resume is not None and resume_path is not None:  # exact resume needs its loader's
-            size = int(resume["loader_states"][0]["batch_size"])
-            chosen = f"the micro-batch of {resume_path.name}"
-        else:
-            size, chosen = runtime.auto_micro_batch(model, config.samples_per_rank(env.world_size),
-                                                    config.seq_len, precision, device, env)
-        config = dataclasses.replace(config, batch_size=size)
-        say(f"--batch-size=auto: micro-batch {size} ({chosen})")
-    grad_accum = config.grad_accum(env.world_size)
-    if config.quickstart and resume is None:
-        seconds = estimate_run_seconds(config, grad_accum, runtime.time_micro_step(
-            model, config.micro_batch, config.seq_len, precision, device))
-        say(f"Quickstart: about {seconds / 60:.1f} minutes of training on this machine "
-            "(estimated from one timed step; other work on the CPU makes it longer)")
-    if config.compile is None:
-        config = dataclasses.replace(config, compile=device.type == "cuda")
-    if config.fsdp:
-        # Sharded in place: the optimizer built below holds only this rank's shards, and
-        # validation runs on the sharded model directly.
-        sharding.shard_model(model, precision, device)
-    train_model: torch.nn.Module = model
-    if config.compile:
-        train_model = torch.compile(model)  # type: ignore[assignment]
-    if env.is_distributed and not config.fsdp:
-        ids = [device.index] if device.type == "cuda" else None
-        train_model = DistributedDataParallel(train_model, device_ids=ids)
-    optimizer = build_optimizer(model, config, device)
-    scaler = runtime.make_grad_scaler(precision, device)
-    vocab = (data.VOCAB_SIZE if model.config.vocab_size == PADDED_VOCAB_SIZE  # padding rows
-             else min(model.config.vocab_size, 2**16))
-    with (make_loader(train_files, config, env, device, config.shuffle, vocab) as loader,
-          make_loader(val_files, config, env, device, False, vocab) as val_loader):
-        start_step, skipped = 0, 0
-        if resume is not None and resume_path is not None:
-            start_step, skipped = checkpoint.restore_training(
-                resume, resume_path, config.fsdp, env, model, optimizer, scaler, loader)
-            say(f"resumed from {resume_path} at step {start_step}")
-        if env.is_main:
-            checkpoint.open_run(out_dir, resume_path, start_step)
-        if env.is_distributed:
-            torch.distributed.barrier()
-        log = run_log(config, env, out_dir)
-        if chosen and resume is None:
-            log(start_step, micro_batch=config.micro_batch, grad_accum=grad_accum)
-        say(f"data: {source} ({len(train_files)} train, {len(val_files)} val shards)")
-        say(f"model: {model.config} ({model.num_params() / 1e6:.1f}M parameters), "
-            f"device {device}, {precision.name}, world size {env.world_size}")
-        say(f"batch: {config.micro_batch} x {config.seq_len} tokens x {env.world_size} ranks x "
-            f"{grad_accum} accumulation = {config.total_batch_size} tokens per step")
-        return training_loop(
-            config=config, env=env, device=device, precision=precision, model=model,
-            train_model=train_model, optimizer=optimizer, scaler=scaler, loader=loader,
-            val_loader=val_loader, grad_accum=grad_accum, out_dir=out_dir, argv=argv, log=log,
-            start_step=start_step, skipped=skipped, last_checkpoint=resume_path)
+    with checkpoint.hold(out_dir, env):  # before the first write, to the exit
+        resume_path = checkpoint.resume_point(out_dir, config.resume, config.overwrite)
+        if config.resume and resume_path is None:
+            say(f"--resume: no checkpoint in {out_dir}; starting from scratch")
+        resume = checkpoint.load(resume_path) if resume_path else None
+        torch.manual_seed(config.seed)  # the model's init is the run's only random draw
+        if device.type == "cuda":
+            runtime.enable_tf32()
+        model = build_model(config, resume, resume_path).to(device)
+        if config.sample_every > 0 and config.max_steps > 0:  # the samples' prompt and length fit
+            length = min(config.sample_length, model.config.block_size)
+            sample.new_token_count(model, sample.encode_prompt(config.sample_prompt), length,
+                                   ("--sample-prompt", "--sample-length"))
+        model.activation_checkpointing = config.activation_checkpointing
+        chosen = None
+        if config.batch_size == AUTO:
+            if resume is not None and resume_path is not None:  # exact resume needs its loader's
+                size = int(resume["loader_states"][0]["batch_size"])
+                chosen = f"the micro-batch of {resume_path.name}"
+            else:
+                size, chosen = runtime.auto_micro_batch(
+                    model, config.samples_per_rank(env.world_size), config.seq_len, precision,
+                    device, env)
+            config = dataclasses.replace(config, batch_size=size)
+            say(f"--batch-size=auto: micro-batch {size} ({chosen})")
+        grad_accum = config.grad_accum(env.world_size)
+        if config.quickstart and resume is None:
+            seconds = estimate_run_seconds(config, grad_accum, runtime.time_micro_step(
+                model, config.micro_batch, config.seq_len, precision, device))
+            say(f"Quickstart: about {seconds / 60:.1f} minutes of training on this machine "
+                "(estimated from one timed step; other work on the CPU makes it longer)")
+        if config.compile is None:
+            config = dataclasses.replace(config, compile=device.type == "cuda")
+        if config.fsdp:
+            # Sharded in place: the optimizer built below holds only this rank's shards, and
+            # validation runs on the sharded model directly.
+            sharding.shard_model(model, precision, device)
+        train_model: torch.nn.Module = model
+        if config.compile:
+            train_model = torch.compile(model)  # type: ignore[assignment]
+        if env.is_distributed and not config.fsdp:
+            ids = [device.index] if device.type == "cuda" else None
+            train_model = DistributedDataParallel(train_model, device_ids=ids)
+        optimizer = build_optimizer(model, config, device)
+        scaler = runtime.make_grad_scaler(precision, device)
+        vocab = (data.VOCAB_SIZE if model.config.vocab_size == PADDED_VOCAB_SIZE  # padding rows
+                 else min(model.config.vocab_size, 2**16))
+        with (make_loader(train_files, config, env, device, config.shuffle, vocab) as loader,
+              make_loader(val_files, config, env, device, False, vocab) as val_loader):
+            start_step, skipped = 0, 0
+            if resume is not None and resume_path is not None:
+                start_step, skipped = checkpoint.restore_training(
+                    resume, resume_path, config.fsdp, env, model, optimizer, scaler, loader)
+                say(f"resumed from {resume_path} at step {start_step}")
+            if env.is_main:
+                checkpoint.open_run(out_dir, resume_path, start_step)
+            if env.is_distributed:
+                torch.distributed.barrier()
+            log = run_log(config, env, out_dir)
+            if chosen and resume is None:
+                log(start_step, micro_batch=config.micro_batch, grad_accum=grad_accum)
+            say(f"data: {source} ({len(train_files)} train, {len(val_files)} val shards)")
+            say(f"model: {model.config} ({model.num_params() / 1e6:.1f}M parameters), "
+                f"device {device}, {precision.name}, world size {env.world_size}")
+            say(f"batch: {config.micro_batch} x {config.seq_len} tokens x {env.world_size} ranks x "
+                f"{grad_accum} accumulation = {config.total_batch_size} tokens per step")
+            return training_loop(
+                config=config, env=env, device=device, precision=precision, model=model,
+                train_model=train_model, optimizer=optimizer, scaler=scaler, loader=loader,
+                val_loader=val_loader, grad_accum=grad_accum, out_dir=out_dir, argv=argv, log=log,
+                start_step=start_step, skipped=skipped, last_checkpoint=resume_path)
 
 
 def training_loop(*, config: TrainConfig, env: runtime.DistEnv, device: torch.device,
@@ -756,8 +786,15 @@ def training_loop(*, config: TrainConfig, env: runtime.DistEnv, device: torch.de
             dt = time.perf_counter() - t0
             if step == start_step and config.compile:
                 say(f"first step, with the one-time torch.compile: {dt:.1f} s")
+            # Without a GradScaler to skip such a step, a non-finite gradient norm means the
+            # clipped update was zero or NaN: nothing more would be learned.
+            problem = None
             if not math.isfinite(loss):
-                print(f"error: loss is {loss} at step {step}; stopping. Last good checkpoint: "
+                problem = f"loss is {loss}"
+            elif not scaler.is_enabled() and not math.isfinite(grad_norm):
+                problem = f"gradient norm is {grad_norm}"
+            if problem is not None:
+                print(f"error: {problem} at step {step}; stopping. Last good checkpoint: "
                       f"{last_checkpoint or 'none'}", file=sys.stderr, flush=True)
                 return 1
             skipped += result.skipped

@@ -184,6 +184,9 @@ def restore(state: dict[str, Any], path: Path, opt_state: Any, sharding: NamedSh
             loader: data.ShardLoader) -> tuple[Any, int]:
     """(optimizer state, step) of the weights' checkpoint; the loader goes back to its place."""
     leaves = state.get("optimizer_leaves")
+    if missing := [key for key in ("step", "loader_states") if key not in state]:
+        raise RuntimeError(f"{path}: no {', '.join(missing)} to resume from\nhint: start a "
+                           f"new --out-dir with --init-from={path}")
     if leaves is None:
         raise RuntimeError(f"{path}: a train_gpt2.py checkpoint, whose PyTorch optimizer "
                            "state train_jax.py cannot continue; resume it with train_gpt2.py, "
@@ -208,50 +211,51 @@ def train(config: TrainConfig, argv: list[str]) -> int:
     dtype = jnp.bfloat16 if bf16 else jnp.float32  # of the matmuls
     grad_accum = config.grad_accum(len(devices))
     out_dir = Path(config.out_dir).expanduser()
-    resume_path = checkpoint.resume_point(out_dir, config.resume, config.overwrite)
-    if config.resume and resume_path is None:
-        say(f"--resume: no checkpoint in {out_dir}; starting from scratch")
-    resume = checkpoint.load(resume_path) if resume_path else None
-    train_files, val_files, source = find_data(config, runtime.DistEnv(), say)
+    with checkpoint.hold(out_dir, runtime.DistEnv()):  # before the first write, to the exit
+        resume_path = checkpoint.resume_point(out_dir, config.resume, config.overwrite)
+        if config.resume and resume_path is None:
+            say(f"--resume: no checkpoint in {out_dir}; starting from scratch")
+        resume = checkpoint.load(resume_path) if resume_path else None
+        train_files, val_files, source = find_data(config, runtime.DistEnv(), say)
 
-    torch.manual_seed(config.seed)  # train_gpt2.py's init for the same seed
-    start = build_model(config, resume, resume_path)
-    gpt2 = {f: getattr(start.config, f) for f in (*checkpoint.GPT2_FIELDS, "zero_init")}
-    if start.config != GPTConfig(**gpt2):  # from the flags or from --init-from's checkpoint
-        raise UsageError(f"{start.config}: model_jax.py is GPT-2's architecture; drop "
-                         "--rotary, --qk-norm, --relu-squared and --untied-head")
-    n_head = start.config.n_head
-    mesh = Mesh(np.array(devices), ("data",))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    params = jax.device_put(model_jax.params_from_state_dict(start.state_dict()), replicated)
-    optimizer = build_optimizer(config, params)
-    opt_state = jax.device_put(optimizer.init(params), replicated)
-    train_step = make_train_step(optimizer, n_head, dtype, grad_accum, config.grad_clip,
-                                 config.activation_checkpointing)
-    # One loader feeds all local devices: the samples that as many torchrun ranks would take.
-    make_loader = functools.partial(
-        data.ShardLoader, batch_size=config.micro_batch * len(devices), seq_len=config.seq_len,
-        seed=config.seed, backend=config.loader_backend,
-        vocab_size=min(start.config.vocab_size, 2**16))
-    with (make_loader(train_files, shuffle=config.shuffle) as loader,
-          make_loader(val_files, shuffle=False) as val_loader):
-        start_step = 0
-        if resume is not None and resume_path is not None:
-            opt_state, start_step = restore(resume, resume_path, opt_state, replicated, loader)
-            say(f"resumed from {resume_path} at step {start_step}")
-        checkpoint.open_run(out_dir, resume_path, start_step)
-        say(f"data: {source} ({len(train_files)} train, {len(val_files)} val shards)")
-        say(f"model: {start.config} ({start.num_params() / 1e6:.1f}M parameters), JAX on "
-            f"{len(devices)} x {devices[0].device_kind}, {jnp.dtype(dtype).name} matmuls")
-        say(f"batch: {config.micro_batch} x {config.seq_len} tokens x {len(devices)} devices x "
-            f"{grad_accum} accumulation = {config.total_batch_size} tokens per step")
-        flops_per_token = start.flops_per_token(config.seq_len)
-        del start  # the torch copy of the weights is not needed any more
-        return training_loop(
-            config=config, mesh=mesh, n_head=n_head, dtype=dtype, params=params,
-            opt_state=opt_state, train_step=train_step, loader=loader, val_loader=val_loader,
-            grad_accum=grad_accum, out_dir=out_dir, argv=argv, start_step=start_step,
-            last_checkpoint=resume_path, flops_per_token=flops_per_token)
+        torch.manual_seed(config.seed)  # train_gpt2.py's init for the same seed
+        start = build_model(config, resume, resume_path)
+        gpt2 = {f: getattr(start.config, f) for f in (*checkpoint.GPT2_FIELDS, "zero_init")}
+        if start.config != GPTConfig(**gpt2):  # from the flags or from --init-from's checkpoint
+            raise UsageError(f"{start.config}: model_jax.py is GPT-2's architecture; drop "
+                             "--rotary, --qk-norm, --relu-squared and --untied-head")
+        n_head = start.config.n_head
+        mesh = Mesh(np.array(devices), ("data",))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        params = jax.device_put(model_jax.params_from_state_dict(start.state_dict()), replicated)
+        optimizer = build_optimizer(config, params)
+        opt_state = jax.device_put(optimizer.init(params), replicated)
+        train_step = make_train_step(optimizer, n_head, dtype, grad_accum, config.grad_clip,
+                                     config.activation_checkpointing)
+        # One loader feeds all local devices: the samples that as many torchrun ranks would take.
+        make_loader = functools.partial(
+            data.ShardLoader, batch_size=config.micro_batch * len(devices), seq_len=config.seq_len,
+            seed=config.seed, backend=config.loader_backend,
+            vocab_size=min(start.config.vocab_size, 2**16))
+        with (make_loader(train_files, shuffle=config.shuffle) as loader,
+              make_loader(val_files, shuffle=False) as val_loader):
+            start_step = 0
+            if resume is not None and resume_path is not None:
+                opt_state, start_step = restore(resume, resume_path, opt_state, replicated, loader)
+                say(f"resumed from {resume_path} at step {start_step}")
+            checkpoint.open_run(out_dir, resume_path, start_step)
+            say(f"data: {source} ({len(train_files)} train, {len(val_files)} val shards)")
+            say(f"model: {start.config} ({start.num_params() / 1e6:.1f}M parameters), JAX on "
+                f"{len(devices)} x {devices[0].device_kind}, {jnp.dtype(dtype).name} matmuls")
+            say(f"batch: {config.micro_batch} x {config.seq_len} tokens x {len(devices)} devices x "
+                f"{grad_accum} accumulation = {config.total_batch_size} tokens per step")
+            flops_per_token = start.flops_per_token(config.seq_len)
+            del start  # the torch copy of the weights is not needed any more
+            return training_loop(
+                config=config, mesh=mesh, n_head=n_head, dtype=dtype, params=params,
+                opt_state=opt_state, train_step=train_step, loader=loader, val_loader=val_loader,
+                grad_accum=grad_accum, out_dir=out_dir, argv=argv, start_step=start_step,
+                last_checkpoint=resume_path, flops_per_token=flops_per_token)
 
 
 def training_loop(*, config: TrainConfig, mesh: Mesh, n_head: int, dtype: Any,

@@ -233,10 +233,15 @@ def test_ranks_score_disjoint_shares_and_all_reduce_totals(tiny, examples):
 # ------------------------------------------------------------------------------ data
 
 
+def with_lines(path: Path, examples: list[dict]) -> list[dict]:
+    """The examples as load_examples gives them: each with the file:line it came from."""
+    return [{**e, "where": f"{path}:{number}"} for number, e in enumerate(examples, start=1)]
+
+
 def test_load_examples_reads_the_official_format_and_limit(tmp_path, examples):
     path = write_jsonl(tmp_path / "val.jsonl", examples)
-    assert hs.load_examples(path) == examples
-    assert hs.load_examples(str(path), limit=5) == examples[:5]
+    assert hs.load_examples(path) == with_lines(path, examples)
+    assert hs.load_examples(str(path), limit=5) == with_lines(path, examples)[:5]
 
 
 @pytest.mark.parametrize("bad", [{"ctx": "x", "endings": ["a", "b", "c"], "label": 0},
@@ -259,7 +264,7 @@ def test_download_is_cached_and_checked(tmp_path, examples):
     assert path.read_bytes() == source.read_bytes()
     source.unlink()  # a second call must not download again
     assert hs.ensure_validation_file(cache, source.as_uri(), len(examples)) == path
-    assert hs.load_examples(None, cache_dir=cache) == examples
+    assert hs.load_examples(None, cache_dir=cache) == with_lines(path, examples)
 
 
 def test_incomplete_download_leaves_nothing_behind(tmp_path, examples):
@@ -306,9 +311,10 @@ def test_cli_missing_data_is_one_line_exit_1(tmp_path, tiny, capsys):
     tiny.save_hf(tmp_path / "hf")
     missing = tmp_path / "nope.jsonl"
     code = hs.main([f"--pretrained={tmp_path / 'hf'}", f"--data={missing}", "--device=cpu"])
-    err = capsys.readouterr().err.strip()
+    error, fix = capsys.readouterr().err.strip().splitlines()
     assert code == 1
-    assert len(err.splitlines()) == 1 and str(missing) in err and "--data" in err
+    assert error.startswith("error: ") and str(missing) in error
+    assert fix.startswith("hint: ") and "--data" in fix
 
 
 def test_cli_bad_batch_size_is_usage_error(capsys):

@@ -321,9 +321,10 @@ def resume_args(root: Path, spoil: Callable[[dict[str, Any]], object] = lambda s
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
-    """Every file under root but the training log, which a resumed run appends to."""
+    """Every file under root but the training log, which a resumed run appends to, and the
+    run folder's lock file, which names the pid of the run holding it."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "log.jsonl"}
+            if p.is_file() and p.name not in ("log.jsonl", ".lock")}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -348,7 +349,9 @@ def check_case(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     error_lines = [line for line in err.splitlines() if "error" in line]
     assert code == case.code, err
     assert len(error_lines) == 1 and "Traceback" not in err and "Warning" not in err, err
-    assert case.names in error_lines[0], err
+    hint_lines = [line for line in err.splitlines() if line.startswith("hint: ")]
+    assert len(hint_lines) <= 1, err
+    assert case.names in "\n".join(error_lines + hint_lines), err
     after = snapshot(tmp_path)
     assert {k: v for k, v in after.items() if k in before} == before, "existing files changed"
     assert not list(tmp_path.rglob(".*.tmp")), "a half-written file was left"
