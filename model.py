@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,13 +271,31 @@ class GPT(nn.Module):
                              f"block_size {self.config.block_size}")
         if max_new_tokens < 1:
             return idx.clone()
-        dtype = (torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(
-            idx.device.type) else self.transformer.wte.weight.dtype)
-        cache = KVCache(self.config, idx.size(0), idx.size(1) + max_new_tokens, idx.device,
-                        dtype)
-        def last_logits(tokens: torch.Tensor) -> torch.Tensor:
-            return self.lm_head(self.hidden_states(tokens, cache)[:, -1, :])
-        step = CUDAGraphStep(last_logits) if idx.is_cuda else last_logits
+        autocast = torch.is_autocast_enabled(idx.device.type)
+        dtype = (torch.get_autocast_dtype(idx.device.type) if autocast
+                 else self.transformer.wte.weight.dtype)
+        # On CUDA the last call's cache and recorded step are kept and replayed by a call of
+        # the same shapes on the same weights (the trainer's samples at every interval):
+        # recording costs a warm-up step and the graph's own memory pool.
+        shape = (idx.size(0), idx.size(1) + max_new_tokens, dtype, idx.device, autocast,
+                 tuple(p.data_ptr() for p in self.parameters()))
+        kept = getattr(self, "_decode_graph", None)
+        if idx.is_cuda and kept is not None and kept[0] == shape:
+            _, cache, last_logits, step = kept
+            cache.keys.zero_()
+            cache.values.zero_()
+            cache.filled.zero_()
+        else:
+            if kept is not None:  # the old graph's memory goes before the new is made
+                self._decode_graph = None
+            cache = KVCache(self.config, idx.size(0), idx.size(1) + max_new_tokens,
+                            idx.device, dtype)
+
+            def last_logits(tokens: torch.Tensor) -> torch.Tensor:
+                return self.lm_head(self.hidden_states(tokens, cache)[:, -1, :])
+            step = CUDAGraphStep(last_logits) if idx.is_cuda else last_logits
+            if idx.is_cuda:
+                self._decode_graph = (shape, cache, last_logits, step)
         logits = last_logits(idx)
         sequence = [idx]
         for i in range(max_new_tokens):
@@ -417,8 +436,46 @@ LOSS_CHUNK_ROWS = 4096  # (4096, 50304) fp32 logits: 0.8 GB, against 13 GB for B
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk_rows: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
     """Mean cross-entropy of the logits `x @ weight.T` (rows, vocab) against `targets`
-    (rows,), skipping targets of -1; equal to F.cross_entropy over the full logits."""
-    return _LinearCrossEntropy.apply(x, weight, targets, chunk_rows)
+    (rows,), skipping targets of -1; equal to F.cross_entropy over the full logits. Under
+    torch.no_grad (validation) only the loss is computed, none of its gradients."""
+    # Grad mode is always off inside an autograd.Function's forward, so it is read here.
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(x, weight, targets, chunk_rows)
+    return _chunked_loss(x, weight, targets, chunk_rows, want_grads=False)[0]
+
+
+def _chunked_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
+                  want_grads: bool) -> tuple[torch.Tensor, torch.Tensor | None,
+                                             torch.Tensor | None]:
+    """The loss, and with `want_grads` its gradients for x and weight, one chunk of rows of
+    logits at a time."""
+    count = (targets != -1).sum()
+    loss_sum = torch.zeros((), device=x.device)
+    grad_x = torch.empty_like(x) if want_grads else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grads else None
+    every_row = torch.arange(weight.size(0), device=weight.device) if want_grads else None
+    for start in range(0, x.size(0), chunk_rows):
+        rows, target = x[start:start + chunk_rows], targets[start:start + chunk_rows]
+        keep = target != -1
+        target = target.clamp_min(0)
+        logits = F.linear(rows, weight).float()  # the matmul in the autocast dtype
+        logsumexp = logits.logsumexp(dim=-1)
+        picked = logits.gather(1, target[:, None]).squeeze(1)
+        loss_sum += ((logsumexp - picked) * keep).sum()
+        if grad_x is None or grad_weight is None or every_row is None:
+            continue
+        # d(row loss)/d(logits) = softmax - one_hot, left unscaled by 1/count here so
+        # that fp16 matmuls see values as large as the GradScaler's would be.
+        grad = logits.sub_(logsumexp[:, None]).exp_()
+        grad.scatter_add_(1, target[:, None], torch.full_like(grad[:, :1], -1.0))
+        grad *= keep[:, None]
+        grad_x[start:start + chunk_rows] = (grad @ weight).float() / count
+        # Added in place as an index_add_, not `+=`: Inductor fuses a chain of `+=` into one
+        # kernel at the end that reads every chunk's (vocab, C) product, all of them alive at
+        # once (16 x 77 MB for gpt2 at B=64, T=1024); a scatter is realised chunk by chunk,
+        # so one product exists at a time. An fp32 addmm_ would too, at TF32's half speed.
+        grad_weight.index_add_(0, every_row, (grad.T @ rows).float())
+    return loss_sum / count, grad_x, grad_weight
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -428,31 +485,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 chunk_rows: int) -> torch.Tensor:
-        want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        loss, grad_x, grad_weight = _chunked_loss(x, weight, targets, chunk_rows,
+                                                  want_grads=True)
+        assert grad_x is not None and grad_weight is not None
         count = (targets != -1).sum()
-        loss_sum = torch.zeros((), device=x.device)
-        grad_x = torch.empty_like(x) if want_grads else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grads else None
-        for start in range(0, x.size(0), chunk_rows):
-            rows, target = x[start:start + chunk_rows], targets[start:start + chunk_rows]
-            keep = target != -1
-            target = target.clamp_min(0)
-            logits = F.linear(rows, weight).float()  # the matmul in the autocast dtype
-            logsumexp = logits.logsumexp(dim=-1)
-            picked = logits.gather(1, target[:, None]).squeeze(1)
-            loss_sum += ((logsumexp - picked) * keep).sum()
-            if grad_x is None or grad_weight is None:
-                continue
-            # d(row loss)/d(logits) = softmax - one_hot, left unscaled by 1/count here so
-            # that fp16 matmuls see values as large as the GradScaler's would be.
-            grad = logits.sub_(logsumexp[:, None]).exp_()
-            grad.scatter_add_(1, target[:, None], torch.full_like(grad[:, :1], -1.0))
-            grad *= keep[:, None]
-            grad_x[start:start + chunk_rows] = (grad @ weight).float() / count
-            grad_weight += grad.T @ rows
-        if grad_x is not None and grad_weight is not None:
-            ctx.save_for_backward(grad_x, (grad_weight / count).to(weight.dtype))
-        return loss_sum / count
+        ctx.save_for_backward(grad_x, (grad_weight / count).to(weight.dtype))
+        return loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -543,41 +581,73 @@ class CUDAGraphStep:
     Python pass issuing some 150 kernels. A raw graph replays exactly the recorded kernels on
     exactly the KV cache; torch.compile(mode="reduce-overhead") may fall back to eager over the
     cache's in-place updates with no more than a log line, recompile per prompt length and
-    overwrite outputs a caller still holds."""
+    overwrite outputs a caller still holds. If recording fails, every later call runs `fn`
+    eagerly, after one warning line on stderr: slower, the same tokens."""
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.fn = fn
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager = False  # recording failed: no more tries
         self.token = torch.empty(0, dtype=torch.long)  # the recorded input, refilled per step
         self.logits = torch.empty(0)  # the recorded output, overwritten by each replay
+        self.side: torch.cuda.Stream | None = None  # the warm-up's and recording's stream
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         if self.graph is not None:
             self.token.copy_(token)
             self.graph.replay()
             return self.logits
-        # The eager run is torch.cuda.graph's warm-up (cuBLAS workspaces, the attention
-        # kernel's choice, lazy init), on a side stream as documented, where recording then
-        # finds its cuBLAS workspace. Recording executes nothing: the cache stays as the eager
-        # run left it and the first replay continues at the next position.
+        if self.eager:
+            return self.fn(token)
+        logits = self._warm_up(token)  # the model's own errors surface here, as they are
+        try:
+            self._record(token.device)
+        except Exception as exc:
+            # Recording executes nothing, so the cache is as the warm-up left it and eager
+            # steps continue from there.
+            self.eager = True
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            print(f"warning: the decoding step could not be recorded as a CUDA graph "
+                  f"({reason}); sampling goes on without it, slower", file=sys.stderr,
+                  flush=True)
+        return logits
+
+    def _warm_up(self, token: torch.Tensor) -> torch.Tensor:
+        """The eager first step, torch.cuda.graph's warm-up (cuBLAS workspaces, the attention
+        kernel's choice, lazy init), on a side stream as documented, where recording then
+        finds its cuBLAS workspace."""
+        self.token = token.clone()
+        if not token.is_cuda:  # nothing to warm up; recording will fail and say so
+            return self.fn(self.token)
         device = token.device
         with torch.cuda.device(device):  # the graph's device, whichever is current
-            self.token = token.clone()
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
+            self.side = torch.cuda.Stream(device)
+            self.side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(self.side):
                 logits = self.fn(self.token)
-            torch.cuda.current_stream(device).wait_stream(side)
+            torch.cuda.current_stream(device).wait_stream(self.side)
             logits.record_stream(torch.cuda.current_stream(device))  # read there next
-            # The autocast in force minus its cache of weight casts: a cast cached while recording
-            # is freed when the caller's autocast exits, while the graph goes on reading it.
-            no_cast_cache = (contextlib.nullcontext() if not torch.is_autocast_enabled(device.type)
-                             else torch.autocast(device.type, torch.get_autocast_dtype(device.type),
-                                                 cache_enabled=False))
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=side), no_cast_cache:
-                self.logits = self.fn(self.token)
         return logits
+
+    def _record(self, device: torch.device) -> None:
+        """Record `fn` on the warm-up's stream. capture_begin/end directly, not the
+        torch.cuda.graph context, which empties the allocator's cache first: the trainer's
+        cached blocks (tens of GB) would go back to the driver at every sample interval."""
+        if self.side is None:
+            raise RuntimeError(f"{device} tensors cannot be recorded as a CUDA graph")
+        graph = torch.cuda.CUDAGraph()
+        # The autocast in force minus its cache of weight casts: a cast cached while recording
+        # is freed when the caller's autocast exits, while the graph goes on reading it.
+        no_cast_cache = (contextlib.nullcontext() if not torch.is_autocast_enabled(device.type)
+                         else torch.autocast(device.type, torch.get_autocast_dtype(device.type),
+                                             cache_enabled=False))
+        with torch.cuda.device(device), torch.cuda.stream(self.side), no_cast_cache:
+            graph.capture_begin()
+            try:
+                self.logits = self.fn(self.token)
+            finally:
+                graph.capture_end()
+        self.graph = graph
 
 
 # ---------------------------------------------------------------------- weights in and out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import GPT, LOSS_CHUNK_ROWS, GPTConfig, linear_cross_entropy
 
@@ -103,6 +104,39 @@ def test_without_gradients_only_the_loss_is_computed():
         ref = reference_loss(model, idx, targets)
     assert logits is None and loss is not None and not loss.requires_grad
     assert abs(loss.item() - ref.item()) <= 1e-5
+
+
+class MatmulCounter(TorchDispatchMode):
+    """Counts the matrix products run under it, whatever calls them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.matmuls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            self.matmuls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_no_grad_computes_the_loss_alone_with_one_matmul_per_chunk(chunks: int):
+    """Validation runs under torch.no_grad on weights that require grad: it must pay for the
+    logits only, not for the two gradient products per chunk a training forward makes."""
+    rows, width = 90, 16
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(rows, width, generator=gen, requires_grad=True)
+    weight = torch.randn(VOCAB, width, generator=gen, requires_grad=True)
+    targets = torch.randint(0, VOCAB, (rows,), generator=gen)
+    chunk_rows = -(-rows // chunks)
+    reference = F.cross_entropy(x.detach() @ weight.detach().T, targets)
+    with torch.no_grad(), MatmulCounter() as counted:
+        loss = linear_cross_entropy(x, weight, targets, chunk_rows)
+    assert counted.matmuls == chunks and not loss.requires_grad
+    assert abs(loss.item() - reference.item()) <= 1e-5
+    with MatmulCounter() as counted:
+        loss = linear_cross_entropy(x, weight, targets, chunk_rows)
+    assert counted.matmuls == 3 * chunks and loss.requires_grad
 
 
 def test_compiled_model_has_the_same_loss_and_gradients():

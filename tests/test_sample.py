@@ -314,12 +314,83 @@ def test_cuda_graph_replays_equal_eager_steps(tiny: GPT, weights: torch.dtype,
     for graphed in (True, False):
         if not graphed:
             monkeypatch.setattr(model_module, "CUDAGraphStep", lambda step: step)
+            monkeypatch.setattr(model, "_decode_graph", None)  # the recorded step, kept
         with torch.autocast("cuda", dtype=torch.bfloat16):
             generator = torch.Generator(device="cuda").manual_seed(0)
             runs.append((model.generate(idx, 40, temperature=0),
                          model.generate(idx, 40, top_k=50, generator=generator)))
     assert torch.equal(runs[0][0], runs[1][0])
     assert torch.equal(runs[0][1], runs[1][1])
+
+
+def greedy_through(step: model_module.CUDAGraphStep, prompt: torch.Tensor,
+                   prefill: Any, new_tokens: int) -> torch.Tensor:
+    """Greedy decoding with `prefill` for the prompt and `step` for every later token."""
+    with torch.no_grad():
+        logits, tokens = prefill(prompt), [prompt]
+        for i in range(new_tokens):
+            tokens.append(logits.argmax(-1, keepdim=True))
+            if i + 1 < new_tokens:
+                logits = step(tokens[-1])
+    return torch.cat(tokens, dim=1)
+
+
+def test_a_failed_recording_samples_on_eagerly_after_one_warning(
+        tiny: GPT, capsys: pytest.CaptureFixture[str]) -> None:
+    """Off CUDA, recording the step fails for real: the fallback returns the warm-up's logits,
+    warns once, then runs every step eagerly, giving generate's own tokens."""
+    prompt = random_prompt(2, 5, "cpu")
+    expected = tiny.generate(prompt, 7, temperature=0)
+    cache = model_module.KVCache(tiny.config, 2, 12, prompt.device, torch.float32)
+
+    def last_logits(tokens: torch.Tensor) -> torch.Tensor:
+        return tiny.lm_head(tiny.hidden_states(tokens, cache)[:, -1, :])
+    step = model_module.CUDAGraphStep(last_logits)
+    assert torch.equal(greedy_through(step, prompt, last_logits, 7), expected)
+    assert step.eager and step.graph is None
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: the decoding step could not be "
+                                               "recorded as a CUDA graph")
+
+
+@NO_CUDA
+def test_cuda_recording_that_raises_samples_on_eagerly(
+        tiny: GPT, capsys: pytest.CaptureFixture[str]) -> None:
+    """A layer that fails only while the step is being recorded (as an op that cannot be
+    captured does): the same tokens as with the graph, one warning line."""
+    model = copy.deepcopy(tiny).to("cuda")
+    prompt = random_prompt(2, 5, "cuda")
+    graphed = model.generate(prompt, 12, temperature=0)
+    model._decode_graph = None
+
+    def fail_while_capturing(module: torch.nn.Module, args: Any) -> None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("simulated: operation not permitted when stream is capturing")
+    model.lm_head.register_forward_pre_hook(fail_while_capturing)
+    capsys.readouterr()
+    assert torch.equal(model.generate(prompt, 12, temperature=0), graphed)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "simulated: operation not permitted" in err[0]
+
+
+@NO_CUDA
+def test_cuda_generate_replays_its_recorded_graph_and_keeps_the_allocator_cache(
+        tiny: GPT) -> None:
+    """The trainer samples the same shapes at every interval: one recording, then replays;
+    and recording returns no cached block to the driver (no cudaFree)."""
+    model = copy.deepcopy(tiny).to("cuda")
+    prompt = random_prompt(3, 6, "cuda")
+    model.generate(prompt, 4, temperature=0)  # cuBLAS and allocator warm
+    model._decode_graph = None
+    frees = torch.cuda.memory_stats()["num_device_free"]
+    first = model.generate(prompt, 20, temperature=0)
+    assert torch.cuda.memory_stats()["num_device_free"] == frees
+    kept = model._decode_graph
+    assert kept is not None and kept[3].graph is not None
+    second = model.generate(random_prompt(3, 6, "cuda", seed=2), 20, temperature=0)
+    assert model._decode_graph is kept  # replayed, not recorded again
+    assert torch.equal(model.generate(prompt, 20, temperature=0), first)
+    assert second.shape == first.shape
 
 
 @NO_CUDA
