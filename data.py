@@ -323,7 +323,13 @@ class _NumpyBackend:
     def next_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
         tokens = self.batch(step).astype(np.int64)
-        xy = torch.from_numpy(np.stack([tokens[:, :-1], tokens[:, 1:]])).to(self.device)
+        xy = torch.from_numpy(np.stack([tokens[:, :-1], tokens[:, 1:]]))
+        if self.device.type == "cuda":
+            # From pinned memory the copy is queued behind the GPU's work and this returns at
+            # once; the host allocator keeps the block until the copy has run.
+            xy = xy.pin_memory().to(self.device, non_blocking=True)
+        else:
+            xy = xy.to(self.device)
         return xy[0], xy[1]
 
     def batch(self, step: int) -> np.ndarray:
