@@ -1,4 +1,4 @@
-"""Plot a train_gpt2.py log: train/val loss and HellaSwag acc_norm against step, as a PNG.
+"""Plot a train_gpt2.py log: train/val loss, HellaSwag acc_norm and CORE against step, as a PNG.
 
     python plot_log.py out/log.jsonl                 # writes out/log.png
     python plot_log.py out/log.jsonl --output=curves.png
@@ -23,10 +23,12 @@ class Curves:
     train: list[tuple[int, float]] = field(default_factory=list)
     val: list[tuple[int, float]] = field(default_factory=list)
     hellaswag: list[tuple[int, float]] = field(default_factory=list)
+    core: list[tuple[int, float]] = field(default_factory=list)
 
 
 def read_curves(path: str | os.PathLike[str]) -> Curves:
-    """The loss, val_loss and hellaswag_acc_norm series of a log.jsonl, in file order."""
+    """The loss, val_loss, hellaswag_acc_norm and core_metric series of a log.jsonl, in file
+    order."""
     curves = Curves()
     with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
@@ -42,7 +44,8 @@ def read_curves(path: str | os.PathLike[str]) -> Curves:
                 raise ValueError(f"{where}: not an event of train_gpt2.py's log (a JSON object "
                                  "with an integer step)")
             for key, series in (("loss", curves.train), ("val_loss", curves.val),
-                                ("hellaswag_acc_norm", curves.hellaswag)):
+                                ("hellaswag_acc_norm", curves.hellaswag),
+                                ("core_metric", curves.core)):
                 if key not in event or "step" not in event:
                     continue
                 value = event[key]
@@ -58,7 +61,7 @@ def plot(curves: Curves, output: Path, title: str) -> None:
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
-    panels = 2 if curves.hellaswag else 1
+    panels = 2 if curves.hellaswag or curves.core else 1
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
     loss_ax = axes[0][0]
     if curves.train:
@@ -66,10 +69,16 @@ def plot(curves: Curves, output: Path, title: str) -> None:
     if curves.val:
         loss_ax.plot(*zip(*curves.val, strict=True), label="val", marker="o", markersize=3)
     loss_ax.legend()
-    if curves.hellaswag:
-        axes[0][1].plot(*zip(*curves.hellaswag, strict=True), marker="o", markersize=3,
-                        color="tab:green")
-    for ax, label in zip(axes[0], ("loss", "HellaSwag acc_norm"), strict=False):
+    scores = [(name, series, color) for name, series, color in
+              (("HellaSwag acc_norm", curves.hellaswag, "tab:green"),
+               ("CORE", curves.core, "tab:purple")) if series]
+    for name, series, color in scores:  # both in one panel: a run's quality beside HellaSwag
+        axes[0][1].plot(*zip(*series, strict=True), marker="o", markersize=3, color=color,
+                        label=name)
+    if len(scores) == 2:
+        axes[0][1].legend()
+    score_label = scores[0][0] if len(scores) == 1 else "score"
+    for ax, label in zip(axes[0], ("loss", score_label), strict=False):
         ax.set(xlabel="step", ylabel=label)
         ax.grid(alpha=0.3)
     fig.suptitle(title)

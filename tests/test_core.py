@@ -560,3 +560,20 @@ def test_unreachable_server_says_no_network(tmp_path: Path):
     with pytest.raises(DownloadError, match="(?s)no network.*--bundle=DIR"):
         core.ensure_bundle(tmp_path, url)
     assert not (tmp_path / "eval_bundle").exists()
+
+
+# ------------------------------------------------------------------------------ plot_log
+def test_plot_log_draws_core_beside_hellaswag(tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    import plot_log
+
+    events = [{"step": 0, "loss": 10.0}, {"step": 0, "val_loss": 9.0},
+              {"step": 0, "hellaswag_acc_norm": 0.25, "hellaswag_acc": 0.24},
+              {"step": 0, "core_metric": -0.01}, {"step": 5, "loss": 7.0},
+              {"step": 5, "core_metric": 0.02}]
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
+    curves = plot_log.read_curves(log)
+    assert curves.core == [(0, -0.01), (5, 0.02)] and curves.hellaswag == [(0, 0.25)]
+    assert plot_log.main([str(log)]) == 0
+    assert (tmp_path / "log.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
