@@ -20,6 +20,9 @@ Resume: after each shard, `progress.json` records per split the shards written a
 the unfinished one begins (document, token offset). A rerun with the same arguments keeps
 those shards and rewrites the rest, byte-identical to an uninterrupted run. A complete
 `manifest.json` is written last; a complete dataset is skipped unless `--force`.
+
+Reading order: main and prepare (one run), write_dataset and SplitWriter (the shards),
+progress.json and the manifest, the sources, the validation rule, the flags.
 """
 
 from __future__ import annotations
@@ -68,229 +71,158 @@ EOT = np.array([data.EOT_TOKEN], dtype=np.uint16)
 
 
 class PrepareError(RuntimeError):
-    """Input that cannot be prepared as given (exit 1); the partial dataset is removed.
-    Network trouble raises data.DownloadError instead, keeping the shards for a resume."""
+    """Input that cannot be prepared as given: exit 1, and the partial dataset is removed.
+    Network trouble raises data.DownloadError instead, which keeps the shards for a resume."""
 
 
 class NotUTF8(PrepareError):
-    """A local file that is not UTF-8 text: skipped whole, or with --strict an error."""
+    """A local file that is not UTF-8 text. It is skipped whole, or with --strict an error."""
 
 
-@dataclass
-class Source:
-    """A named, ordered document stream. `documents(start)` yields texts from index start."""
-    name: str
-    description: dict[str, Any]
-    fingerprint: str
-    documents: Callable[[int], Iterator[str]]
-    val: ValSplit
-    skipped: list[str] = field(default_factory=list)
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return cli.run_script(lambda: prepare(args), args.debug)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("prepare_dataset.py: interrupted; finished shards are kept, rerun the same "
+              "command to resume", file=sys.stderr)
+        return 130
 
 
-def stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    found: list[Path] = []
-    for folder, subfolders, names in os.walk(root):
-        # Pruned, not filtered afterwards: site-packages can be far bigger than the stdlib.
-        subfolders[:] = [d for d in subfolders if d not in STDLIB_EXCLUDED]
-        found.extend(Path(folder, n) for n in names if n.endswith(".py"))
-    return sorted(found, key=lambda path: path.relative_to(root).as_posix())
-
-
-def local_files(spec: str) -> list[Path]:
-    """The files a --dataset path names: a file, a folder (searched recursively) or a glob."""
-    path = Path(spec).expanduser()
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-    elif glob.has_magic(spec):
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)
-                       if Path(p).is_file())
-    else:
-        raise cli.UsageError(f"--dataset={spec}: no such file or folder; give an existing "
-                             f"file, folder or glob, or one of {', '.join(BUILTIN_NAMES)}")
-    return [p for p in files if p.suffix.lower() in LOCAL_SUFFIXES]
-
-
-def file_documents(files: list[Path], text_field: str, strict: bool,
-                   skipped: list[str]) -> Iterator[str]:
-    """Documents of local files in order: a text file, .jsonl line or .parquet row is one;
-    empty ones are dropped. A file not UTF-8 is skipped whole and listed in `skipped` (an
-    error with `strict`), so a .jsonl is checked through before its first document goes out."""
-    for path in files:
-        suffix = path.suffix.lower()
+def prepare(args: argparse.Namespace) -> None:
+    """Prepares the dataset `args` names, going on from an interrupted run of the same
+    command; a dataset already prepared with the same arguments is left as it is."""
+    cli.check_range("--shard-size", args.shard_size, minimum=1)
+    cli.check_range("--num-proc", args.num_proc, minimum=1)
+    splits = parse_splits(args.splits)
+    data_root = (args.data_root or data.default_data_root()).expanduser()
+    source = make_source(args, data_root)
+    dataset = args.dataset if args.dataset in BUILTIN_NAMES else source.description["source"]
+    args_record = {"dataset": dataset, "subset": args.subset, "text_field": args.text_field,
+                   "splits": list(splits), "shard_size": args.shard_size,
+                   "val_tokens": args.val_tokens, "strict": args.strict}
+    out_dir = data_root / source.name
+    if is_prepared(data_root, source.name) and not args.force:
+        earlier = _read_json(out_dir / MANIFEST_NAME).get("args") or {}
+        changed = sorted(k for k in args_record if earlier.get(k) != args_record[k])
+        if changed:
+            raise cli.UsageError(f"{out_dir}: already holds {source.name} prepared with other "
+                                 f"{', '.join(changed)}\nhint: pass --force to redo it, or "
+                                 "--name=OTHER to keep both")
+        print(f"{source.name}: already prepared in {out_dir} (--force redoes it)")
+        return
+    with exclusive_run(out_dir):
+        resume = None if args.force else load_progress(out_dir, source, args_record)
         try:
-            if suffix == ".parquet":
-                yield from _parquet_documents(path, text_field)
-            elif suffix == ".jsonl":
-                deque(_jsonl_documents(path, text_field), maxlen=0)  # the check
-                yield from _jsonl_documents(path, text_field)
-            elif text := _utf8(path.read_bytes(), str(path)):
-                yield text
-        except NotUTF8 as exc:
-            if strict:
-                raise PrepareError(f"{exc}; fix or remove the file, or drop --strict to skip "
-                                   "it") from exc
-            skipped.append(str(path))
+            write_dataset(source, out_dir, args, args_record, resume)
+        except (PrepareError, cli.UsageError):
+            # The input or the arguments must change, so these shards could never be resumed.
+            remove_outputs(out_dir, source.name)
+            raise
 
 
-def _utf8(raw: bytes, where: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise NotUTF8(f"{where}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+@contextlib.contextmanager
+def exclusive_run(out_dir: Path) -> Iterator[None]:
+    """Makes the folder if need be and holds it for this run alone, since a second run
+    would delete the first one's temporary files."""
+    fresh = not out_dir.exists()  # removed again if the run leaves it empty
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(data.hold_folder(out_dir, LOCK_NAME))
+        except data.FolderHeld as exc:
+            raise PrepareError(f"{out_dir}: another prepare_dataset.py (pid {exc.pid}) is "
+                               "writing this dataset\nhint: wait for it or stop it, then "
+                               "rerun") from None
+        except OSError as exc:
+            raise PrepareError(f"--data-root={out_dir.parent}: cannot write to {out_dir} "
+                               f"({exc.strerror or exc})\nhint: pass a writable --data-root"
+                               ) from exc
+        try:
+            yield
+        finally:  # a dataset folder holds only the dataset once no run is writing it
+            (out_dir / LOCK_NAME).unlink(missing_ok=True)
+            if fresh:
+                with contextlib.suppress(OSError):
+                    out_dir.rmdir()
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            line = _utf8(raw, f"{path}:{lineno}").strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except (ValueError, RecursionError) as exc:
-                raise PrepareError(f"{path}:{lineno}: not valid JSON ({getattr(exc, 'msg', exc)})"
-                                   "; each line must be one JSON object") from exc
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise PrepareError(f"{path}:{lineno}: no string field '{text_field}'; name the "
-                                   "text field with --text-field")
-            try:
-                text.encode("utf-8")  # a lone surrogate escape ("\ud800") is not text
-            except UnicodeEncodeError as exc:
-                raise NotUTF8(f"{path}:{lineno}: not UTF-8 ({exc.reason})") from exc
-            if text:
-                yield text
+# ---------------------------------------------------------------------------- the shards
 
 
-def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    try:
-        parquet = pq.ParquetFile(path)
-        schema = parquet.schema_arrow
-        if text_field not in schema.names:
-            raise PrepareError(f"{path}: no column '{text_field}' (columns: "
-                               f"{', '.join(schema.names)}); use --text-field")
-        kind = schema.field(text_field).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise PrepareError(f"{path}: column '{text_field}' holds {kind}, not text; name "
-                               "the text column with --text-field")
-        for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
-            yield from (text for text in batch.column(0).to_pylist() if text)
-    except (pa.ArrowException, UnicodeDecodeError) as exc:  # not parquet, or a damaged one
-        raise PrepareError(f"{path}: not a readable parquet file ({exc})") from exc
+def write_dataset(source: Source, out_dir: Path, args: argparse.Namespace,
+                  args_record: dict[str, Any],
+                  resume: tuple[dict[str, SplitState], int | None] | None = None) -> None:
+    """Tokenizes `source` into shards in `out_dir`, writes the manifest and prints what it
+    wrote. With `resume` (what load_progress found) the shards it lists are kept and the
+    stream goes on where they end; every other output of an earlier run is deleted first.
+    Bad input raises PrepareError or cli.UsageError."""
+    from tqdm import tqdm
+    splits = parse_splits(args.splits)
+    rule = source.val
+    states, rule.end_doc = resume or ({split: SplitState() for split in ("train", "val")}, None)
+    remove_outputs(out_dir, source.name, keep=states if resume else None)
+    start = min((states[s].next_doc for s in splits if not states[s].done), default=0)
+    # Only a prefix rule reads val_tokens, and only before its end is known; train is empty
+    # then, so the stream restarts at 0 or at val's unfinished shard.
+    rule.val_tokens = states["val"].tokens - states["val"].next_offset if start else 0
+    progress_path = out_dir / PROGRESS_NAME
 
+    def save_progress() -> None:
+        _write_json(progress_path, {"fingerprint": source.fingerprint, "args": args_record,
+                                    "rule": {"val_end_doc": rule.end_doc},
+                                    "splits": {s: vars(st) for s, st in states.items()}})
 
-def hub_documents(repo: str, args: argparse.Namespace, start: int) -> Iterator[str]:
-    """Stream a Hugging Face dataset (nothing but shards lands on disk)."""
-    import datasets
-    if not args.debug:  # its retry warnings would bury the one-line error below
-        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-    try:
-        stream = datasets.load_dataset(repo, name=args.subset, split="train", streaming=True)
-        if start:
-            stream = stream.skip(start)
-        yield from filter(None, (row.get(args.text_field) for row in stream))
-    except Exception as exc:  # the hub client raises many types; all mean "cannot read it"
-        err = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        raise data.DownloadError(f"cannot stream {repo} ({args.subset}) from the Hugging Face Hub "
-                                 f"(no network?): {err}; offline, download its parquet files "
-                                 "elsewhere and pass --dataset=FOLDER --name=NAME") from exc
-
-
-@dataclass
-class ValSplit:
-    """Which documents go to val; the rest is train. `is_val(doc_index, doc_tokens)` answers
-    for each chunk of consecutive documents (stream indices, token counts with the EOT), in
-    stream order. A prefix rule keeps its place in `val_tokens` (before the next document) and
-    `end_doc` (the first train document, once known: val is finished); progress.json saves it."""
-    description: str
-    is_val: Callable[[np.ndarray, np.ndarray], np.ndarray]
-    val_tokens: int = 0
-    end_doc: int | None = None
-
-
-def every_kth(fraction: Fraction) -> ValSplit:
-    """Document i is val when floor((i+1)*f) > floor(i*f): exactly floor(n*f) of n, spread."""
-    num, den = fraction.numerator, fraction.denominator
-    f = f"{num}/{den}"
-    return ValSplit(f"documents i with floor((i+1)*{f}) > floor(i*{f})",
-                    lambda doc_index, _: (doc_index + 1) * num // den > doc_index * num // den)
-
-
-def first_tokens(target: int) -> ValSplit:
-    def is_val(doc_index: np.ndarray, doc_tokens: np.ndarray) -> np.ndarray:
-        if rule.end_doc is not None:
-            return doc_index < rule.end_doc
-        val = rule.val_tokens + np.cumsum(doc_tokens) - doc_tokens < target  # tokens before each
-        rule.val_tokens += int(doc_tokens[val].sum())
-        if not val.all():
-            rule.end_doc = int(doc_index[np.argmin(val)])
-        return val
-    rule = ValSplit(f"the first documents of the stream holding at least {target} tokens", is_val)
-    return rule
-
-
-def parse_val_tokens(spec: str) -> Fraction | int:
-    spec = spec.strip()
-    if spec.endswith("%"):
-        with contextlib.suppress(ValueError, ZeroDivisionError):
-            percent = Fraction(spec[:-1])
-            if 0 <= percent < 100:
-                return percent / 100
-        raise cli.UsageError(f"--val-tokens={spec}: a percentage must be in [0, 100)")
-    with contextlib.suppress(argparse.ArgumentTypeError):
-        return parse_size(spec)
-    raise cli.UsageError(f"--val-tokens={spec}: give a token count (10M) or a percentage (10%)")
-
-
-def val_split(args: argparse.Namespace, default: str) -> ValSplit:
-    amount = parse_val_tokens(args.val_tokens or default)
-    if amount == 0 and "val" in parse_splits(args.splits):
-        raise cli.UsageError(f"--val-tokens={args.val_tokens} leaves nothing for "
-                             "--splits=validation")
-    return every_kth(amount) if isinstance(amount, Fraction) else first_tokens(amount)
-
-
-def encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """One uint16 array of `EOT doc0 EOT doc1 ...` and each document's token count (EOT
-    included). Runs in the pool's threads; no per-token Python objects are made."""
-    encode = data.get_tokenizer().encode_to_numpy
-    # Nothing allowed, nothing disallowed: special-token text is ordinary text (encode_ordinary's)
-    docs = [encode(text, allowed_special=set(), disallowed_special=()) for text in texts]
-    counts = np.array([ids.size + 1 for ids in docs], dtype=np.int64)
-    parts = [part for ids in docs for part in (EOT, ids)]
-    return np.concatenate(parts, dtype=np.uint16, casting="unsafe"), counts
-
-
-def tokenized_chunks(documents: Iterable[str], num_proc: int,
-                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """encode_documents over chunks of CHUNK_CHARS or more, results in stream order, at most a
-    few chunks in flight (Executor.map would read the whole corpus ahead into its task queue)."""
-    data.get_tokenizer()  # built (and cached) here, before the threads share it
-    with concurrent.futures.ThreadPoolExecutor(num_proc) as pool:
-        pending: deque[Any] = deque()
-        chunk: list[str] = []
-        size = 0
-        for text in documents:
-            chunk.append(text)
-            size += len(text)
-            if size >= CHUNK_CHARS:
-                pending.append(pool.submit(encode_documents, chunk))
-                chunk, size = [], 0
-                if len(pending) > 2 * num_proc:
-                    yield pending.popleft().result()
-        if chunk:
-            pending.append(pool.submit(encode_documents, chunk))
-        while pending:
-            yield pending.popleft().result()
+    started, new_tokens, doc_cursor = time.perf_counter(), 0, start
+    with contextlib.ExitStack() as stack:
+        writers = {s: SplitWriter(out_dir, source.name, s, args.shard_size, states[s],
+                                  save_progress) for s in splits}
+        for writer in writers.values():  # left on an error, it deletes the unfinished shard
+            stack.enter_context(writer.open_shard)
+        bar = stack.enter_context(tqdm(desc=source.name, unit="tok", unit_scale=True,
+                                       disable=args.no_progress or None, dynamic_ncols=True))
+        for tokens, counts in tokenized_chunks(source.documents(start), args.num_proc):
+            doc_index = np.arange(doc_cursor, doc_cursor + counts.size, dtype=np.int64)
+            doc_cursor += counts.size
+            is_val = rule.is_val(doc_index, counts)
+            for split, taken in (("val", is_val), ("train", ~is_val)):
+                if split in writers:  # a split not asked for has none
+                    writers[split].add(tokens[np.repeat(taken, counts)], doc_index[taken],
+                                       counts[taken])
+            new_tokens += tokens.size
+            bar.update(int(tokens.size))
+            bar.set_postfix(docs=doc_cursor, refresh=False)
+            if rule.end_doc is not None:  # val is a finished prefix: close it right away
+                if "val" in writers:
+                    writers["val"].finish()
+                if "train" not in writers:
+                    break
+        if doc_cursor == 0 and not resume:
+            what = f"; {len(source.skipped)} files skipped as not UTF-8" if source.skipped else ""
+            raise PrepareError(f"{source.description.get('source', source.name)}: no documents "
+                               f"found{what}\nhint: check --dataset and --text-field")
+        for writer in writers.values():
+            writer.finish()
+    if "train" in splits and not states["train"].shards:
+        raise cli.UsageError(f"{source.name}: no training documents are left after the "
+                             f"validation split\nhint: lower --val-tokens (now "
+                             f"{args.val_tokens or 'the default'})")
+    seconds = time.perf_counter() - started
+    _write_manifest(out_dir, source, args_record, {s: states[s] for s in splits})
+    progress_path.unlink(missing_ok=True)
+    pieces = [f"{len(states[s].shards)} {s} shard{'s' if len(states[s].shards) > 1 else ''} "
+              f"({states[s].tokens / 1e6:.2f}M tokens)" for s in splits if states[s].shards]
+    rate = new_tokens / max(seconds, 1e-9) / 1e6
+    resumed = ", resumed" if resume else ""
+    skipped = f"; skipped {len(source.skipped)} files that are not UTF-8" if source.skipped else ""
+    print(f"{source.name}: wrote {' and '.join(pieces)} to {out_dir} in {seconds:.1f}s "
+          f"({rate:.2f}M tokens/s{resumed}){skipped}")
 
 
 @dataclass
 class SplitState:
+    """One split's entry in progress.json: its finished shards and where the next begins."""
     shards: list[dict[str, Any]] = field(default_factory=list)
     next_doc: int = 0  # where the unfinished shard begins: document index...
     next_offset: int = 0  # ...and token offset inside that document
@@ -303,19 +235,20 @@ class SplitState:
 
 class SplitWriter:
     """Streams one split's documents from where `state` stands straight into fixed-size shards
-    (a short last one's header count patched), so memory stays a chunk whatever the shard size."""
+    (a short last one's header count patched), so memory stays a chunk whatever the shard size.
+    Each finished shard goes into `state`, then `save_progress` runs."""
 
     def __init__(self, out_dir: Path, name: str, split: str, shard_size: int, state: SplitState,
-                 on_shard: Callable[[], None]) -> None:
+                 save_progress: Callable[[], None]) -> None:
         self.out_dir, self.name, self.split, self.shard_size = out_dir, name, split, shard_size
-        self.state, self.on_shard = state, on_shard
+        self.state, self.save_progress = state, save_progress
         self.open_shard = contextlib.ExitStack()  # the unfinished shard's atomic_output
         self.file: BinaryIO | None = None
         self.file_name = ""
         self.fill = self.eots = 0
 
     def add(self, tokens: np.ndarray, doc_index: np.ndarray, doc_tokens: np.ndarray) -> None:
-        """Append whole documents (this split's share of a chunk, in stream order)."""
+        """Appends whole documents: this split's share of a chunk, in stream order."""
         state = self.state
         first = int(np.searchsorted(doc_index, state.next_doc))  # the first one not yet written
         if state.done or first == doc_index.size:
@@ -343,14 +276,14 @@ class SplitWriter:
                         self._close_shard(int(doc_index[k]), pos - int(starts[k]))
 
     def finish(self) -> None:
-        """Close the last, short shard; nothing more comes to this split."""
+        """Closes the last, short shard: nothing more comes to this split."""
         if not self.state.done:
-            self.state.done = True  # before on_shard, which saves it
+            self.state.done = True  # before save_progress, which saves it
             with self._writing():
                 if self.fill:
                     self._close_shard(self.state.next_doc, self.state.next_offset)
                 else:
-                    self.on_shard()
+                    self.save_progress()
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
@@ -365,98 +298,99 @@ class SplitWriter:
             self.file.seek(0)
             self.file.write(data.shard_header(self.fill).tobytes())
         self.file.flush()
-        digest = hashlib.sha256()
-        with open(self.file.name, "rb") as written:  # the temporary file, header included
-            while block := written.read(1 << 20):
-                digest.update(block)
+        sha256 = data.file_sha256(Path(self.file.name))  # the temporary file, header included
         self.file = None
         self.open_shard.close()  # fsync, then the shard's own name
         self.state.shards.append({"file": self.file_name, "tokens": self.fill,
-                                  "sha256": digest.hexdigest(), "documents_started": self.eots})
+                                  "sha256": sha256, "documents_started": self.eots})
         self.state.next_doc, self.state.next_offset = next_doc, next_offset
         self.fill = self.eots = 0
-        self.on_shard()
+        self.save_progress()
 
 
-@dataclass
-class Options:
-    shard_size: int
-    splits: tuple[str, ...]  # file-name splits: "train", "val"
-    num_proc: int
-    val_tokens: str
-    progress: bool = True
+def tokenized_chunks(documents: Iterable[str], num_proc: int,
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields encode_documents of chunks of CHUNK_CHARS or more, in stream order, with at most
+    a few chunks in flight (Executor.map would read the whole corpus ahead into its queue)."""
+    data.get_tokenizer()  # built (and cached) here, before the threads share it
+    with concurrent.futures.ThreadPoolExecutor(num_proc) as pool:
+        pending: deque[Any] = deque()
+        chunk: list[str] = []
+        size = 0
+        for text in documents:
+            chunk.append(text)
+            size += len(text)
+            if size >= CHUNK_CHARS:
+                pending.append(pool.submit(encode_documents, chunk))
+                chunk, size = [], 0
+                if len(pending) > 2 * num_proc:
+                    yield pending.popleft().result()
+        if chunk:
+            pending.append(pool.submit(encode_documents, chunk))
+        while pending:
+            yield pending.popleft().result()
 
 
-@dataclass
-class Progress:
-    """Where an interrupted run stopped, as its progress.json says."""
-    splits: dict[str, SplitState]
-    val_end_doc: int | None  # ValSplit.end_doc
+def encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Returns one uint16 array of `EOT doc0 EOT doc1 ...` and each document's token count,
+    EOT included. It runs in the pool's threads and makes no per-token Python objects."""
+    encode = data.get_tokenizer().encode_to_numpy
+    # Nothing allowed, nothing disallowed: special-token text is ordinary text (encode_ordinary's)
+    docs = [encode(text, allowed_special=set(), disallowed_special=()) for text in texts]
+    counts = np.array([ids.size + 1 for ids in docs], dtype=np.int64)
+    parts = [part for ids in docs for part in (EOT, ids)]
+    return np.concatenate(parts, dtype=np.uint16, casting="unsafe"), counts
 
 
-@dataclass
-class Summary:
-    splits: dict[str, SplitState]  # the splits asked for
-    seconds: float
-    new_tokens: int
+# ------------------------------------------------------------ progress.json and the manifest
 
 
-def run_pipeline(source: Source, out_dir: Path, options: Options, args_record: dict[str, Any],
-                 resume: Progress | None = None) -> Summary:
-    """Tokenize `source` into shards in `out_dir`, going on from `resume` if given, and write
-    the manifest. Raises PrepareError or cli.UsageError on bad input."""
-    from tqdm import tqdm
-    states = resume.splits if resume else {split: SplitState() for split in ("train", "val")}
-    start = min((states[s].next_doc for s in options.splits if not states[s].done), default=0)
-    rule = source.val
-    if resume:
-        rule.end_doc = resume.val_end_doc
-        # Only a prefix rule reads val_tokens, and only before its end is known; train is
-        # empty then, so the stream restarts at 0 or at val's unfinished shard.
-        rule.val_tokens = states["val"].tokens - states["val"].next_offset if start else 0
-    progress_path = out_dir / PROGRESS_NAME
-    def checkpoint() -> None:
-        _write_json(progress_path, {"fingerprint": source.fingerprint, "args": args_record,
-                                    "rule": {"val_end_doc": rule.end_doc},
-                                    "splits": {s: vars(st) for s, st in states.items()}})
-    started, new_tokens, doc_cursor = time.perf_counter(), 0, start
-    with contextlib.ExitStack() as stack:
-        writers = {s: SplitWriter(out_dir, source.name, s, options.shard_size, states[s],
-                                  checkpoint) for s in options.splits}
-        for writer in writers.values():  # left on an error, it deletes the unfinished shard
-            stack.enter_context(writer.open_shard)
-        bar = stack.enter_context(tqdm(desc=source.name, unit="tok", unit_scale=True,
-                                       disable=not options.progress or None, dynamic_ncols=True))
-        for tokens, counts in tokenized_chunks(source.documents(start), options.num_proc):
-            doc_index = np.arange(doc_cursor, doc_cursor + counts.size, dtype=np.int64)
-            doc_cursor += counts.size
-            is_val = rule.is_val(doc_index, counts)
-            for split, chosen in (("val", is_val), ("train", ~is_val)):
-                if split in writers:  # a split not asked for has none
-                    writers[split].add(tokens[np.repeat(chosen, counts)], doc_index[chosen],
-                                       counts[chosen])
-            new_tokens += tokens.size
-            bar.update(int(tokens.size))
-            bar.set_postfix(docs=doc_cursor, refresh=False)
-            if rule.end_doc is not None:  # val is a finished prefix: close it right away
-                if "val" in writers:
-                    writers["val"].finish()
-                if "train" not in writers:
-                    break
-        if doc_cursor == 0 and not resume:
-            what = f"; {len(source.skipped)} files skipped as not UTF-8" if source.skipped else ""
-            raise PrepareError(f"{source.description.get('source', source.name)}: no documents "
-                               f"found{what}; check --dataset and --text-field")
-        for writer in writers.values():
-            writer.finish()
-    if "train" in options.splits and not states["train"].shards:
-        raise cli.UsageError(f"{source.name}: no training documents are left after the "
-                             f"validation split (--val-tokens={options.val_tokens}); lower it")
-    summary = Summary({s: states[s] for s in options.splits}, time.perf_counter() - started,
-                      new_tokens)
-    _write_manifest(out_dir, source, args_record, summary.splits)
-    progress_path.unlink(missing_ok=True)
-    return summary
+def load_progress(out_dir: Path, source: Source, args_record: dict[str, Any],
+                  ) -> tuple[dict[str, SplitState], int | None] | None:
+    """Returns what an interrupted run with the same input and arguments left in progress.json
+    (each split's state, and the first train document once val's end is known), or None
+    where there is none or one of its shards is missing or cut short."""
+    saved = _read_json(out_dir / PROGRESS_NAME)
+    if (saved.get("fingerprint") != source.fingerprint or saved.get("args") != args_record
+            or not _shards_intact(out_dir, saved.get("splits"))):
+        return None
+    try:
+        return ({s: SplitState(**saved["splits"][s]) for s in ("train", "val")},
+                saved.get("rule", {}).get("val_end_doc"))
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
+def remove_outputs(out_dir: Path, name: str, keep: dict[str, SplitState] | None = None) -> None:
+    """Deletes the files of this dataset that a run cannot build on: temporary files of killed
+    writers, the manifest, and every shard but those `keep` lists; progress.json goes too
+    unless `keep` is given."""
+    kept = {s["file"] for state in keep.values() for s in state.shards} if keep else set()
+    shards = [*out_dir.glob(f"{name}_train_*.bin"), *out_dir.glob(f"{name}_val_*.bin")]
+    for path in [*(p for p in shards if p.name not in kept), *out_dir.glob(".*.tmp")]:
+        path.unlink(missing_ok=True)
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    if keep is None:
+        (out_dir / PROGRESS_NAME).unlink(missing_ok=True)
+
+
+def is_prepared(data_root: Path, name: str) -> bool:
+    """Says whether DATA_ROOT/NAME holds a finished dataset: a complete manifest whose shards
+    are all there, each of the size its token count implies."""
+    out_dir = Path(data_root) / name
+    manifest = _read_json(out_dir / MANIFEST_NAME)
+    return manifest.get("complete") is True and _shards_intact(out_dir, manifest.get("splits"))
+
+
+def _shards_intact(out_dir: Path, splits: Any) -> bool:
+    """Says whether every shard that `splits` (a manifest's or progress.json's) lists is there
+    with the size its token count implies; a malformed listing is not."""
+    try:
+        sizes = {out_dir / s["file"]: data.HEADER_BYTES + 2 * int(s["tokens"])
+                 for split in splits.values() for s in split["shards"]}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return False
+    return all(path.is_file() and path.stat().st_size == size for path, size in sizes.items())
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -470,30 +404,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     with data.atomic_output(path) as f:
         f.write(json.dumps(payload, indent=1).encode())
-
-
-def load_progress(out_dir: Path, source: Source, args_record: dict[str, Any]) -> Progress | None:
-    """What an interrupted run with the same input and arguments left, if its shards are intact."""
-    saved = _read_json(out_dir / PROGRESS_NAME)
-    if (saved.get("fingerprint") != source.fingerprint or saved.get("args") != args_record
-            or not _shards_intact(out_dir, saved.get("splits"))):
-        return None
-    try:
-        return Progress({s: SplitState(**saved["splits"][s]) for s in ("train", "val")},
-                        saved.get("rule", {}).get("val_end_doc"))
-    except (AttributeError, KeyError, TypeError):
-        return None
-
-
-def _shards_intact(out_dir: Path, splits: Any) -> bool:
-    """Every shard that `splits` (a manifest's or progress.json's) lists is there, with the
-    size its token count implies; False for a malformed listing too."""
-    try:
-        sizes = {out_dir / s["file"]: data.HEADER_BYTES + 2 * int(s["tokens"])
-                 for split in splits.values() for s in split["shards"]}
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return False
-    return all(path.is_file() and path.stat().st_size == size for path, size in sizes.items())
 
 
 def _write_manifest(out_dir: Path, source: Source, args_record: dict[str, Any],
@@ -514,30 +424,286 @@ def _write_manifest(out_dir: Path, source: Source, args_record: dict[str, Any],
     })
 
 
-def remove_outputs(out_dir: Path, name: str, resume: Progress | None = None) -> None:
-    """Delete this dataset's files that a run cannot build on: temporary files of killed
-    writers, the manifest, and every shard and progress.json but what `resume` keeps."""
-    keep = {s["file"] for st in resume.splits.values() for s in st.shards} if resume else set()
-    shards = [*out_dir.glob(f"{name}_train_*.bin"), *out_dir.glob(f"{name}_val_*.bin")]
-    for path in [*(p for p in shards if p.name not in keep), *out_dir.glob(".*.tmp")]:
-        path.unlink(missing_ok=True)
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    if resume is None:
-        (out_dir / PROGRESS_NAME).unlink(missing_ok=True)
+# ---------------------------------------------------------------------------- the sources
 
 
-def is_prepared(data_root: Path, name: str) -> bool:
-    out_dir = Path(data_root) / name
-    manifest = _read_json(out_dir / MANIFEST_NAME)
-    return manifest.get("complete") is True and _shards_intact(out_dir, manifest.get("splits"))
+@dataclass
+class Source:
+    """A named, ordered stream of documents: `documents(start)` yields the texts from index
+    `start` on, and `val` says which of them go to val."""
+    name: str
+    description: dict[str, Any]
+    fingerprint: str
+    documents: Callable[[int], Iterator[str]]
+    val: ValSplit
+    skipped: list[str] = field(default_factory=list)
 
 
-def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*", text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a token count such as 100M or 5000")
-    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[match.group(2).lower()]
-    return int(float(match.group(1)) * scale)
+def make_source(args: argparse.Namespace, data_root: Path) -> Source:
+    spec: str = args.dataset
+    if spec in HUB_DATASETS:
+        repo = HUB_DATASETS[spec]
+        return Source(spec, {"source": f"hf://datasets/{repo}", "subset": args.subset},
+                      f"hub:{repo}:{args.subset}", lambda start: hub_documents(repo, args, start),
+                      val_split(args, HUB_VAL_TOKENS))
+    if spec == "tinyshakespeare":
+        return tinyshakespeare_source(data_root, args.val_tokens or SMALL_VAL_FRACTION)
+    if spec == "stdlib":
+        files = stdlib_files()
+        description = {"source": "python-stdlib", "python": sys.version.split()[0],
+                       "path": sysconfig.get_paths()["stdlib"], "files": len(files)}
+        return local_source("stdlib", files, description, args)
+    if not (os.sep in spec or "/" in spec or glob.has_magic(spec) or spec.startswith((".", "~"))
+            or Path(spec).suffix.lower() in LOCAL_SUFFIXES or Path(spec).exists()):
+        raise cli.UsageError(f"--dataset={spec}: unknown dataset\nhint: use one of "
+                             f"{', '.join(BUILTIN_NAMES)} or a path to local files")
+    files = local_files(spec)
+    if not files:
+        raise cli.UsageError(f"--dataset={spec}: no {', '.join(LOCAL_SUFFIXES)} files there")
+    name = args.name
+    if name and (Path(name).is_absolute() or Path(name).name != name):
+        raise cli.UsageError(f"--name={name}: a dataset name, not a path\nhint: pass a plain "
+                             "name; the dataset goes into --data-root/NAME")
+    if not name:  # the path less its wildcard parts, its last part less a known suffix
+        parts = [p for p in Path(os.path.expanduser(spec)).parts if not glob.has_magic(p)]
+        base = Path(*parts) if parts else Path("local")
+        stem = base.stem if base.suffix.lower() in LOCAL_SUFFIXES else base.name
+        name = re.sub(r"[^A-Za-z0-9-]+", "-", stem).strip("-") or "local"
+    description = {"source": os.path.abspath(os.path.expanduser(spec)), "files": len(files)}
+    return local_source(name, files, description, args)
+
+
+def local_source(name: str, files: list[Path], description: dict[str, Any],
+                 args: argparse.Namespace) -> Source:
+    """The documents of `files`, fingerprinted by their paths, sizes and modification times."""
+    stats = ((path, path.stat()) for path in files)
+    listing = "".join(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n" for path, st in stats)
+    skipped: list[str] = []
+
+    def documents(start: int) -> Iterator[str]:
+        skipped.clear()  # a resume walks the skipped files again
+        # Skipping is cheap next to tokenizing: it only reads the files.
+        yield from itertools.islice(file_documents(files, args.text_field, args.strict,
+                                                   skipped), start, None)
+
+    rule = val_split(args, SMALL_VAL_FRACTION)
+    if rule.fraction and "val" in parse_splits(args.splits):
+        # Fewer than 1/fraction documents would give val none: it gets the last one then.
+        few = sum(1 for _ in itertools.islice(documents(0), int(1 / rule.fraction) + 1))
+        if few == 1:
+            raise PrepareError(f"{description['source']}: one document, so no validation "
+                               "split\nhint: split it into several files, or pass "
+                               "--splits=train")
+        if 1 < few < 1 / rule.fraction:
+            rule = every_kth(Fraction(1, few))
+    return Source(name, description, f"files:{hashlib.sha256(listing.encode()).hexdigest()}",
+                  documents, rule, skipped)
+
+
+def tinyshakespeare_source(data_root: Path, val_spec: str) -> Source:
+    if not val_spec.strip().endswith("%"):
+        raise cli.UsageError(f"--val-tokens={val_spec}: tinyshakespeare is split by position"
+                             "\nhint: give a percentage such as 10%")
+    val_fraction = Fraction(parse_val_tokens(val_spec))
+    cache = data_root / "tinyshakespeare" / "input.txt"
+
+    def documents(start: int) -> Iterator[str]:
+        text = _utf8(data.download(TINYSHAKESPEARE_URL, cache).read_bytes(), str(cache))
+        # The cut: the first line break at or after (1 - val_fraction) of the characters.
+        newline = text.find("\n", int(len(text) * (1 - val_fraction)))
+        cut = len(text) if newline < 0 else newline + 1
+        yield from [d for d in (text[:cut], text[cut:]) if d][start:]
+
+    why = f"the last {float(val_fraction):.0%} of the text, cut at a line break"
+    return Source("tinyshakespeare", {"source": TINYSHAKESPEARE_URL, "cache": str(cache)},
+                  f"tinyshakespeare:{val_spec}", documents,
+                  ValSplit(why, fraction=Fraction(1, 2)))  # of the two documents, the tail
+
+
+def hub_documents(repo: str, args: argparse.Namespace, start: int) -> Iterator[str]:
+    """Streams a Hugging Face dataset; nothing but the shards lands on disk."""
+    import datasets
+    if not args.debug:  # its retry warnings would bury the one-line error below
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    try:
+        stream = datasets.load_dataset(repo, name=args.subset, split="train", streaming=True)
+        if start:
+            stream = stream.skip(start)
+        yield from filter(None, (row.get(args.text_field) for row in stream))
+    except Exception as exc:  # the hub client raises many types; all mean "cannot read it"
+        err = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise data.DownloadError(f"--dataset={args.dataset}: cannot stream {repo} "
+                                 f"({args.subset}) from the Hugging Face Hub (no network?): "
+                                 f"{err}\nhint: offline, download its parquet files elsewhere "
+                                 "and pass --dataset=FOLDER --name=NAME") from exc
+
+
+def stdlib_files() -> list[Path]:
+    """The running Python's standard library .py files, without installed packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found: list[Path] = []
+    for folder, subfolders, names in os.walk(root):
+        # Pruned, not filtered afterwards: site-packages can be far bigger than the stdlib.
+        subfolders[:] = [d for d in subfolders if d not in STDLIB_EXCLUDED]
+        found.extend(Path(folder, n) for n in names if n.endswith(".py"))
+    return sorted(found, key=lambda path: path.relative_to(root).as_posix())
+
+
+def local_files(spec: str) -> list[Path]:
+    """The files a --dataset path names: a file, a folder (searched recursively) or a glob."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    elif glob.has_magic(spec):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)
+                       if Path(p).is_file())
+    else:
+        raise cli.UsageError(f"--dataset={spec}: no such file or folder\nhint: give an existing "
+                             f"file, folder or glob, or one of {', '.join(BUILTIN_NAMES)}")
+    return [p for p in files if p.suffix.lower() in LOCAL_SUFFIXES]
+
+
+def file_documents(files: list[Path], text_field: str, strict: bool,
+                   skipped: list[str]) -> Iterator[str]:
+    """Yields the documents of local files in order: a text file, a .jsonl line or a .parquet
+    row is one, and empty ones are dropped. A file that is not UTF-8 is skipped whole and
+    listed in `skipped` (with `strict` it is an error)."""
+    for path in files:
+        suffix = path.suffix.lower()
+        try:
+            if suffix == ".parquet":
+                yield from _parquet_documents(path, text_field)
+            elif suffix == ".jsonl":
+                # Read through first: a line that is not UTF-8 skips the file before any goes out.
+                deque(_jsonl_documents(path, text_field), maxlen=0)
+                yield from _jsonl_documents(path, text_field)
+            elif text := _utf8(path.read_bytes(), str(path)):
+                yield text
+        except NotUTF8 as exc:
+            if strict:
+                raise PrepareError(f"{exc}\nhint: fix or remove the file, or drop --strict to "
+                                   "skip it") from exc
+            skipped.append(str(path))
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise NotUTF8(f"{where}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _utf8(raw, f"{path}:{lineno}").strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError) as exc:
+                raise PrepareError(f"{path}:{lineno}: not valid JSON ({getattr(exc, 'msg', exc)})"
+                                   "\nhint: each line must be one JSON object") from exc
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise PrepareError(f"{path}:{lineno}: no string field '{text_field}'\nhint: "
+                                   "name the text field with --text-field")
+            try:
+                text.encode("utf-8")  # a lone surrogate escape ("\ud800") is not text
+            except UnicodeEncodeError as exc:
+                raise NotUTF8(f"{path}:{lineno}: not UTF-8 ({exc.reason})") from exc
+            if text:
+                yield text
+
+
+def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        parquet = pq.ParquetFile(path)
+        schema = parquet.schema_arrow
+        if text_field not in schema.names:
+            raise PrepareError(f"{path}: no column '{text_field}' (columns: "
+                               f"{', '.join(schema.names)})\nhint: name the text column with "
+                               "--text-field")
+        kind = schema.field(text_field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise PrepareError(f"{path}: column '{text_field}' holds {kind}, not text\nhint: "
+                               "name the text column with --text-field")
+        for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+            yield from (text for text in batch.column(0).to_pylist() if text)
+    except (pa.ArrowException, UnicodeDecodeError) as exc:  # not parquet, or a damaged one
+        raise PrepareError(f"{path}: not a readable parquet file ({exc})") from exc
+
+
+# ------------------------------------------------------------------------ the validation rule
+
+
+@dataclass
+class ValSplit:
+    """Which documents go to val; the rest go to train.
+
+    With a `fraction` f, document i is val when floor((i+1)*f) > floor(i*f): exactly
+    floor(n*f) of n documents, evenly spread. Without one, val is the first documents of the
+    stream until they hold `prefix_tokens`: the rule counts the val tokens it has seen in
+    `val_tokens` and, once it meets the first train document, keeps its index in `end_doc`,
+    which progress.json saves.
+    """
+    description: str
+    fraction: Fraction | None = None
+    prefix_tokens: int = 0
+    val_tokens: int = 0
+    end_doc: int | None = None
+
+    def is_val(self, doc_index: np.ndarray, doc_tokens: np.ndarray) -> np.ndarray:
+        """Says which of a chunk of consecutive documents (stream indices, token counts with
+        the EOT) are val. Chunks must come in stream order."""
+        if self.fraction is not None:
+            num, den = self.fraction.numerator, self.fraction.denominator
+            return (doc_index + 1) * num // den > doc_index * num // den
+        if self.end_doc is not None:
+            return doc_index < self.end_doc
+        tokens_before = self.val_tokens + np.cumsum(doc_tokens) - doc_tokens
+        val = tokens_before < self.prefix_tokens
+        self.val_tokens += int(doc_tokens[val].sum())
+        if not val.all():
+            self.end_doc = int(doc_index[np.argmin(val)])
+        return val
+
+
+def every_kth(fraction: Fraction) -> ValSplit:
+    f = f"{fraction.numerator}/{fraction.denominator}"
+    return ValSplit(f"documents i with floor((i+1)*{f}) > floor(i*{f})", fraction=fraction)
+
+
+def val_split(args: argparse.Namespace, default: str) -> ValSplit:
+    """The rule that --val-tokens, or `default` without it, asks for."""
+    amount = parse_val_tokens(args.val_tokens or default)
+    if amount == 0 and "val" in parse_splits(args.splits):
+        raise cli.UsageError(f"--val-tokens={args.val_tokens} leaves nothing for "
+                             "--splits=validation")
+    if isinstance(amount, Fraction):
+        return every_kth(amount)
+    return ValSplit(f"the first documents of the stream holding at least {amount} tokens",
+                    prefix_tokens=amount)
+
+
+def parse_val_tokens(spec: str) -> Fraction | int:
+    spec = spec.strip()
+    if spec.endswith("%"):
+        with contextlib.suppress(ValueError, ZeroDivisionError):
+            percent = Fraction(spec[:-1])
+            if 0 <= percent < 100:
+                return percent / 100
+        raise cli.UsageError(f"--val-tokens={spec}: a percentage must be in [0, 100)")
+    with contextlib.suppress(argparse.ArgumentTypeError):
+        return parse_size(spec)
+    raise cli.UsageError(f"--val-tokens={spec}: give a token count (10M) or a percentage (10%)")
+
+
+# ---------------------------------------------------------------------------- the flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -572,167 +738,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a token count such as 100M or 5000")
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[match.group(2).lower()]
+    return int(float(match.group(1)) * scale)
+
+
 def parse_splits(text: str) -> tuple[str, ...]:
     names = {s.strip() for s in text.split(",")} - {""}
     if not names or not names <= SPLIT_FILE_NAMES.keys():
         raise cli.UsageError(f"--splits={text}: use train, validation or train,validation")
     return tuple(sorted({SPLIT_FILE_NAMES[s] for s in names}, key=("train", "val").index))
-
-
-def make_source(args: argparse.Namespace, data_root: Path) -> Source:
-    spec: str = args.dataset
-    if spec in HUB_DATASETS:
-        repo = HUB_DATASETS[spec]
-        return Source(spec, {"source": f"hf://datasets/{repo}", "subset": args.subset},
-                      f"hub:{repo}:{args.subset}", lambda start: hub_documents(repo, args, start),
-                      val_split(args, HUB_VAL_TOKENS))
-    if spec == "tinyshakespeare":
-        return tinyshakespeare_source(data_root, args.val_tokens or SMALL_VAL_FRACTION)
-    if spec == "stdlib":
-        files = stdlib_files()
-        description = {"source": "python-stdlib", "python": sys.version.split()[0],
-                       "path": sysconfig.get_paths()["stdlib"], "files": len(files)}
-        return local_source("stdlib", files, description, args)
-    if not (os.sep in spec or "/" in spec or glob.has_magic(spec) or spec.startswith((".", "~"))
-            or Path(spec).suffix.lower() in LOCAL_SUFFIXES or Path(spec).exists()):
-        raise cli.UsageError(f"--dataset={spec}: unknown dataset; use one of "
-                             f"{', '.join(BUILTIN_NAMES)} or a path to local files")
-    files = local_files(spec)
-    if not files:
-        raise cli.UsageError(f"--dataset={spec}: no {', '.join(LOCAL_SUFFIXES)} files there")
-    name = args.name
-    if name and (Path(name).is_absolute() or Path(name).name != name):
-        raise cli.UsageError(f"--name={name}: a dataset name, not a path\nhint: pass a plain "
-                             "name; the dataset goes into --data-root/NAME")
-    if not name:  # the path less its wildcard parts, its last part less a known suffix
-        parts = [p for p in Path(os.path.expanduser(spec)).parts if not glob.has_magic(p)]
-        base = Path(*parts) if parts else Path("local")
-        stem = base.stem if base.suffix.lower() in LOCAL_SUFFIXES else base.name
-        name = re.sub(r"[^A-Za-z0-9-]+", "-", stem).strip("-") or "local"
-    description = {"source": os.path.abspath(os.path.expanduser(spec)), "files": len(files)}
-    return local_source(name, files, description, args)
-
-
-def local_source(name: str, files: list[Path], description: dict[str, Any],
-                 args: argparse.Namespace) -> Source:
-    stats = ((path, path.stat()) for path in files)
-    listing = "".join(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n" for path, st in stats)
-    skipped: list[str] = []
-    def documents(start: int) -> Iterator[str]:
-        skipped.clear()  # a resume walks the skipped files again
-        # Skipping is cheap next to tokenizing: it only reads the files.
-        yield from itertools.islice(file_documents(files, args.text_field, args.strict,
-                                                   skipped), start, None)
-    rule = val_split(args, SMALL_VAL_FRACTION)
-    amount = parse_val_tokens(args.val_tokens or SMALL_VAL_FRACTION)
-    if isinstance(amount, Fraction) and amount and "val" in parse_splits(args.splits):
-        # Fewer than 1/amount documents would give val none: it gets the last one then.
-        few = sum(1 for _ in itertools.islice(documents(0), int(1 / amount) + 1))
-        if few == 1:
-            raise PrepareError(f"{description['source']}: one document, so no validation "
-                               "split; split it into several files, or pass --splits=train")
-        if 1 < few < 1 / amount:
-            rule = every_kth(Fraction(1, few))
-    return Source(name, description, f"files:{hashlib.sha256(listing.encode()).hexdigest()}",
-                  documents, rule, skipped)
-
-
-def tinyshakespeare_source(data_root: Path, val_spec: str) -> Source:
-    if not val_spec.strip().endswith("%"):
-        raise cli.UsageError(f"--val-tokens={val_spec}: tinyshakespeare is split by position; "
-                             "give a percentage such as 10%")
-    val_fraction = Fraction(parse_val_tokens(val_spec))
-    cache = data_root / "tinyshakespeare" / "input.txt"
-    def documents(start: int) -> Iterator[str]:
-        text = _utf8(data.download(TINYSHAKESPEARE_URL, cache).read_bytes(), str(cache))
-        # The cut: the first line break at or after (1 - val_fraction) of the characters.
-        newline = text.find("\n", int(len(text) * (1 - val_fraction)))
-        cut = len(text) if newline < 0 else newline + 1
-        yield from [d for d in (text[:cut], text[cut:]) if d][start:]
-    why = f"the last {float(val_fraction):.0%} of the text, cut at a line break"
-    return Source("tinyshakespeare", {"source": TINYSHAKESPEARE_URL, "cache": str(cache)},
-                  f"tinyshakespeare:{val_spec}", documents,
-                  ValSplit(why, lambda doc_index, doc_tokens: doc_index == 1))  # the tail
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return cli.run_script(lambda: prepare(args), args.debug)
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        print("prepare_dataset.py: interrupted; finished shards are kept, rerun the same "
-              "command to resume", file=sys.stderr)
-        return 130
-
-
-def prepare(args: argparse.Namespace) -> int:
-    cli.check_range("--shard-size", args.shard_size, minimum=1)
-    cli.check_range("--num-proc", args.num_proc, minimum=1)
-    splits = parse_splits(args.splits)
-    data_root = (args.data_root or data.default_data_root()).expanduser()
-    source = make_source(args, data_root)
-    dataset = args.dataset if args.dataset in BUILTIN_NAMES else source.description["source"]
-    args_record = {"dataset": dataset, "subset": args.subset, "text_field": args.text_field,
-                   "splits": list(splits), "shard_size": args.shard_size,
-                   "val_tokens": args.val_tokens, "strict": args.strict}
-    out_dir = data_root / source.name
-    if is_prepared(data_root, source.name) and not args.force:
-        earlier = _read_json(out_dir / MANIFEST_NAME).get("args") or {}
-        changed = sorted(k for k in args_record if earlier.get(k) != args_record[k])
-        if changed:
-            raise cli.UsageError(f"{out_dir} already holds {source.name} prepared with other "
-                                 f"{', '.join(changed)}; pass --force to redo it or "
-                                 "--name=OTHER to keep both")
-        print(f"{source.name}: already prepared in {out_dir} (--force redoes it)")
-        return 0
-    with exclusive_run(out_dir):
-        resume = None if args.force else load_progress(out_dir, source, args_record)
-        remove_outputs(out_dir, source.name, resume)
-        options = Options(args.shard_size, splits, args.num_proc,
-                          args.val_tokens or "default", progress=not args.no_progress)
-        try:
-            summary = run_pipeline(source, out_dir, options, args_record, resume)
-        except (PrepareError, cli.UsageError):
-            # The input or the arguments must change, so these shards could never be resumed.
-            remove_outputs(out_dir, source.name)
-            raise
-        pieces = [f"{len(st.shards)} {split} shard{'s' if len(st.shards) > 1 else ''} "
-                  f"({st.tokens / 1e6:.2f}M tokens)"
-                  for split, st in summary.splits.items() if st.shards]
-        rate = summary.new_tokens / max(summary.seconds, 1e-9) / 1e6
-        resumed = ", resumed" if resume else ""
-        skipped = (f"; skipped {len(source.skipped)} files that are not UTF-8"
-                   if source.skipped else "")
-        print(f"{source.name}: wrote {' and '.join(pieces)} to {out_dir} in "
-              f"{summary.seconds:.1f}s ({rate:.2f}M tokens/s{resumed}){skipped}")
-        return 0
-
-
-@contextlib.contextmanager
-def exclusive_run(out_dir: Path) -> Iterator[None]:
-    """Makes the folder if need be and holds it for this run alone (a second would delete the
-    first's temporary files)."""
-    fresh = not out_dir.exists()  # removed again if the run leaves it empty
-    with contextlib.ExitStack() as held:
-        try:
-            held.enter_context(data.hold_folder(out_dir, LOCK_NAME))
-        except data.FolderHeld as exc:
-            raise PrepareError(f"{out_dir}: another prepare_dataset.py (pid {exc.pid}) is "
-                               "writing this dataset\nhint: wait for it or stop it, then "
-                               "rerun") from None
-        except OSError as exc:
-            raise PrepareError(f"--data-root={out_dir.parent}: cannot write to {out_dir} "
-                               f"({exc.strerror or exc})\nhint: pass a writable --data-root"
-                               ) from exc
-        try:
-            yield
-        finally:  # a dataset folder holds only the dataset once no run is writing it
-            (out_dir / LOCK_NAME).unlink(missing_ok=True)
-            if fresh:
-                with contextlib.suppress(OSError):
-                    out_dir.rmdir()
 
 
 if __name__ == "__main__":

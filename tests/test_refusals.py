@@ -441,6 +441,10 @@ MANIFEST_EDITS: dict[str, Callable[[dict[str, Any]], object]] = {
     "complete as the string 'true'": lambda m: m.__setitem__("complete", "true"),
     "one shard's token count one too high": lambda m: m["splits"]["train"]["shards"][0]
     .__setitem__("tokens", one_shard(m)["tokens"] + 1),
+    "one shard's token count as a string": lambda m: m["splits"]["train"]["shards"][0]
+    .__setitem__("tokens", str(one_shard(m)["tokens"])),
+    "one shard's token count plus a half": lambda m: m["splits"]["train"]["shards"][0]
+    .__setitem__("tokens", one_shard(m)["tokens"] + 0.5),
     "one shard's file name another's": lambda m: m["splits"]["train"]["shards"][0]
     .__setitem__("file", one_shard(m)["file"].replace("_train_", "_val_9")),
     "gross: no splits": lambda m: m.pop("splits"),
