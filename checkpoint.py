@@ -73,9 +73,11 @@ def hold(out_dir: Path, env: runtime.DistEnv) -> Iterator[None]:
     """Holds `out_dir` for this run alone, from before its first write to its exit: rank 0
     takes the folder's lock (the kernel drops it however the process ends, kill -9 too) and
     every rank learns whether it got it, so a refused run stops on every rank."""
+    fresh = not out_dir.exists()
     with contextlib.ExitStack() as stack:
         refusal: list[str | None] = [None]
         if env.is_main:
+            stack.callback(_remove_if_unused, out_dir, fresh)
             try:
                 stack.enter_context(data.hold_folder(out_dir, LOCK_NAME))
             except data.FolderHeld as exc:
@@ -87,6 +89,14 @@ def hold(out_dir: Path, env: runtime.DistEnv) -> Iterator[None]:
         if refusal[0] is not None:
             raise UsageError(refusal[0])
         yield
+
+
+def _remove_if_unused(out_dir: Path, fresh: bool) -> None:
+    """A folder this run made and left holding nothing but its lock (it stopped before its
+    first write) goes again."""
+    if fresh and out_dir.is_dir() and [p.name for p in out_dir.iterdir()] == [LOCK_NAME]:
+        (out_dir / LOCK_NAME).unlink()
+        out_dir.rmdir()
 
 
 def resume_point(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:

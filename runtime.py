@@ -181,7 +181,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and any(
-        words in str(exc) for words in ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED"))
+        words in str(exc) for words in ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
+                                        "can't allocate memory"))  # the last: CPU's allocator
 
 
 def release_device_memory(device: torch.device) -> None:
@@ -343,6 +344,6 @@ class StopFlag:
 
 
 def print0(*args: object, env: DistEnv | None = None) -> None:
-    """Print from rank 0 only."""
-    if env is None or env.is_main:
+    """Print from rank 0 only (of `env`, or of the torchrun job this process is in)."""
+    if (env or detect_distributed()).is_main:
         print(*args, flush=True)

@@ -61,24 +61,36 @@ def generate_text(model: GPT, prompt: str, num_samples: int, max_length: int,
                   top_k: int | None = 50, top_p: float | None = None, temperature: float = 1.0,
                   seed: int = 42, device: torch.device | str = "cpu",
                   precision: runtime.Precision | None = None,
-                  stream: TextIO | None = None) -> list[str]:
+                  stream: TextIO | None = None, source: str = "the model") -> list[str]:
     """Prompt plus sampled continuation for each of `num_samples` samples (one batch).
 
     With `stream` (a text file such as sys.stdout), sample 0's new text is also written
     there while it is generated: from CPU token by token, from a GPU STREAM_CHUNK tokens at
-    a time."""
+    a time. Weights whose logits on the prompt are not finite (`source` names them) are
+    refused: every draw from them would be noise."""
     device = torch.device(device)
     prompt_tokens = encode_prompt(prompt)
     max_new = new_token_count(model, prompt_tokens, max_length)
     idx = torch.tensor([prompt_tokens] * num_samples, dtype=torch.long, device=device)
+    with torch.no_grad(), autocast(precision, device):
+        logits, _ = model(idx[:1])
+    if not bool(logits.isfinite().all()):
+        raise ValueError(f"{source}: its logits on the prompt are NaN or infinite\nhint: its "
+                         "weights overflow or are damaged; pass another checkpoint")
     generator = torch.Generator(device=device).manual_seed(seed)
     on_token = None
     if stream is not None:
         on_token = text_writer(stream, max_new, 1 if device.type == "cpu" else STREAM_CHUNK)
-    with precision.autocast(device) if precision is not None else contextlib.nullcontext():
+    with autocast(precision, device):
         out = model.generate(idx, max_new, temperature, top_k, top_p, generator, on_token)
     start = 0 if prompt else 1  # a bare <|endoftext|> start is not shown
     return [get_tokenizer().decode(row[start:]) for row in out.tolist()]
+
+
+def autocast(precision: runtime.Precision | None,
+             device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """The precision's autocast, or nothing when no precision is given (plain fp32)."""
+    return precision.autocast(device) if precision is not None else contextlib.nullcontext()
 
 
 def text_writer(stream: TextIO, new_tokens: int, chunk: int) -> Callable[[torch.Tensor], None]:
@@ -144,9 +156,17 @@ def run(args: argparse.Namespace) -> None:
         model = model.to(precision.autocast_dtype)
     if args.stream:
         print("> " + args.prompt, end="", flush=True)
-    texts = generate_text(model, args.prompt, args.num_samples, args.max_length,
-                          args.top_k or None, args.top_p, args.temperature, args.seed, device,
-                          precision, stream=sys.stdout if args.stream else None)
+    try:
+        texts = generate_text(model, args.prompt, args.num_samples, args.max_length,
+                              args.top_k or None, args.top_p, args.temperature, args.seed,
+                              device, precision, stream=sys.stdout if args.stream else None,
+                              source=args.checkpoint or args.pretrained)
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, MemoryError) and not runtime.is_out_of_memory(exc):
+            raise
+        raise UsageError(f"--num-samples={args.num_samples}: not enough memory for that many "
+                         f"samples of {args.max_length} tokens\nhint: pass fewer "
+                         "--num-samples or a shorter --max-length") from None
     if args.stream:
         print("\n")
         texts = texts[1:]  # sample 0 is on the screen already

@@ -148,6 +148,9 @@ def read_metadata(folder: Path) -> dcp_metadata.Metadata:
     """The folder's `.metadata`, read without running code from it, its every storage entry a
     plain file name inside the folder. Else a ValueError naming the file."""
     path = folder / ".metadata"
+    if not path.is_file():
+        raise ValueError(f"{path}: missing\nhint: the checkpoint is damaged or was cut short; "
+                         "pass another one")
     try:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()

@@ -18,7 +18,9 @@ The run folder (checkpoints, log.jsonl, --resume) is checkpoint.py's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -39,6 +41,7 @@ import sample
 import sharding
 from cli import UsageError
 from model import GPT, PADDED_VOCAB_SIZE, PRESETS, GPTConfig
+from runtime import print0
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 DEFAULT_DATASET = "finewebedu"
@@ -199,14 +202,6 @@ class TrainConfig:
     debug: bool = option(False, "show tracebacks on errors")
 
     @property
-    def final_min_lr(self) -> float:
-        return self.max_lr * 0.1 if self.min_lr is None else self.min_lr
-
-    @property
-    def cooldown(self) -> float | None:
-        return self.cooldown_frac if self.lr_schedule == "wsd" else None
-
-    @property
     def quickstart(self) -> bool:
         return self.dataset == QUICKSTART_DATASET and not self.data_dir
 
@@ -215,14 +210,6 @@ class TrainConfig:
         if not isinstance(self.batch_size, int):
             raise ValueError("--batch-size=auto is resolved before the micro-batch is used")
         return self.batch_size
-
-    @property
-    def hellaswag_every(self) -> int:
-        return self.eval_interval if self.hellaswag_interval is None else self.hellaswag_interval
-
-    @property
-    def sample_every(self) -> int:
-        return self.eval_interval if self.sample_interval is None else self.sample_interval
 
     def samples_per_rank(self, world_size: int, micro_batch: int = 1) -> int:
         """Samples each rank contributes to one optimizer step, which must split into whole
@@ -297,32 +284,37 @@ def parse_args(argv: list[str], description: str = "Train GPT-2 on token shards 
     return TrainConfig(**vars(build_parser(description).parse_args(argv)))
 
 
-def configure(config: TrainConfig, argv: list[str], say: Callable[[str], None]) -> TrainConfig:
+def configure(config: TrainConfig, argv: list[str]) -> TrainConfig:
     """The parsed flags `config` of `argv`, checked, with the flags of --recipe placed first.
     With no data flag and no prepared finewebedu, or with --dataset=stdlib, the quickstart:
-    its flags go first of all."""
+    its flags go first of all. Settings whose default is another setting's value are
+    resolved here, so each has one name from now on."""
     validate(config)
     flags, quickstart = RECIPES[config.recipe], config.quickstart
     if config.dataset is None and not config.data_dir:
         if data.find_shards(data_root(config) / DEFAULT_DATASET, "train"):
             flags = [f"--dataset={DEFAULT_DATASET}", *flags]
         else:
-            say(f"No prepared {DEFAULT_DATASET} shards in "
-                f"{data_root(config) / DEFAULT_DATASET}; running the built-in quickstart "
-                "instead.")
-            say(f"To train GPT-2 124M, prepare FineWeb-Edu first: "
-                f"{prepare_command(DEFAULT_DATASET, config)}")
+            print0(f"No prepared {DEFAULT_DATASET} shards in "
+                   f"{data_root(config) / DEFAULT_DATASET}; running the built-in quickstart "
+                   "instead.")
+            print0(f"To train GPT-2 124M, prepare FineWeb-Edu first: "
+                   f"{prepare_command(DEFAULT_DATASET, config)}")
             flags, quickstart = [f"--dataset={QUICKSTART_DATASET}", *flags], True
     if quickstart:
         flags = [*QUICKSTART_FLAGS, *flags]
-    if not flags:
-        return config
-    config = parse_args([*flags, *argv])
-    validate(config)
+    if flags:
+        config = parse_args([*flags, *argv])
+        validate(config)
     if config.quickstart:
-        say(f"Quickstart: {config.model} on the {QUICKSTART_DATASET} corpus, "
-            f"{config.max_steps} steps of {config.total_batch_size} tokens.")
-    return config
+        print0(f"Quickstart: {config.model} on the {QUICKSTART_DATASET} corpus, "
+               f"{config.max_steps} steps of {config.total_batch_size} tokens.")
+    return dataclasses.replace(
+        config, min_lr=config.max_lr * 0.1 if config.min_lr is None else config.min_lr,
+        hellaswag_interval=(config.eval_interval if config.hellaswag_interval is None
+                            else config.hellaswag_interval),
+        sample_interval=(config.eval_interval if config.sample_interval is None
+                         else config.sample_interval))
 
 
 # ------------------------------------------------------------------------------------ data
@@ -341,8 +333,7 @@ def prepare_command(name: str, config: TrainConfig) -> str:
     return f"python prepare_dataset.py --dataset={source}{root}"
 
 
-def find_data(config: TrainConfig, env: runtime.DistEnv,
-              say: Callable[[str], None]) -> tuple[list[Path], list[Path], Path]:
+def find_data(config: TrainConfig, env: runtime.DistEnv) -> tuple[list[Path], list[Path], Path]:
     """(train shards, val shards, their folder); the quickstart's corpus prepared first."""
     if config.data_dir:
         directory = Path(config.data_dir).expanduser()
@@ -356,7 +347,7 @@ def find_data(config: TrainConfig, env: runtime.DistEnv,
         fix = (f"prepare it first: {prepare_command(config.dataset, config)} (prepared in "
                f"{root}: {ready or 'none yet'})")
     if config.quickstart:
-        prepare_quickstart(config, env, say)
+        prepare_quickstart(config, env)
     train, val = data.find_shards(directory, "train"), data.find_shards(directory, "val")
     if not train:
         raise RuntimeError(f"no training shards (*_train_*.bin/.npy) in {directory}; {fix}")
@@ -365,14 +356,13 @@ def find_data(config: TrainConfig, env: runtime.DistEnv,
     return train, val, directory
 
 
-def prepare_quickstart(config: TrainConfig, env: runtime.DistEnv,
-                       say: Callable[[str], None]) -> None:
+def prepare_quickstart(config: TrainConfig, env: runtime.DistEnv) -> None:
     """Tokenize the offline stdlib corpus once (rank 0) if it is not prepared yet."""
     import prepare_dataset
 
     root = data_root(config)
     if env.is_main and not prepare_dataset.is_prepared(root, QUICKSTART_DATASET):
-        say(f"Preparing the {QUICKSTART_DATASET} corpus in {root / QUICKSTART_DATASET} "
+        print0(f"Preparing the {QUICKSTART_DATASET} corpus in {root / QUICKSTART_DATASET} "
             "(one time, offline) ...")
         status = prepare_dataset.main([f"--dataset={QUICKSTART_DATASET}",
                                        f"--data-root={root}"])
@@ -608,7 +598,7 @@ def evaluate_val_loss(model: torch.nn.Module, loader: data.ShardLoader, steps: i
 def load_hellaswag(config: TrainConfig, env: runtime.DistEnv) -> list[dict[str, Any]] | None:
     """The examples HellaSwag runs on during training; None when it is off or its file cannot
     be had (missing, no network): training goes on without it."""
-    if config.hellaswag_every <= 0:
+    if not config.hellaswag_interval:
         return None
     try:
         return eval_hellaswag.load_examples(config.hellaswag_data, limit=config.hellaswag_limit)
@@ -642,132 +632,166 @@ def run_log(config: TrainConfig, env: runtime.DistEnv, out_dir: Path) -> Callabl
 # ------------------------------------------------------------------------------ the recipe
 
 
+@dataclass
+class Run:
+    """What the loop works with, made once by train()."""
+    config: TrainConfig
+    env: runtime.DistEnv
+    device: torch.device
+    precision: runtime.Precision
+    model: GPT  # the plain model: evaluations, samples and checkpoints read it
+    train_model: torch.nn.Module  # what the step runs: the model compiled and/or under DDP
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loader: data.ShardLoader
+    val_loader: data.ShardLoader
+    grad_accum: int
+    out_dir: Path
+    argv: list[str]
+    log: Callable[..., None]
+
+
 def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
     """Setup, top to bottom, then the loop."""
-    say: Callable[[str], None] = lambda msg: runtime.print0(msg, env=env)  # noqa: E731
     device, precision = cli.resolve_runtime(config.device, config.dtype)
     device = runtime.distributed_device(env, device)
+    # A total batch that does not split into whole micro-batches is refused before any work.
     config.samples_per_rank(env.world_size, 1 if config.batch_size == AUTO else
                             config.micro_batch)
     check_fsdp(config, env, precision)
     runtime.init_distributed(env, device)
-    train_files, val_files, source = find_data(config, env, say)  # before any --out-dir clash
-    out_dir = Path(config.out_dir).expanduser()
-    with checkpoint.hold(out_dir, env):  # before the first write, to the exit
+    with contextlib.ExitStack() as stack:
+        # ------------------------------------------------------------------------ data
+        train_files, val_files, source = find_data(config, env)  # before any --out-dir clash
+
+        # ------------------------------------------------------------------ run folder
+        out_dir = Path(config.out_dir).expanduser()
+        stack.enter_context(checkpoint.hold(out_dir, env))  # before the first write, to the exit
         resume_path = checkpoint.resume_point(out_dir, config.resume, config.overwrite)
         if config.resume and resume_path is None:
-            say(f"--resume: no checkpoint in {out_dir}; starting from scratch")
+            print0(f"--resume: no checkpoint in {out_dir}; starting from scratch")
         resume = checkpoint.load(resume_path) if resume_path else None
+
+        # ----------------------------------------------------------------------- model
         torch.manual_seed(config.seed)  # the model's init is the run's only random draw
         if device.type == "cuda":
             runtime.enable_tf32()
         model = build_model(config, resume, resume_path).to(device)
-        if config.sample_every > 0 and config.max_steps > 0:  # the samples' prompt and length fit
+        if config.sample_interval and config.max_steps > 0:
+            # The samples' prompt and length must fit the model: refused now, not mid-run.
             length = min(config.sample_length, model.config.block_size)
             sample.new_token_count(model, sample.encode_prompt(config.sample_prompt), length,
                                    ("--sample-prompt", "--sample-length"))
         model.activation_checkpointing = config.activation_checkpointing
-        chosen = None
-        if config.batch_size == AUTO:
-            if resume is not None and resume_path is not None:  # exact resume needs its loader's
-                size = int(resume["loader_states"][0]["batch_size"])
+        if config.fsdp:
+            # Sharded in place: the optimizer built below holds only this rank's shards, and
+            # validation runs on the sharded model directly.
+            sharding.shard_model(model, precision, device)
+        auto_micro_batch = config.batch_size == AUTO
+        if auto_micro_batch:
+            if resume is not None and resume_path is not None:  # exact resume needs its own
+                size = resume["loader_states"][0]["batch_size"]
                 chosen = f"the micro-batch of {resume_path.name}"
             else:
                 size, chosen = runtime.auto_micro_batch(
                     model, config.samples_per_rank(env.world_size), config.seq_len, precision,
                     device, env)
             config = dataclasses.replace(config, batch_size=size)
-            say(f"--batch-size=auto: micro-batch {size} ({chosen})")
+            print0(f"--batch-size=auto: micro-batch {size} ({chosen})")
         grad_accum = config.grad_accum(env.world_size)
         if config.quickstart and resume is None:
             seconds = estimate_run_seconds(config, grad_accum, runtime.time_micro_step(
                 model, config.micro_batch, config.seq_len, precision, device))
-            say(f"Quickstart: about {seconds / 60:.1f} minutes of training on this machine "
-                "(estimated from one timed step; other work on the CPU makes it longer)")
+            print0(f"Quickstart: about {seconds / 60:.1f} minutes of training on this machine "
+                   "(estimated from one timed step; other work on the CPU makes it longer)")
         if config.compile is None:
             config = dataclasses.replace(config, compile=device.type == "cuda")
-        if config.fsdp:
-            # Sharded in place: the optimizer built below holds only this rank's shards, and
-            # validation runs on the sharded model directly.
-            sharding.shard_model(model, precision, device)
         train_model: torch.nn.Module = model
         if config.compile:
             train_model = torch.compile(model)  # type: ignore[assignment]
         if env.is_distributed and not config.fsdp:
             ids = [device.index] if device.type == "cuda" else None
             train_model = DistributedDataParallel(train_model, device_ids=ids)
+
+        # ------------------------------------------------------------------- optimizer
         optimizer = build_optimizer(model, config, device)
         scaler = runtime.make_grad_scaler(precision, device)
-        vocab = (data.VOCAB_SIZE if model.config.vocab_size == PADDED_VOCAB_SIZE  # padding rows
+
+        # --------------------------------------------------------------------- loaders
+        # Token ids at or above the vocabulary are refused; GPT-2's padding rows never occur.
+        vocab = (data.VOCAB_SIZE if model.config.vocab_size == PADDED_VOCAB_SIZE
                  else min(model.config.vocab_size, 2**16))
-        with (make_loader(train_files, config, env, device, config.shuffle, vocab) as loader,
-              make_loader(val_files, config, env, device, False, vocab) as val_loader):
-            start_step, skipped = 0, 0
-            if resume is not None and resume_path is not None:
-                start_step, skipped = checkpoint.restore_training(
-                    resume, resume_path, config.fsdp, env, model, optimizer, scaler, loader)
-                say(f"resumed from {resume_path} at step {start_step}")
-            if env.is_main:
-                checkpoint.open_run(out_dir, resume_path, start_step)
-            if env.is_distributed:
-                torch.distributed.barrier()
-            log = run_log(config, env, out_dir)
-            if chosen and resume is None:
-                log(start_step, micro_batch=config.micro_batch, grad_accum=grad_accum)
-            say(f"data: {source} ({len(train_files)} train, {len(val_files)} val shards)")
-            say(f"model: {model.config} ({model.num_params() / 1e6:.1f}M parameters), "
-                f"device {device}, {precision.name}, world size {env.world_size}")
-            say(f"batch: {config.micro_batch} x {config.seq_len} tokens x {env.world_size} ranks x "
-                f"{grad_accum} accumulation = {config.total_batch_size} tokens per step")
-            return training_loop(
-                config=config, env=env, device=device, precision=precision, model=model,
-                train_model=train_model, optimizer=optimizer, scaler=scaler, loader=loader,
-                val_loader=val_loader, grad_accum=grad_accum, out_dir=out_dir, argv=argv, log=log,
-                start_step=start_step, skipped=skipped, last_checkpoint=resume_path)
+        shard_loader = functools.partial(
+            data.ShardLoader, batch_size=config.micro_batch, seq_len=config.seq_len,
+            rank=env.rank, world_size=env.world_size, seed=config.seed, device=device,
+            backend=config.loader_backend, vocab_size=vocab)
+        loader = stack.enter_context(shard_loader(train_files, shuffle=config.shuffle))
+        val_loader = stack.enter_context(shard_loader(val_files, shuffle=False))
+
+        # --------------------------------------------------- resume, and the log opened
+        start_step, skipped = 0, 0
+        if resume is not None and resume_path is not None:
+            start_step, skipped = checkpoint.restore_training(
+                resume, resume_path, config.fsdp, env, model, optimizer, scaler, loader)
+            print0(f"resumed from {resume_path} at step {start_step}")
+        if env.is_main:
+            checkpoint.open_run(out_dir, resume_path, start_step)
+        if env.is_distributed:
+            torch.distributed.barrier()
+        log = run_log(config, env, out_dir)
+        if auto_micro_batch and resume is None:
+            log(start_step, micro_batch=config.micro_batch, grad_accum=grad_accum)
+        print0(f"data: {source} ({len(train_files)} train, {len(val_files)} val shards)")
+        print0(f"model: {model.config} ({model.num_params() / 1e6:.1f}M parameters), "
+               f"device {device}, {precision.name}, world size {env.world_size}")
+        print0(f"batch: {config.micro_batch} x {config.seq_len} tokens x {env.world_size} "
+               f"ranks x {grad_accum} accumulation = {config.total_batch_size} tokens per step")
+        run = Run(config, env, device, precision, model, train_model, optimizer, scaler, loader,
+                  val_loader, grad_accum, out_dir, argv, log)
+        return training_loop(run, start_step, skipped, resume_path)
 
 
-def training_loop(*, config: TrainConfig, env: runtime.DistEnv, device: torch.device,
-                  precision: runtime.Precision, model: GPT, train_model: torch.nn.Module,
-                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                  loader: data.ShardLoader, val_loader: data.ShardLoader, grad_accum: int,
-                  out_dir: Path, argv: list[str], log: Callable[..., None], start_step: int,
-                  skipped: int, last_checkpoint: Path | None) -> int:
+def training_loop(run: Run, start_step: int, skipped: int, last_checkpoint: Path | None) -> int:
     """Each iteration: the evaluations due at `step`, then (unless it is the last) one
     optimizer step, its log line, and the checkpoint when due or asked for by a signal."""
-    say: Callable[[str], None] = lambda msg: runtime.print0(msg, env=env)  # noqa: E731
+    config, env, device, model, log = run.config, run.env, run.device, run.model, run.log
+    # configure() resolved them from --eval-interval and --max-lr.
+    assert config.hellaswag_interval is not None and config.sample_interval is not None
+    assert config.min_lr is not None
     if start_step >= config.max_steps:
-        say(f"already trained to step {start_step} (--max-steps={config.max_steps})")
+        print0(f"already trained to step {start_step} (--max-steps={config.max_steps})")
         return 0
     hellaswag = load_hellaswag(config, env)
     flops_per_token = model.flops_per_token(config.seq_len)
     peak = runtime.gpu_peak_flops(device)
     with runtime.StopFlag().installed() as stop:
         for step in range(start_step, config.max_steps + 1):
+            # ---------------------------------------------------------- evaluations
             if due(config.eval_interval, step, config.max_steps):
-                val = evaluate_val_loss(model, val_loader, config.val_steps, precision, device,
-                                        env)
-                say(f"step {step:6d} | val loss {val:.4f}")
+                val = evaluate_val_loss(model, run.val_loader, config.val_steps,
+                                        run.precision, device, env)
+                print0(f"step {step:6d} | val loss {val:.4f}")
                 log(step, val_loss=val)
-            run_hellaswag = hellaswag is not None and due(config.hellaswag_every, step,
+            run_hellaswag = hellaswag is not None and due(config.hellaswag_interval, step,
                                                           config.max_steps)
             # Samples from the untrained weights at step 0 would only show noise.
-            samples = step > 0 and due(config.sample_every, step, config.max_steps)
+            samples = step > 0 and due(config.sample_interval, step, config.max_steps)
             if run_hellaswag or samples:
                 # Under --fsdp a full copy (every rank makes it): sampling runs on rank 0
                 # alone, and HellaSwag gives ranks different numbers of forward passes.
                 eval_model = sharding.full_weights_copy(model, device) if config.fsdp else model
                 if hellaswag is not None and run_hellaswag:
                     score = eval_hellaswag.evaluate(eval_model, hellaswag, device,
-                                                    precision=precision, rank=env.rank,
+                                                    precision=run.precision, rank=env.rank,
                                                     world_size=env.world_size)
-                    say(f"step {step:6d} | HellaSwag acc_norm {score.correct_norm}/"
-                        f"{score.total} = {score.acc_norm:.4f}")
+                    print0(f"step {step:6d} | HellaSwag acc_norm {score.correct_norm}/"
+                           f"{score.total} = {score.acc_norm:.4f}")
                     log(step, hellaswag_acc_norm=score.acc_norm, hellaswag_acc=score.acc)
                 if samples and env.is_main:
                     texts = sample.generate_text(
                         eval_model, config.sample_prompt, config.num_samples,
                         min(config.sample_length, model.config.block_size), seed=config.seed,
-                        device=device, precision=precision)
+                        device=device, precision=run.precision)
                     print(f"step {step:6d} | samples:", *(f"> {t}" for t in texts), sep="\n",
                           flush=True)
                     log(step, samples=texts)
@@ -775,47 +799,53 @@ def training_loop(*, config: TrainConfig, env: runtime.DistEnv, device: torch.de
             if step == config.max_steps:
                 return 0
 
+            # ------------------------------------------------------------------ step
             t0 = time.perf_counter()
-            lr = get_lr(step, config.max_lr, config.final_min_lr, config.warmup_steps,
-                        config.max_steps, config.cooldown)
-            result = train_step(train_model, optimizer, scaler, loader.next_batch, grad_accum,
-                                precision, device, lr, config.grad_clip)
+            cooldown_frac = config.cooldown_frac if config.lr_schedule == "wsd" else None
+            lr = get_lr(step, config.max_lr, config.min_lr, config.warmup_steps,
+                        config.max_steps, cooldown_frac)
+            result = train_step(run.train_model, run.optimizer, run.scaler,
+                                run.loader.next_batch, run.grad_accum, run.precision, device,
+                                lr, config.grad_clip)
             loss, grad_norm, stop_requested = read_step(result, stop.requested, env)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
             if step == start_step and config.compile:
-                say(f"first step, with the one-time torch.compile: {dt:.1f} s")
+                print0(f"first step, with the one-time torch.compile: {dt:.1f} s")
             # Without a GradScaler to skip such a step, a non-finite gradient norm means the
             # clipped update was zero or NaN: nothing more would be learned.
             problem = None
             if not math.isfinite(loss):
                 problem = f"loss is {loss}"
-            elif not scaler.is_enabled() and not math.isfinite(grad_norm):
+            elif not run.scaler.is_enabled() and not math.isfinite(grad_norm):
                 problem = f"gradient norm is {grad_norm}"
             if problem is not None:
                 print(f"error: {problem} at step {step}; stopping. Last good checkpoint: "
                       f"{last_checkpoint or 'none'}", file=sys.stderr, flush=True)
                 return 1
+
+            # ------------------------------------------------------------------- log
             skipped += result.skipped
             tok_per_s = config.total_batch_size / dt
             mfu = runtime.model_flops_utilization(flops_per_token, tok_per_s, peak,
                                                   env.world_size)
-            loss_scale = result.loss_scale if scaler.is_enabled() else None
-            say(format_step(step, config.max_steps, loss, lr, grad_norm, dt, tok_per_s, mfu,
-                            loss_scale, skipped))
+            loss_scale = result.loss_scale if run.scaler.is_enabled() else None
+            print0(format_step(step, config.max_steps, loss, lr, grad_norm, dt, tok_per_s, mfu,
+                               loss_scale, skipped))
             record = dict(loss=loss, lr=lr, grad_norm=grad_norm, dt_ms=dt * 1000,
                           tok_per_s=tok_per_s, mfu=mfu, loss_scale=loss_scale,
                           skipped_steps=None if loss_scale is None else skipped)
             log(step, **{k: v for k, v in record.items() if v is not None})
 
+            # ------------------------------------------------------------ checkpoint
             if due(config.checkpoint_interval, step + 1, config.max_steps) or stop_requested:
                 last_checkpoint = checkpoint.save_training(
-                    out_dir, step + 1, config, env, model, optimizer, scaler, loader, skipped,
-                    argv)
+                    run.out_dir, step + 1, config, env, model, run.optimizer, run.scaler,
+                    run.loader, skipped, run.argv)
                 log(step + 1, checkpoint=str(last_checkpoint))
             if stop_requested:
-                say(f"stopped at step {step + 1}; continue with --resume")
+                print0(f"stopped at step {step + 1}; continue with --resume")
                 return 0
     return 0
 
@@ -824,10 +854,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     env = runtime.detect_distributed()
     config = parse_args(argv)
-    say: Callable[[str], None] = lambda msg: runtime.print0(msg, env=env)  # noqa: E731
     try:
-        return cli.run_script(lambda: train(configure(config, argv, say), argv, env),
-                              config.debug)
+        return cli.run_script(lambda: train(configure(config, argv), argv, env), config.debug)
     finally:
         runtime.destroy_distributed()
 

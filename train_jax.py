@@ -51,13 +51,17 @@ from train_gpt2 import (
     parse_args,
 )
 
-# train_gpt2.py flags with nothing to act on here; giving one is a usage error.
+# train_gpt2.py flags with nothing to act on here; giving one is a usage error (a test walks
+# every TrainConfig field: each is used here or listed here).
 NOT_APPLICABLE = {
     "compile": "JAX compiles every step function",
     "hellaswag_data": "train_jax.py runs no HellaSwag evaluation",
     "hellaswag_limit": "train_jax.py runs no HellaSwag evaluation",
     "fsdp": "train_jax.py replicates the weights on its local devices",
     "optimizer": "train_jax.py trains with AdamW (optax)",
+    "muon_lr": "train_jax.py trains with AdamW (optax)",
+    "wandb_project": "train_jax.py writes log.jsonl only",
+    "wandb_run_name": "train_jax.py writes log.jsonl only",
 }
 SAMPLE_TOP_K = 50  # sample.py's default
 say = functools.partial(print, flush=True)
@@ -204,7 +208,7 @@ def restore(state: dict[str, Any], path: Path, opt_state: Any, sharding: NamedSh
 
 def train(config: TrainConfig, argv: list[str]) -> int:
     """Setup, top to bottom, then the loop, as train_gpt2.train runs them."""
-    config = configure(config, argv, say)
+    config = configure(config, argv)
     check_applicable(config)
     devices = resolve_devices(config.device)
     bf16 = config.dtype == "bf16" or (config.dtype == "auto" and devices[0].platform == "gpu")
@@ -216,7 +220,7 @@ def train(config: TrainConfig, argv: list[str]) -> int:
         if config.resume and resume_path is None:
             say(f"--resume: no checkpoint in {out_dir}; starting from scratch")
         resume = checkpoint.load(resume_path) if resume_path else None
-        train_files, val_files, source = find_data(config, runtime.DistEnv(), say)
+        train_files, val_files, source = find_data(config, runtime.DistEnv())
 
         torch.manual_seed(config.seed)  # train_gpt2.py's init for the same seed
         start = build_model(config, resume, resume_path)
@@ -266,12 +270,13 @@ def training_loop(*, config: TrainConfig, mesh: Mesh, n_head: int, dtype: Any,
     """Each iteration: the evaluations due at `step`, then (unless it is the last) one
     optimizer step, its log line, and the checkpoint when due or asked for by a signal."""
     log = functools.partial(checkpoint.append_log, out_dir)
+    # configure() resolved them from --eval-interval and --max-lr.
+    assert config.sample_interval is not None and config.min_lr is not None
     if start_step >= config.max_steps:
         say(f"already trained to step {start_step} (--max-steps={config.max_steps})")
         return 0
-    device = mesh.devices.flat[0]  # a GPU's bf16 peak from runtime's table, by name
-    peak = next((flops for key, flops in runtime.GPU_BF16_PEAK_FLOPS.items()
-                 if device.platform == "gpu" and key in device.device_kind), None)
+    device = mesh.devices.flat[0]
+    peak = runtime.peak_flops_of(device.device_kind) if device.platform == "gpu" else None
     with runtime.StopFlag().installed() as stop:
         for step in range(start_step, config.max_steps + 1):
             if due(config.eval_interval, step, config.max_steps):
@@ -279,7 +284,7 @@ def training_loop(*, config: TrainConfig, mesh: Mesh, n_head: int, dtype: Any,
                 say(f"step {step:6d} | val loss {val:.4f}")
                 log(step, val_loss=val)
             # Samples from the untrained weights at step 0 would only show noise.
-            if step > 0 and due(config.sample_every, step, config.max_steps):
+            if step > 0 and due(config.sample_interval, step, config.max_steps):
                 texts = generate_samples(config, params, n_head)
                 if texts:
                     say(f"step {step:6d} | samples:", *(f"> {t}" for t in texts), sep="\n")
@@ -288,8 +293,9 @@ def training_loop(*, config: TrainConfig, mesh: Mesh, n_head: int, dtype: Any,
                 return 0
 
             t0 = time.perf_counter()
-            lr = get_lr(step, config.max_lr, config.final_min_lr, config.warmup_steps,
-                        config.max_steps, config.cooldown)
+            cooldown_frac = config.cooldown_frac if config.lr_schedule == "wsd" else None
+            lr = get_lr(step, config.max_lr, config.min_lr, config.warmup_steps,
+                        config.max_steps, cooldown_frac)
             batches = [loader.next_arrays() for _ in range(grad_accum)]
             xs = on_devices(np.stack([x for x, _ in batches]), mesh, None, "data")
             ys = on_devices(np.stack([y for _, y in batches]), mesh, None, "data")

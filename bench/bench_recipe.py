@@ -286,7 +286,7 @@ def time_steps(args: argparse.Namespace, chosen: dict[str, float]) -> dict[str, 
         x, y = loader.next_batch()
     for recipe in args.recipes:
         argv = train_flags(args, Run(recipe, chosen[recipe], 0, args.steps), Path("unused"))
-        config = train_gpt2.configure(train_gpt2.parse_args(argv), argv, lambda _: None)
+        config = train_gpt2.configure(train_gpt2.parse_args(argv), argv)
         torch.manual_seed(0)
         model = GPT(train_gpt2.model_config(config)).to(device)
         optimizer = train_gpt2.build_optimizer(model, config, device)

@@ -7,6 +7,7 @@ The runs are shared by the tests below (each torchrun start costs seconds on a s
 
 from __future__ import annotations
 
+import pickle
 import shutil
 import socket
 import subprocess
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_hostile import Case, check_case
+import torch.distributed.checkpoint as dcp
+from test_hostile import Case, Payload, check_case
 from test_train import (
     SCRIPT,
     read_log,
@@ -26,10 +28,14 @@ from test_train import (
     write_hellaswag,
     write_shards,
 )
+from torch.distributed.checkpoint import format_utils
 
 import cli
+import data
 import eval_hellaswag
+import export
 import sample
+import sharding
 import train_gpt2
 
 STEPS = 30
@@ -106,7 +112,8 @@ def test_fsdp_logs_the_losses_of_ddp(runs: Path) -> None:
 
 def test_fsdp_checkpoints_are_complete_folders(runs: Path) -> None:
     names = sorted(p.name for p in (runs / "fsdp").iterdir() if p.name.startswith(("ckpt", ".")))
-    assert names == ["ckpt_0000010", "ckpt_0000020", "ckpt_0000030"]  # no temp folders left
+    # No temp folders left; .lock is the run's hold on the folder.
+    assert names == [".lock", "ckpt_0000010", "ckpt_0000020", "ckpt_0000030"]
     state = torch.load(runs / "fsdp" / "ckpt_0000030" / "train_state.pt", weights_only=True)
     assert state["step"] == STEPS and state["world_size"] == 2
     assert "model" not in state and "optimizer" not in state  # those are in the shards
@@ -205,13 +212,14 @@ FOLDER_FAULTS = {  # name: (script, spoil, what the one error line names)
     "sample: a shard cut short (no checksums)": (
         sample.main, cut_a_shard, f"ckpt_{STEPS:07d}: cannot read its shards"),
     "train: --resume from a folder whose metadata is gone (no checksums)": (
-        train_gpt2.main, lose_the_metadata, f"ckpt_{STEPS:07d}: cannot read its shards"),
+        train_gpt2.main, lose_the_metadata, f"ckpt_{STEPS:07d}/.metadata: missing"),
     "sample: a string in train_state.pt's model_config": (
         sample.main, lambda f: edit_train_state(f, lambda s: s["model_config"].update(
             n_head="2")), "train_state.pt: model_config['n_head'] is '2'"),
     "eval: train_state.pt of another model (no checksums)": (
         eval_hellaswag.main, lambda f: edit_train_state(f, lambda s: (
-            s.pop("sha256"), s["model_config"].update(n_layer=3))), "Missing key"),
+            s.pop("sha256"), s["model_config"].update(n_layer=3))),
+        "model_config['n_layer'] is 3, its weights hold 2 layers"),
 }
 
 
@@ -232,6 +240,119 @@ def test_a_damaged_fsdp_folder_is_one_line(runs: Path, name: str, tmp_path: Path
         return [f"--checkpoint={folder}", "--device=cpu", "--max-length=4"]
 
     check_case(Case(script, args, 1, names), tmp_path, capsys, monkeypatch)
+
+
+# ------------------------------------------------------- a folder that tries to run code
+
+
+def matching_checksums(folder: Path) -> None:
+    """The checksum map rewritten over the folder as it is now: what a hostile author of the
+    folder writes too."""
+    sums = {p.name: data.file_sha256(p) for p in folder.iterdir() if p.name != "train_state.pt"}
+    edit_train_state(folder, lambda state: state.update(sha256=sums))
+
+
+def hostile_metadata(checksums: str) -> Callable[[Path, Path], None]:
+    """`.metadata` a pickle whose loading would create the marker file."""
+    def spoil(folder: Path, marker: Path) -> None:
+        (folder / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+        if checksums == "none":
+            without_checksums(folder)
+        else:
+            matching_checksums(folder)
+    return spoil
+
+
+def hostile_shard_file(folder: Path, marker: Path) -> None:
+    """A shard file swapped for such a pickle, the checksums matching."""
+    (folder / "__0_0.distcp").write_bytes(pickle.dumps(Payload(marker)))
+    matching_checksums(folder)
+
+
+def hostile_byte_item(folder: Path, marker: Path) -> None:
+    """The folder written anew by torch.distributed.checkpoint with the optimizer's
+    param_groups holding the payload (DCP saves non-tensor values as pickled byte items),
+    its metadata genuine and its checksums matching."""
+    whole = folder.parent / "whole.pt"
+    format_utils.dcp_to_torch_save(folder, whole)  # the test trusts the folder it wrote
+    state = torch.load(whole, weights_only=False)
+    state["optimizer"]["param_groups"][0]["lr"] = Payload(marker)
+    for old in [folder / ".metadata", *folder.glob("*.distcp")]:
+        old.unlink()
+    dcp.save(state, checkpoint_id=folder, no_dist=True)
+    whole.unlink()
+    matching_checksums(folder)
+
+
+def hostile_train_state(folder: Path, marker: Path) -> None:
+    """train_state.pt swapped for a pickle of the payload."""
+    torch.save({"model_config": Payload(marker)}, folder / "train_state.pt")
+
+
+HOSTILE_FOLDERS = {
+    "metadata, no checksums": hostile_metadata("none"),
+    "metadata, matching checksums": hostile_metadata("matching"),
+    "a shard file, matching checksums": hostile_shard_file,
+    "a byte item, genuine metadata, matching checksums": hostile_byte_item,
+    "train_state.pt": hostile_train_state,
+}
+ENTRY_POINTS = ["sample", "eval", "train --init-from", "train --resume", "export",
+                "train_jax --init-from"]
+
+
+def entry_point_args(entry: str, runs: Path, root: Path,
+                     folder: Path) -> tuple[Callable[[list[str]], int], list[str]]:
+    shards = runs / "shards"
+    if entry == "sample":
+        return sample.main, [f"--checkpoint={folder}", "--device=cpu", "--max-length=4"]
+    if entry == "eval":
+        return eval_hellaswag.main, [f"--checkpoint={folder}", "--device=cpu",
+                                     f"--data={write_hellaswag(root / 'hs.jsonl')}"]
+    if entry == "train --init-from":
+        return train_gpt2.main, tiny_args(shards, root / "new", "--max-steps=1",
+                                          f"--init-from={folder}")
+    if entry == "train --resume":
+        return train_gpt2.main, tiny_args(shards, root / "out", *COMMON, "--batch-size=4",
+                                          "--resume")
+    if entry == "export":
+        return export.main, [f"--checkpoint={folder}", f"--out={root / 'hf'}"]
+    import train_jax
+
+    return train_jax.main, tiny_args(shards, root / "new", "--max-steps=1", "--batch-size=4",
+                                     f"--init-from={folder}")
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("hostile", list(HOSTILE_FOLDERS))
+def test_a_hostile_fsdp_folder_runs_nothing(runs: Path, tmp_path: Path, hostile: str, entry: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Whatever the folder holds and whatever its checksums say: one line naming the folder,
+    exit 1, the payload never run (its marker file absent), nothing written."""
+    if hostile.startswith("a byte item") and entry != "train --resume":
+        pytest.skip("only --resume reads the optimizer state, where the byte items are")
+    if entry == "train_jax --init-from":
+        pytest.importorskip("jax")
+    marker = tmp_path / "PAYLOAD-RAN"
+    folder = copy_of_run(runs, tmp_path, lambda f: HOSTILE_FOLDERS[hostile](f, marker))
+    main, args = entry_point_args(entry, runs, tmp_path, folder)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.name != ".lock")
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and str(folder) in errors[0] and "Traceback" not in err, err
+    assert not marker.exists(), "the folder ran code"
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.name != ".lock")
+    assert after == before, "something was written"
+
+
+def test_the_metadata_reader_admits_what_dcp_writes(runs: Path) -> None:
+    """The restricted reader gives the same Metadata as torch's own (plain pickle) reader."""
+    folder = runs / "fsdp" / f"ckpt_{STEPS:07d}"
+    ours = sharding.read_metadata(folder)
+    theirs = dcp.FileSystemReader(folder).read_metadata()
+    assert ours.state_dict_metadata == theirs.state_dict_metadata
+    assert ours.storage_data == theirs.storage_data
 
 
 def test_a_folder_without_checksums_still_loads(runs: Path, tmp_path: Path) -> None:

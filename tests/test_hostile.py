@@ -25,6 +25,8 @@ import pytest
 import torch
 
 import eval_hellaswag
+import export
+import plot_log
 import prepare_dataset
 import sample
 import train_gpt2
@@ -382,3 +384,199 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line(tmp_path: Path) -> N
         in error_lines[0], done.stderr
     assert not list(tmp_path.rglob(".*.tmp")), "a half-written file was left"
     assert {k: v for k, v in snapshot(tmp_path).items() if k in saved} == saved
+
+
+# ------------------------------------------ the 2026-12-07 probe's cases, by the mechanism
+
+
+def with_log_line(line: bytes) -> Callable[[Path], list[str]]:
+    """--resume args, the run's log.jsonl holding `line` in its middle."""
+    def args(root: Path) -> list[str]:
+        resumed = resume_args(root)
+        log = root / "out" / "log.jsonl"
+        lines = log.read_bytes().splitlines(keepends=True)
+        log.write_bytes(b"".join([lines[0], line + b"\n", *lines[1:]]))
+        return resumed
+    return args
+
+
+def plot_args(line: bytes) -> Callable[[Path], list[str]]:
+    def args(root: Path) -> list[str]:
+        log = root / "log.jsonl"
+        log.write_bytes(b'{"step": 0, "loss": 5.0}\n' + line + b"\n")
+        return [str(log), f"--output={root / 'plot.png'}"]
+    return args
+
+
+def gpt2_vocab_checkpoint(root: Path, spoil: Callable[[dict[str, Any]], object] = lambda s: None
+                          ) -> Path:
+    """A tiny model with GPT-2's vocabulary (what export, sampling and HellaSwag take)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("gpt2-tiny", n_embd=32))
+    state = {"model_config": dataclasses.asdict(model.config), "model": model.state_dict()}
+    spoil(state)
+    torch.save(state, root / "gpt2.pt")
+    return root / "gpt2.pt"
+
+
+def export_args(root: Path) -> list[str]:
+    return [f"--checkpoint={gpt2_vocab_checkpoint(root)}", f"--out={root / 'hf'}"]
+
+
+def an_export_there(root: Path) -> list[str]:
+    args = export_args(root)
+    assert export.main(args) == 0
+    return args
+
+
+def overflowing(state: dict[str, Any]) -> None:
+    """Every stored value finite, but the logits overflow to inf and then NaN."""
+    state["model"]["transformer.ln_f.weight"].fill_(3e38)
+
+
+def exploding(state: dict[str, Any]) -> None:
+    """Finite weights, a finite loss (about 1e34), and a gradient norm whose square
+    overflows to inf at every step."""
+    state["model"]["transformer.ln_f.weight"].fill_(1e36)
+
+
+def wrong_optimizer_shape(state: dict[str, Any]) -> None:
+    moments = next(iter(state["optimizer"]["state"].values()))
+    moments["exp_avg"] = torch.zeros(3, *moments["exp_avg"].shape[1:])
+
+
+def without_wandb(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+
+
+def a_fifo(root: Path) -> list[str]:
+    fifo = root / "fifo.jsonl"
+    os.mkfifo(fifo)
+    return [f"--pretrained={hf_dir(root)}", "--device=cpu", f"--data={fifo}"]
+
+
+def long_ending(root: Path) -> list[str]:
+    row = json.dumps({"ctx": "The cat sat on the", "label": 0,
+                      "endings": [" mat." * 300, " moon.", " idea.", " seven."]})
+    return [f"--pretrained={hf_dir(root)}", "--device=cpu",
+            f"--data={hellaswag_file(root, [HELLASWAG, row])}"]
+
+
+PROBE_CASES = {
+    # A folder held: two runs never write one --out-dir; a usage error comes before any write.
+    "train: --overwrite with --wandb-project and no wandb (D-3)": Case(
+        train_gpt2.main, lambda r: resume_args(r)[:-1] + ["--overwrite", "--wandb-project=p"],
+        2, "--wandb-project needs the wandb package", without_wandb),
+    "train: --resume of a checkpoint trained with Muon, as AdamW (M-5)": Case(
+        train_gpt2.main, lambda r: resume_args(r, lambda s: s["config"].update(
+            optimizer="muon")), 2, "optimizer=muon (this run: adamw)"),
+    # Written whole, then renamed: nothing half-written, nothing replaced unasked.
+    "export: into a folder holding an earlier export (D-4)": Case(
+        export.main, an_export_there, 2, "--overwrite"),
+    "plot: --output the log itself (D-5)": Case(
+        plot_log.main, lambda r: [str(plot_args(b"")(r)[0]), f"--output={r / 'log.jsonl'}"],
+        2, "would overwrite a log"),
+    # Values range-checked where they are read, naming the file (and line).
+    "train: --resume from a checkpoint at step -5 (S-1)": Case(
+        train_gpt2.main, lambda r: resume_args(r, lambda s: s.update(step=-5)), 1,
+        "ckpt_0000002.pt: step is -5"),
+    "train: --resume from a checkpoint whose step is a string (M-3)": Case(
+        train_gpt2.main, lambda r: resume_args(r, lambda s: s.update(step="abc")), 1,
+        "ckpt_0000002.pt: step is 'abc'"),
+    "train: --resume from a checkpoint of 0 processes (M-4)": Case(
+        train_gpt2.main, lambda r: resume_args(r, lambda s: s.update(world_size=0)), 1,
+        "ckpt_0000002.pt: world_size is 0"),
+    "train: --resume with optimizer state of the wrong shape (M-2)": Case(
+        train_gpt2.main, lambda r: resume_args(r, wrong_optimizer_shape), 1,
+        "ckpt_0000002.pt: its optimizer state 'exp_avg' has shape"),
+    "sample: a checkpoint whose n_layer is 200000 (M-1)": Case(
+        sample.main, lambda r: sample_ckpt(spoiled(r, set_config(n_layer=200_000))), 1,
+        "bad.pt: model_config['n_layer'] is 200000, its weights hold 2 layers"),
+    "sample: a checkpoint whose block_size is 10**12 (M-1)": Case(
+        sample.main, lambda r: sample_ckpt(spoiled(r, set_config(block_size=10**12))), 1,
+        "bad.pt: model['transformer.wpe.weight'] has shape"),
+    "sample: a Hugging Face config.json with n_positions 10**12 (M-1)": Case(
+        sample.main, lambda r: hf_spoiled(r, edit_config(n_positions=10**12)), 1,
+        "config.json: its sizes call for wpe.weight"),
+    "train: --resume with a log line that is a JSON list (T-2)": Case(
+        train_gpt2.main, with_log_line(b"[1, 2]"), 1, "log.jsonl:2: not an event"),
+    "train: --resume with a log line whose step is a string (T-2)": Case(
+        train_gpt2.main, with_log_line(b'{"step": "x"}'), 1, "log.jsonl:2: not an event"),
+    "train: --resume with a log line that is not UTF-8 (M-9)": Case(
+        train_gpt2.main, with_log_line(b'{"step": 1, "x": "\xe9"}'), 1,
+        "log.jsonl:2: not an event"),
+    "plot: a log line that is a JSON list (T-1)": Case(
+        plot_log.main, plot_args(b"[1, 2]"), 1, "log.jsonl:2: not an event"),
+    "plot: a null loss (T-1)": Case(
+        plot_log.main, plot_args(b'{"step": 9, "loss": null}'), 1,
+        "log.jsonl:2: loss is None, not a number"),
+    "plot: a step that is a list (T-1)": Case(
+        plot_log.main, plot_args(b'{"step": [9], "loss": 1.0}'), 1, "log.jsonl:2: not an event"),
+    "plot: a string loss (M-10)": Case(
+        plot_log.main, plot_args(b'{"step": 9, "loss": "abc"}'), 1,
+        "log.jsonl:2: loss is 'abc'"),
+    "plot: a line that is not UTF-8 (M-10)": Case(
+        plot_log.main, plot_args(b'{"step": 9, "loss": "\xe9"}'), 1,
+        "log.jsonl:2: not a UTF-8 JSON line"),
+    "plot: a folder as the log (M-10)": Case(
+        plot_log.main, lambda r: [str(folder(r / "dir.jsonl"))], 1,
+        "dir.jsonl: a directory, not a log"),
+    "eval: an ending longer than the context (M-7)": Case(
+        eval_hellaswag.main, long_ending, 1, "hs.jsonl:2: an ending of"),
+    "eval: a named pipe as --data (M-13)": Case(
+        eval_hellaswag.main, a_fifo, 1, "fifo.jsonl: not a regular file"),
+    "eval: a HellaSwag file of blank lines": Case(
+        eval_hellaswag.main, lambda r: [f"--pretrained={hf_dir(r)}", "--device=cpu",
+                                        f"--data={hellaswag_file(r, ['', ''])}"], 1,
+        "hs.jsonl: no HellaSwag examples"),
+    "prepare: --name as an absolute path (M-12)": Case(
+        prepare_dataset.main, lambda r: [*text_corpus(r), f"--name={r / 'victim'}"], 2,
+        "--name="),
+    # Non-finite values refused where they are scored.
+    "eval: finite weights whose losses overflow (S-2)": Case(
+        eval_hellaswag.main, lambda r: eval_ckpt(r, gpt2_vocab_checkpoint(r, overflowing)), 1,
+        "gpt2.pt: its HellaSwag losses are NaN or infinite"),
+    "sample: finite weights whose logits overflow (M-8)": Case(
+        sample.main, lambda r: [*sample_ckpt(gpt2_vocab_checkpoint(r, overflowing)), "Hi"], 1,
+        "gpt2.pt: its logits on the prompt are NaN or infinite"),
+    "train: --resume where every gradient norm is infinite (S-4)": Case(
+        train_gpt2.main, lambda r: resume_args(r, exploding), 1, "gradient norm is inf"),
+}
+
+
+@pytest.mark.parametrize("name", list(PROBE_CASES))
+def test_probe_case(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                    monkeypatch: pytest.MonkeyPatch) -> None:
+    check_case(PROBE_CASES[name], tmp_path, capsys, monkeypatch)
+
+
+def test_a_copy_named_like_a_checkpoint_is_neither_resumed_nor_pruned(tmp_path: Path) -> None:
+    """D-2: ckpt_best.pt (a user's copy) and a ckpt_old/ folder are not the run's."""
+    path = checkpoint(tmp_path)
+    best = path.with_name("ckpt_best.pt")
+    best.write_bytes(path.read_bytes())
+    (path.parent / "ckpt_old").mkdir()
+    assert train_gpt2.main(train_args(tmp_path, "--max-steps=4", "--checkpoint-interval=1",
+                                      "--keep-checkpoints=1", "--resume")) == 0
+    names = sorted(p.name for p in path.parent.iterdir() if p.name.startswith("ckpt_"))
+    assert names == ["ckpt_0000004.pt", "ckpt_best.pt", "ckpt_old"]
+    log = [json.loads(line) for line in (path.parent / "log.jsonl").read_text().splitlines()]
+    assert {"step": 2, "checkpoint": str(path)} in log  # resumed from the real newest
+
+
+def test_an_export_cut_by_a_full_disk_leaves_no_folder(tmp_path: Path) -> None:
+    """D-6: the kernel refuses the write (RLIMIT_FSIZE below model.safetensors's size): no
+    --out folder appears, so nothing half-written passes for an export."""
+    args = export_args(tmp_path)
+    limit = 200_000  # below the tiny model's weights, above everything torch imports write
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run([sys.executable, "-B", export.__file__, *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit_file_size)
+    assert done.returncode == 1, done.stderr
+    assert "model.safetensors: cannot write it" in done.stderr
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf*"))

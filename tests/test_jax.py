@@ -207,3 +207,29 @@ def test_switches_beyond_gpt2_and_muon_are_refused(tmp_path: Path,
     assert "model_jax.py is GPT-2's architecture" in capsys.readouterr().err
     assert train_jax.main(tiny_args(shards, tmp_path / "b", "--optimizer=muon")) == 2
     assert "--optimizer: not used by train_jax.py" in capsys.readouterr().err
+
+
+def test_every_train_gpt2_flag_is_used_or_refused_by_train_jax() -> None:
+    """train_jax.py is train_gpt2.py's twin: each TrainConfig field is read by it (or by the
+    train_gpt2.py functions it calls), or listed as not applicable and then refused when set,
+    so no flag is accepted and silently ignored."""
+    import dataclasses
+    import inspect
+
+    shared = (train_gpt2.configure, train_gpt2.validate, train_gpt2.find_data,
+              train_gpt2.prepare_quickstart, train_gpt2.build_model, train_gpt2.model_config,
+              train_gpt2.data_root, train_gpt2.TrainConfig)
+    source = inspect.getsource(train_jax) + "".join(inspect.getsource(f) for f in shared)
+    refused = set(train_jax.NOT_APPLICABLE)
+    for field in dataclasses.fields(train_gpt2.TrainConfig):
+        used = f"config.{field.name}" in source or f"self.{field.name}" in source or (
+            f'"{field.name}"' in inspect.getsource(train_gpt2.model_config)) or (
+            field.name in train_gpt2.SWITCHES)
+        assert used or field.name in refused, f"--{field.name} is neither used nor refused"
+    defaults = train_gpt2.TrainConfig()
+    for name in refused:
+        default = getattr(defaults, name)
+        value: Any = not default if isinstance(default, bool) else "x"
+        config = dataclasses.replace(defaults, **{name: value})
+        with pytest.raises(train_gpt2.UsageError, match=f"--{name.replace('_', '-')}: not used"):
+            train_jax.check_applicable(config)

@@ -115,28 +115,31 @@ def test_get_lr_warmup_cosine_and_floor() -> None:
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))
 
 
-def test_recipe_defaults() -> None:
-    config = train_gpt2.parse_args([])
+def test_recipe_defaults(tmp_path: Path) -> None:
+    argv = [f"--data-dir={tmp_path}"]
+    config = train_gpt2.configure(train_gpt2.parse_args(argv), argv)
     assert (config.batch_size, config.seq_len, config.total_batch_size) == (64, 1024, 524288)
-    assert (config.max_lr, config.final_min_lr) == (6e-4, pytest.approx(6e-5))
+    assert (config.max_lr, config.min_lr) == (6e-4, pytest.approx(6e-5))
+    # The evaluations' own intervals default to --eval-interval's.
+    assert config.eval_interval == config.hellaswag_interval == config.sample_interval == 250
     assert (config.warmup_steps, config.max_steps) == (715, 19073)
     assert (config.weight_decay, config.grad_clip, config.vocab_size) == (0.1, 1.0, 50304)
     assert config.grad_accum(world_size=8) == 1
     assert config.grad_accum(world_size=1) == 8
 
 
-def test_quickstart_keeps_explicit_flags(tmp_path: Path) -> None:
+def test_quickstart_keeps_explicit_flags(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
     argv = [f"--data-root={tmp_path}", "--max-steps=7"]
     config = train_gpt2.parse_args(argv)
-    messages: list[str] = []
-    resolved = train_gpt2.configure(config, argv, messages.append)
+    resolved = train_gpt2.configure(config, argv)
     assert resolved.quickstart and resolved.dataset == "stdlib"
     assert (resolved.model, resolved.seq_len) == ("gpt2-mini", 256)
     assert resolved.max_steps == 7
-    assert any("prepare_dataset.py --dataset=finewebedu" in m for m in messages)
+    assert "prepare_dataset.py --dataset=finewebedu" in capsys.readouterr().out
     # Prepared finewebedu shards make it the default instead.
     write_shards(tmp_path / "finewebedu")
-    resolved = train_gpt2.configure(config, argv, messages.append)
+    resolved = train_gpt2.configure(config, argv)
     assert resolved.dataset == "finewebedu" and not resolved.quickstart
 
 
