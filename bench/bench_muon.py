@@ -110,9 +110,10 @@ def training_steps(batch: int, seq_len: int) -> dict[str, Callable[[], None]]:
         if name == "torch.optim.Muon":
             optimizer = TorchMuonRecipe(model)
         else:
-            optimizer = optim.modern_optimizer(model, matrix_optimizer="adamw" if "AdamW" in name
-                                               else "muon",
-                                               **({"matrix_lr": 3e-3} if "AdamW" in name else {}))
+            on_adamw = "AdamW" in name  # an AdamW rate for the matrices (the quickstart's)
+            optimizer = optim.modern_optimizer(
+                model, matrix_optimizer="adamw" if on_adamw else "muon",
+                matrix_lr=3e-3 if on_adamw else optim.MATRIX_LR)
 
         def step(model: ModernGPT = model,
                  optimizer: optim.MuonAdamW | TorchMuonRecipe = optimizer) -> None:
