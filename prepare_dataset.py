@@ -20,9 +20,6 @@ Resume: after each shard, `progress.json` records per split the shards written a
 the unfinished one begins (document, token offset). A rerun with the same arguments keeps
 those shards and rewrites the rest, byte-identical to an uninterrupted run. A complete
 `manifest.json` is written last; a complete dataset is skipped unless `--force`.
-
-Reading order: main and prepare (one run), write_dataset and SplitWriter (the shards),
-progress.json and the manifest, the sources, the validation rule, the flags.
 """
 
 from __future__ import annotations
@@ -92,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def prepare(args: argparse.Namespace) -> None:
-    """Prepares the dataset `args` names, going on from an interrupted run of the same
-    command; a dataset already prepared with the same arguments is left as it is."""
+    """Prepares the dataset `args` names, unless it is prepared with the same arguments."""
     cli.check_range("--shard-size", args.shard_size, minimum=1)
     cli.check_range("--num-proc", args.num_proc, minimum=1)
     splits = parse_splits(args.splits)
@@ -114,9 +110,8 @@ def prepare(args: argparse.Namespace) -> None:
         print(f"{source.name}: already prepared in {out_dir} (--force redoes it)")
         return
     with exclusive_run(out_dir):
-        resume = None if args.force else load_progress(out_dir, source, args_record)
         try:
-            write_dataset(source, out_dir, args, args_record, resume)
+            write_dataset(source, out_dir, args, args_record)
         except (PrepareError, cli.UsageError):
             # The input or the arguments must change, so these shards could never be resumed.
             remove_outputs(out_dir, source.name)
@@ -149,18 +144,15 @@ def exclusive_run(out_dir: Path) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------- the shards
-
-
 def write_dataset(source: Source, out_dir: Path, args: argparse.Namespace,
-                  args_record: dict[str, Any],
-                  resume: tuple[dict[str, SplitState], int | None] | None = None) -> None:
-    """Tokenizes `source` into shards in `out_dir`, writes the manifest and prints what it
-    wrote. With `resume` (what load_progress found) the shards it lists are kept and the
-    stream goes on where they end; every other output of an earlier run is deleted first.
+                  args_record: dict[str, Any]) -> None:
+    """Tokenizes `source` into shards in `out_dir`, going on from an interrupted run with the
+    same input and `args_record` unless --force, writes the manifest and prints what it wrote.
     Bad input raises PrepareError or cli.UsageError."""
     from tqdm import tqdm
     splits = parse_splits(args.splits)
     rule = source.val
+    resume = None if args.force else load_progress(out_dir, source, args_record)
     states, rule.end_doc = resume or ({split: SplitState() for split in ("train", "val")}, None)
     remove_outputs(out_dir, source.name, keep=states if resume else None)
     start = min((states[s].next_doc for s in splits if not states[s].done), default=0)
@@ -168,12 +160,10 @@ def write_dataset(source: Source, out_dir: Path, args: argparse.Namespace,
     # then, so the stream restarts at 0 or at val's unfinished shard.
     rule.val_tokens = states["val"].tokens - states["val"].next_offset if start else 0
     progress_path = out_dir / PROGRESS_NAME
-
     def save_progress() -> None:
         _write_json(progress_path, {"fingerprint": source.fingerprint, "args": args_record,
                                     "rule": {"val_end_doc": rule.end_doc},
                                     "splits": {s: vars(st) for s, st in states.items()}})
-
     started, new_tokens, doc_cursor = time.perf_counter(), 0, start
     with contextlib.ExitStack() as stack:
         writers = {s: SplitWriter(out_dir, source.name, s, args.shard_size, states[s],
@@ -235,8 +225,7 @@ class SplitState:
 
 class SplitWriter:
     """Streams one split's documents from where `state` stands straight into fixed-size shards
-    (a short last one's header count patched), so memory stays a chunk whatever the shard size.
-    Each finished shard goes into `state`, then `save_progress` runs."""
+    (a short last one's header count patched), so memory stays a chunk whatever the shard size."""
 
     def __init__(self, out_dir: Path, name: str, split: str, shard_size: int, state: SplitState,
                  save_progress: Callable[[], None]) -> None:
@@ -343,13 +332,10 @@ def encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------ progress.json and the manifest
-
-
 def load_progress(out_dir: Path, source: Source, args_record: dict[str, Any],
                   ) -> tuple[dict[str, SplitState], int | None] | None:
-    """Returns what an interrupted run with the same input and arguments left in progress.json
-    (each split's state, and the first train document once val's end is known), or None
-    where there is none or one of its shards is missing or cut short."""
+    """Returns each split's state and ValSplit.end_doc as an interrupted run with the same
+    input and arguments left them in progress.json, or None if its shards are not intact."""
     saved = _read_json(out_dir / PROGRESS_NAME)
     if (saved.get("fingerprint") != source.fingerprint or saved.get("args") != args_record
             or not _shards_intact(out_dir, saved.get("splits"))):
@@ -362,9 +348,8 @@ def load_progress(out_dir: Path, source: Source, args_record: dict[str, Any],
 
 
 def remove_outputs(out_dir: Path, name: str, keep: dict[str, SplitState] | None = None) -> None:
-    """Deletes the files of this dataset that a run cannot build on: temporary files of killed
-    writers, the manifest, and every shard but those `keep` lists; progress.json goes too
-    unless `keep` is given."""
+    """Deletes what a run cannot build on: killed writers' temporary files, the manifest, every
+    shard that `keep` does not list, and progress.json unless `keep` is given."""
     kept = {s["file"] for state in keep.values() for s in state.shards} if keep else set()
     shards = [*out_dir.glob(f"{name}_train_*.bin"), *out_dir.glob(f"{name}_val_*.bin")]
     for path in [*(p for p in shards if p.name not in kept), *out_dir.glob(".*.tmp")]:
@@ -375,8 +360,7 @@ def remove_outputs(out_dir: Path, name: str, keep: dict[str, SplitState] | None 
 
 
 def is_prepared(data_root: Path, name: str) -> bool:
-    """Says whether DATA_ROOT/NAME holds a finished dataset: a complete manifest whose shards
-    are all there, each of the size its token count implies."""
+    """Says whether DATA_ROOT/NAME holds a complete manifest and every shard it lists."""
     out_dir = Path(data_root) / name
     manifest = _read_json(out_dir / MANIFEST_NAME)
     return manifest.get("complete") is True and _shards_intact(out_dir, manifest.get("splits"))
@@ -386,11 +370,13 @@ def _shards_intact(out_dir: Path, splits: Any) -> bool:
     """Says whether every shard that `splits` (a manifest's or progress.json's) lists is there
     with the size its token count implies; a malformed listing is not."""
     try:
-        sizes = {out_dir / s["file"]: data.HEADER_BYTES + 2 * int(s["tokens"])
-                 for split in splits.values() for s in split["shards"]}
-    except (AttributeError, KeyError, TypeError, ValueError):
+        shards = [s for split in splits.values() for s in split["shards"]]
+        sizes = {out_dir / s["file"]: data.HEADER_BYTES + 2 * s["tokens"] for s in shards}
+    except (AttributeError, KeyError, TypeError):
         return False
-    return all(path.is_file() and path.stat().st_size == size for path, size in sizes.items())
+    # The count itself, not int() of it: that would pass "810" and truncate 810.5.
+    return (all(type(s["tokens"]) is int for s in shards)
+            and all(path.is_file() and path.stat().st_size == size for path, size in sizes.items()))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -425,8 +411,6 @@ def _write_manifest(out_dir: Path, source: Source, args_record: dict[str, Any],
 
 
 # ---------------------------------------------------------------------------- the sources
-
-
 @dataclass
 class Source:
     """A named, ordered stream of documents: `documents(start)` yields the texts from index
@@ -479,13 +463,11 @@ def local_source(name: str, files: list[Path], description: dict[str, Any],
     stats = ((path, path.stat()) for path in files)
     listing = "".join(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n" for path, st in stats)
     skipped: list[str] = []
-
     def documents(start: int) -> Iterator[str]:
         skipped.clear()  # a resume walks the skipped files again
         # Skipping is cheap next to tokenizing: it only reads the files.
         yield from itertools.islice(file_documents(files, args.text_field, args.strict,
                                                    skipped), start, None)
-
     rule = val_split(args, SMALL_VAL_FRACTION)
     if rule.fraction and "val" in parse_splits(args.splits):
         # Fewer than 1/fraction documents would give val none: it gets the last one then.
@@ -506,14 +488,12 @@ def tinyshakespeare_source(data_root: Path, val_spec: str) -> Source:
                              "\nhint: give a percentage such as 10%")
     val_fraction = Fraction(parse_val_tokens(val_spec))
     cache = data_root / "tinyshakespeare" / "input.txt"
-
     def documents(start: int) -> Iterator[str]:
         text = _utf8(data.download(TINYSHAKESPEARE_URL, cache).read_bytes(), str(cache))
         # The cut: the first line break at or after (1 - val_fraction) of the characters.
         newline = text.find("\n", int(len(text) * (1 - val_fraction)))
         cut = len(text) if newline < 0 else newline + 1
         yield from [d for d in (text[:cut], text[cut:]) if d][start:]
-
     why = f"the last {float(val_fraction):.0%} of the text, cut at a line break"
     return Source("tinyshakespeare", {"source": TINYSHAKESPEARE_URL, "cache": str(cache)},
                   f"tinyshakespeare:{val_spec}", documents,
@@ -639,18 +619,12 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
 
 
 # ------------------------------------------------------------------------ the validation rule
-
-
 @dataclass
 class ValSplit:
-    """Which documents go to val; the rest go to train.
-
-    With a `fraction` f, document i is val when floor((i+1)*f) > floor(i*f): exactly
-    floor(n*f) of n documents, evenly spread. Without one, val is the first documents of the
-    stream until they hold `prefix_tokens`: the rule counts the val tokens it has seen in
-    `val_tokens` and, once it meets the first train document, keeps its index in `end_doc`,
-    which progress.json saves.
-    """
+    """Which documents go to val, the rest going to train. With a `fraction` f, document i is
+    val when floor((i+1)*f) > floor(i*f): floor(n*f) of n, evenly spread. Without, val is the
+    first documents until they hold `prefix_tokens`: the rule counts `val_tokens` until it
+    meets the first train document, `end_doc`, which progress.json saves."""
     description: str
     fraction: Fraction | None = None
     prefix_tokens: int = 0
@@ -658,8 +632,8 @@ class ValSplit:
     end_doc: int | None = None
 
     def is_val(self, doc_index: np.ndarray, doc_tokens: np.ndarray) -> np.ndarray:
-        """Says which of a chunk of consecutive documents (stream indices, token counts with
-        the EOT) are val. Chunks must come in stream order."""
+        """Says which of consecutive documents (stream indices, token counts with the EOT) are
+        val; chunks come in stream order."""
         if self.fraction is not None:
             num, den = self.fraction.numerator, self.fraction.denominator
             return (doc_index + 1) * num // den > doc_index * num // den
@@ -704,8 +678,6 @@ def parse_val_tokens(spec: str) -> Fraction | int:
 
 
 # ---------------------------------------------------------------------------- the flags
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(
         description="Tokenize a text source into GPT-2 llm.c-format shards (train/val).")
