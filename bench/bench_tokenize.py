@@ -105,10 +105,10 @@ def rss_child(scale: int, root: Path) -> None:
     source = prepare_dataset.local_source(f"stdlib-x{scale}", files, {"source": "bench"}, args)
     out_dir = root / source.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    options = prepare_dataset.Options(args.shard_size, ("train", "val"), args.num_proc, "10%",
-                                      progress=False)
-    summary = prepare_dataset.run_pipeline(source, out_dir, options, {"bench": scale})
-    tokens = sum(s.tokens for s in summary.splits.values())
+    with contextlib.redirect_stdout(io.StringIO()):  # its "wrote ..." line
+        prepare_dataset.write_dataset(source, out_dir, args, {"bench": scale})
+    manifest = json.loads((out_dir / prepare_dataset.MANIFEST_NAME).read_text())
+    tokens = sum(split["tokens"] for split in manifest["splits"].values())
     print(json.dumps({"tokens": tokens, "peak_mb": peak_rss_mb()}))
 
 
