@@ -33,6 +33,7 @@ import random
 import shutil
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -512,10 +513,11 @@ def centered(accuracy: float, random_baseline: float) -> float:
 def evaluate(model: nn.Module, tasks: Sequence[Task], device: torch.device | str,
              precision: runtime.Precision | None = None, rank: int = 0, world_size: int = 1,
              batch_size: int = 16, progress: bool = False,
-             report: Callable[[str, float, float], None] | None = None) -> CoreResult:
+             report: Callable[[str, float, float, float], None] | None = None) -> CoreResult:
     """Every task scored by `model` (forward(idx) -> (logits, None)); this rank takes examples
     rank::world_size and the counts are summed over initialised ranks. `batch_size` is rows
-    per forward pass; `report(label, accuracy, centred)` is called as each task finishes.
+    per forward pass; `report(label, accuracy, centred, seconds)` is called as each task
+    finishes.
     The model's train/eval mode is restored afterwards."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
@@ -526,6 +528,7 @@ def evaluate(model: nn.Module, tasks: Sequence[Task], device: torch.device | str
     result = CoreResult({}, {})
     try:
         for task in tasks:
+            started = time.perf_counter()
             mine = [(i, example_rows(task, i, max_len))
                     for i in range(rank, len(task.examples), world_size)]
             mine.sort(key=lambda item: max(len(r.tokens) for r in item[1]))  # less padding
@@ -548,7 +551,8 @@ def evaluate(model: nn.Module, tasks: Sequence[Task], device: torch.device | str
             result.results[task.label] = accuracy
             result.centered[task.label] = centered(accuracy, task.random_baseline)
             if report is not None:
-                report(task.label, accuracy, result.centered[task.label])
+                report(task.label, accuracy, result.centered[task.label],
+                       time.perf_counter() - started)
     finally:
         model.train(was_training)
     return result
@@ -600,9 +604,9 @@ def run(args: argparse.Namespace) -> None:
         tasks = load_tasks(bundle, labels, args.limit)  # a bad bundle fails before the model
         model = cli.load_model(args.pretrained, args.checkpoint, device)
 
-        def report(label: str, accuracy: float, centred: float) -> None:
-            runtime.print0(f"{label:<34} accuracy {accuracy:.4f} | centered {centred:.4f}",
-                           env=env)
+        def report(label: str, accuracy: float, centred: float, seconds: float) -> None:
+            runtime.print0(f"{label:<34} accuracy {accuracy:.4f} | centered {centred:.4f} | "
+                           f"{seconds:.1f} s", env=env)
 
         result = evaluate(model, tasks, device, precision, env.rank, env.world_size,
                           args.batch_size, progress=env.is_main, report=report)
