@@ -112,26 +112,29 @@ EOF
 # validation, HellaSwag on the local file, samples, checkpoints; then the same run stopped
 # by SIGTERM and continued with --resume, its losses against the uninterrupted run's.
 train_end_to_end() {
-    local dtype=$1 out=$OUT_DIR/train_$1 steps=30
+    local dtype=$1 out=$OUT_DIR/train_$1 steps=60
     local common=(--device=cuda --dataset=stdlib --model=gpt2-mini --seq-len=256 --batch-size=16
-        --total-batch-size=8192 --max-steps="$steps" --eval-interval=10 --val-steps=4
-        --hellaswag-interval=10 --hellaswag-data="$OUT_DIR/hellaswag_local.jsonl"
-        --sample-interval=10 --num-samples=2 --sample-length=32 --checkpoint-interval=10
+        --total-batch-size=8192 --max-steps="$steps" --eval-interval=20 --val-steps=4
+        --hellaswag-interval=20 --hellaswag-data="$OUT_DIR/hellaswag_local.jsonl"
+        --sample-interval=20 --num-samples=2 --sample-length=32 --checkpoint-interval=20
         --dtype="$dtype" --compile)
     rm -rf "$out"
     "$PY" train_gpt2.py "${common[@]}" --out-dir="$out/full" || return 1
     "$PY" train_gpt2.py "${common[@]}" --out-dir="$out/stopped" &
     local pid=$! waited=0
-    until grep -q '"step": 12, "loss"' "$out/stopped/log.jsonl" 2>/dev/null; do
-        sleep 0.5
+    # A GPU runs a gpt2-mini step in tens of ms: the signal goes at step 5 of 60.
+    until grep -q '"step": 5, "loss"' "$out/stopped/log.jsonl" 2>/dev/null; do
+        sleep 0.1
         waited=$((waited + 1))
-        if ((waited > 240)) || ! kill -0 "$pid" 2>/dev/null; then
-            echo "the run to stop never reached step 12"
+        if ((waited > 2400)) || ! kill -0 "$pid" 2>/dev/null; then
+            echo "the run to stop ended or never reached step 5"
             return 1
         fi
     done
     kill -TERM "$pid"
     wait "$pid" || return 1
+    grep -q "stopped at step" "$out/stopped/log.jsonl" "$OUT_DIR/train_$dtype.txt" 2>/dev/null ||
+        { echo "the run finished before SIGTERM stopped it"; return 1; }
     local saved=("$out"/stopped/ckpt_*.pt)  # fixed-width names: the last is the newest
     local resumed_at=${saved[-1]##*ckpt_}
     "$PY" train_gpt2.py "${common[@]}" --out-dir="$out/stopped" --resume || return 1
@@ -222,7 +225,7 @@ step install 45 any "^FIGURE" bash -c '
 step prepare_data 20 any "shards|tokens" bash -c "[[ -f '$DATA/stdlib/manifest.json' ]] &&
     echo 'stdlib shards already in $DATA' || $PY prepare_dataset.py --dataset=stdlib --no-progress"
 write_hellaswag
-# (a) bf16 end to end: three runs of gpt2-mini, 30 steps, each compiling (cold about 25 s,
+# (a) bf16 end to end: three runs of gpt2-mini, 60 steps, each compiling (cold about 25 s,
 # then Inductor's cache); validation, HellaSwag, samples, checkpoints, SIGTERM + --resume.
 step train_bf16 60 gpu "^FIGURE|val loss|HellaSwag|first step|stopped at|resumed from" \
     train_end_to_end bf16
