@@ -40,12 +40,18 @@ import runtime
 import sharding
 from cli import UsageError
 from model import GPT, GPTConfig
+from model_modern import MODEL_KIND as MODERN
+from model_modern import ModernConfig, ModernGPT
 
 LOG_NAME = "log.jsonl"
 STATE_NAME = "train_state.pt"
 # A checkpoint's model_config holds these; the switches beyond GPT-2 came later (default off).
-GPT2_FIELDS = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd"}
-GPT_FIELDS = set(GPTConfig.__dataclass_fields__)  # a --fsdp folder's non-tensor state
+# A checkpoint's "model_kind" names its model class; checkpoints without one are GPT-2's.
+MODELS: dict[str, tuple[type[GPT] | type[ModernGPT], Any]] = {
+    "gpt2": (GPT, GPTConfig), MODERN: (ModernGPT, ModernConfig)}
+# Switches that GPT-2's own classes carried until 2026-12-07 (the first --recipe=modern).
+# Such a checkpoint with every switch off is GPT-2's; with one on, it cannot load.
+OLD_SWITCHES = ("rotary", "qk_norm", "relu_squared", "untied_head", "zero_init")
 LOCK_NAME = ".lock"
 CHECKPOINT_NAME = re.compile(r"ckpt_\d{7}(\.pt)?")
 # What a kill can leave: a checkpoint's or the log's temp file, a --fsdp temp folder.
@@ -196,20 +202,38 @@ def check(path: Path, state: Any) -> dict[str, Any]:
     state, to resume from). Else a ValueError naming the file and the key."""
     if not isinstance(state, dict) or not isinstance(state.get("model_config"), dict):
         raise _damaged(path, "no model_config entry")
+    kind = state.setdefault("model_kind", "gpt2")
+    if kind not in MODELS:
+        raise _damaged(path, f"model_kind is {kind!r}, not one of {', '.join(MODELS)}")
     config = state["model_config"]
+    if kind == "gpt2" and any(config.get(switch) is True for switch in OLD_SWITCHES):
+        on = ", ".join(s for s in OLD_SWITCHES if config.get(s) is True)
+        raise ValueError(f"{path}: written by the first --recipe=modern ({on} inside GPT-2's "
+                         "model), whose weights today's modern model cannot take\nhint: "
+                         "train it again with --recipe=modern")
+    for switch in OLD_SWITCHES if kind == "gpt2" and isinstance(config, dict) else ():
+        if switch in config and type(config[switch]) is not bool:
+            raise _damaged(path, f"model_config[{switch!r}] is {config[switch]!r}, not True "
+                           "or False")
+        config.pop(switch, None)  # off (the check above refused on): what GPT-2 is
+    config_class = MODELS[kind][1]
+    fields = {f.name: f.type for f in dataclasses.fields(config_class)}
     for key in config:
-        if key not in GPT_FIELDS:
+        if key not in fields:
             raise _damaged(path, f"model_config has an unknown key {key!r}")
-    for key in sorted(GPT2_FIELDS):
+    for key, kind_of_value in fields.items():
         value = config.get(key)
-        if type(value) is not int or value <= 0:
-            shown = repr(value) if key in config else "missing"
+        if key not in config and kind_of_value != "int":
+            continue  # a setting beyond the shape, at its default
+        shown = repr(value) if key in config else "missing"
+        if kind_of_value == "int" and (type(value) is not int or value <= 0):
             raise _damaged(path, f"model_config[{key!r}] is {shown}, not a positive integer")
-    for key in GPT_FIELDS - GPT2_FIELDS:
-        if key in config and type(config[key]) is not bool:
-            raise _damaged(path, f"model_config[{key!r}] is {config[key]!r}, not True or False")
+        if kind_of_value == "bool" and type(value) is not bool:
+            raise _damaged(path, f"model_config[{key!r}] is {shown}, not True or False")
+        if kind_of_value == "float" and (type(value) not in (int, float) or not value >= 0):
+            raise _damaged(path, f"model_config[{key!r}] is {shown}, not a number >= 0")
     try:
-        GPTConfig(**config)
+        config_class(**config)
     except ValueError as exc:
         raise _damaged(path, f"model_config: {exc}") from None
     if not isinstance(state.setdefault("model", {}), dict):  # a --fsdp folder's come later
@@ -234,20 +258,21 @@ def check(path: Path, state: Any) -> dict[str, Any]:
         if tensor.is_floating_point() and not (tensor.sum().isfinite() or tensor.isfinite().all()):
             raise _damaged(path, f"{name} holds NaN or infinite values")
     if state["model"]:
-        check_shapes(path, config, {k: t.shape for k, t in state["model"].items()})
+        check_shapes(path, state, {k: t.shape for k, t in state["model"].items()})
     return state
 
 
-def check_shapes(path: Path, config: dict[str, Any], stored: dict[str, Any]) -> None:
+def check_shapes(path: Path, state: dict[str, Any], stored: dict[str, Any]) -> None:
     """The stored weights' names and shapes are those `config` calls for. The layer count is
     compared first, and the model is laid out on the meta device, so a config that asks for
     far more than the file holds is refused before anything is allocated."""
+    config = state["model_config"]
     layers = {key.split(".")[2] for key in stored if key.startswith("transformer.h.")}
     if len(layers) != config["n_layer"]:
         raise _damaged(path, f"model_config[{'n_layer'!r}] is {config['n_layer']}, its weights "
                        f"hold {len(layers)} layers")
     with torch.device("meta"):
-        expected = {k: t.shape for k, t in GPT(GPTConfig(**config)).state_dict().items()}
+        expected = {k: t.shape for k, t in build_empty(state).state_dict().items()}
     for key in sorted(expected.keys() - stored.keys()):
         raise _damaged(path, f"model[{key!r}] is missing")
     for key in sorted(stored.keys() - expected.keys()):
@@ -256,6 +281,31 @@ def check_shapes(path: Path, config: dict[str, Any], stored: dict[str, Any]) -> 
         if tuple(stored[key]) != tuple(shape):
             raise _damaged(path, f"model[{key!r}] has shape {tuple(stored[key])}, its "
                            f"model_config gives {tuple(shape)}")
+
+
+def build_empty(state: dict[str, Any]) -> GPT | ModernGPT:
+    """A freshly initialised model of the class and config a checked checkpoint names."""
+    model_class, config_class = MODELS[state["model_kind"]]
+    return model_class(config_class(**state["model_config"]))  # type: ignore[arg-type]
+
+
+def build_model(state: dict[str, Any]) -> GPT | ModernGPT:
+    """The model a checked checkpoint holds, its weights loaded."""
+    with torch.random.fork_rng(devices=[]):  # the init is overwritten; keep the caller's RNG
+        return MODELS[state["model_kind"]][0].from_checkpoint(state)
+
+
+def load_model(pretrained: str | None, checkpoint: str | None,
+               device: torch.device | str) -> GPT | ModernGPT:
+    """The model of a checkpoint (preferred when given) or of pretrained GPT-2 weights (a hub
+    name or a local Hugging Face folder), in eval mode on `device`."""
+    if checkpoint is not None:
+        model = build_model(load(checkpoint))
+    elif pretrained is not None:
+        model = GPT.from_pretrained(pretrained)
+    else:
+        raise UsageError("pass --pretrained=NAME|DIR or --checkpoint=PATH")
+    return model.to(device).eval()
 
 
 def _tensors(value: Any, name: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -307,8 +357,8 @@ def _load_folder(path: Path) -> dict[str, Any]:
         stored = {key.removeprefix("model."): getattr(item, "size", ())
                   for key, item in sharding.read_metadata(path).state_dict_metadata.items()
                   if key.startswith("model.")}
-        check_shapes(path, state["model_config"], stored)
-        return {**state, "model": sharding.load_full_weights(path, state["model_config"])}
+        check_shapes(path, state, stored)
+        return {**state, "model": sharding.load_full_weights(path, build_empty(state))}
 
 
 @contextlib.contextmanager
@@ -344,7 +394,8 @@ def loader_state_for(state: dict[str, Any], path: Path, rank: int, world_size: i
     return {**saved, "rank": rank, "world_size": world_size, "batch_size": batch_size}
 
 
-def save_training(out_dir: Path, step: int, config: Any, env: runtime.DistEnv, model: GPT,
+def save_training(out_dir: Path, step: int, config: Any, env: runtime.DistEnv,
+                  model: GPT | ModernGPT,
                   optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                   loader: data.ShardLoader, skipped_steps: int, argv: list[str]) -> Path:
     """Checkpoint `step` (every rank joins: the loader states are gathered, and under --fsdp
@@ -352,7 +403,9 @@ def save_training(out_dir: Path, step: int, config: Any, env: runtime.DistEnv, m
     states: list[Any] = [loader.state_dict()] * env.world_size
     if env.is_distributed:
         torch.distributed.all_gather_object(states, loader.state_dict())
-    state = {"model_config": dataclasses.asdict(model.config), "scaler": scaler.state_dict(),
+    kind = MODERN if isinstance(model, ModernGPT) else "gpt2"
+    state = {"model_kind": kind, "model_config": dataclasses.asdict(model.config),
+             "scaler": scaler.state_dict(),
              "skipped_steps": skipped_steps, "step": step, "loader_states": states,
              "world_size": env.world_size, "args": list(argv),
              "config": dataclasses.asdict(config)}
@@ -384,8 +437,8 @@ def _save_folder(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
 
 
 def restore_training(state: dict[str, Any], path: Path, fsdp: bool, env: runtime.DistEnv,
-                     model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                     loader: data.ShardLoader) -> tuple[int, int]:
+                     model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler, loader: data.ShardLoader) -> tuple[int, int]:
     """Optimizer, loss scaler and loader position of the checkpoint the model was built from
     (its weights are the model's already); returns (step, skipped steps)."""
     sharded = path.is_dir()  # its optimizer state is read from the folder below
@@ -414,16 +467,14 @@ def restore_training(state: dict[str, Any], path: Path, fsdp: bool, env: runtime
 def check_optimizer_state(path: Path, optimizer: torch.optim.Optimizer) -> None:
     """Each parameter's restored moments have the parameter's shape (the optimizer's
     load_state_dict does not check it, and the first step would fail naming nothing)."""
-    parts = getattr(optimizer, "parts", {"": optimizer}).values()  # MuonWithAdamW: two
-    for part in parts:
-        for param, moments in part.state.items():
-            for name, value in moments.items():
-                if not isinstance(value, torch.Tensor) or value.dim() == 0:
-                    continue  # the step count
-                if value.shape != param.shape:
-                    raise ValueError(f"{path}: its optimizer state {name!r} has shape "
-                                     f"{tuple(value.shape)} for a parameter of shape "
-                                     f"{tuple(param.shape)}")
+    for param, moments in optimizer.state.items():
+        for name, value in moments.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                continue  # the step count
+            if value.shape != param.shape:
+                raise ValueError(f"{path}: its optimizer state {name!r} has shape "
+                                 f"{tuple(value.shape)} for a parameter of shape "
+                                 f"{tuple(param.shape)}")
 
 
 def append_log(out_dir: Path, step: int, **values: Any) -> None:

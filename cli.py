@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     import torch
 
     import runtime
-    from model import GPT
 
 COMMANDS = {"train": "train_gpt2", "sample": "sample", "eval": "eval_hellaswag",
             "core": "eval_core", "prepare_dataset": "prepare_dataset", "export": "export"}
@@ -136,22 +135,6 @@ def resolve_runtime(device_name: str, dtype: str) -> tuple[torch.device, runtime
         return device, runtime.resolve_precision(device, dtype)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-
-
-def load_model(pretrained: str | None, checkpoint: str | None,
-               device: torch.device | str) -> GPT:
-    """A GPT from a train_gpt2.py checkpoint (preferred when given) or from pretrained
-    weights (hub name or local Hugging Face directory), in eval mode on `device`."""
-    import checkpoint as run_folder
-    from model import GPT
-
-    if checkpoint is not None:
-        model = GPT.from_checkpoint(run_folder.load(checkpoint), source=checkpoint)
-    elif pretrained is not None:
-        model = GPT.from_pretrained(pretrained)
-    else:
-        raise UsageError("pass --pretrained=NAME|DIR or --checkpoint=PATH")
-    return model.to(device).eval()
 
 
 def main(argv: list[str] | None = None) -> int:

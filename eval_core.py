@@ -49,6 +49,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
+import checkpoint
 import cli
 import runtime
 from data import (
@@ -602,7 +603,7 @@ def run(args: argparse.Namespace) -> None:
                 torch.distributed.barrier()
             bundle = default_data_root() / BUNDLE_DIR
         tasks = load_tasks(bundle, labels, args.limit)  # a bad bundle fails before the model
-        model = cli.load_model(args.pretrained, args.checkpoint, device)
+        model = checkpoint.load_model(args.pretrained, args.checkpoint, device)
 
         def report(label: str, accuracy: float, centred: float, seconds: float) -> None:
             runtime.print0(f"{label:<34} accuracy {accuracy:.4f} | centered {centred:.4f} | "

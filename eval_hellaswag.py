@@ -29,10 +29,12 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
+import checkpoint
 import cli
 import runtime
 from data import DownloadError, default_data_root, download, get_tokenizer
 from model import GPT
+from model_modern import ModernGPT
 
 HELLASWAG_VAL_URL = ("https://raw.githubusercontent.com/rowanz/hellaswag/master/data/"
                      "hellaswag_val.jsonl")
@@ -184,12 +186,12 @@ def _packed_inputs(packed: Sequence[PackedExample]) -> tuple[torch.Tensor, ...]:
     return idx, positions, (causal & same_segment & visible_branch).unsqueeze(1)
 
 
-def _unwrap(model: nn.Module) -> GPT:
-    """The plain GPT inside a DDP wrapper and/or torch.compile module."""
+def _unwrap(model: nn.Module) -> GPT | ModernGPT:
+    """The plain model inside a DDP wrapper and/or torch.compile module."""
     inner: Any = getattr(model, "module", model)
     inner = getattr(inner, "_orig_mod", inner)
-    if not isinstance(inner, GPT):
-        raise TypeError(f"expected a GPT model, got {type(inner).__name__}")
+    if not isinstance(inner, GPT | ModernGPT):
+        raise TypeError(f"expected a GPT or ModernGPT model, got {type(inner).__name__}")
     return inner
 
 
@@ -311,7 +313,7 @@ def run(args: argparse.Namespace) -> None:
     device, precision = cli.resolve_runtime(args.device, args.dtype)
     device = runtime.distributed_device(env, device)
     with runtime.distributed(env, device):
-        model = cli.load_model(args.pretrained, args.checkpoint, device)  # checkpoint first
+        model = checkpoint.load_model(args.pretrained, args.checkpoint, device)  # checkpoint first
         if args.data is None:  # rank 0 downloads (if need be) while the other ranks wait
             if env.is_main:
                 ensure_validation_file(args.cache_dir)

@@ -78,7 +78,12 @@ def export(checkpoint_path: str, out: Path, overwrite: bool = False) -> None:
         raise cli.UsageError(f"--out={out}: already holds {', '.join(held[:3])}"
                              f"{' ...' if len(held) > 3 else ''}\nhint: pass --overwrite to "
                              "replace that folder, or another --out")
-    model = GPT.from_checkpoint(checkpoint.load(checkpoint_path), source=checkpoint_path)
+    state = checkpoint.load(checkpoint_path)
+    if state["model_kind"] != "gpt2":
+        raise ValueError(f"{checkpoint_path}: a {state['model_kind']} model's checkpoint, which "
+                         "GPT-2's Hugging Face format cannot hold\nhint: export a checkpoint of "
+                         "--recipe=gpt2")
+    model = GPT.from_checkpoint(state)
     if model.config.vocab_size < GPT2_VOCAB_SIZE:
         raise ValueError(f"{checkpoint_path}: vocab_size {model.config.vocab_size} is below "
                          f"GPT-2's {GPT2_VOCAB_SIZE}; only GPT-2-tokenized models export")

@@ -34,14 +34,6 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    # Beyond the 2019 recipe, each off for GPT-2: rotary position embeddings instead of
-    # learned ones, RMS-normalised queries and keys, a ReLU-squared MLP, an output head of
-    # its own, and attention/MLP output projections that start at zero.
-    rotary: bool = False
-    qk_norm: bool = False
-    relu_squared: bool = False
-    untied_head: bool = False
-    zero_init: bool = False
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head != 0:
@@ -66,31 +58,19 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of queries or keys (B, heads, T, d): the pairs (i, i + d/2) turned
-    by their position's angles, so attention scores depend on relative positions only."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.n_head, self.qk_norm = config.n_head, config.qk_norm
+        self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = True  # type: ignore[assignment]
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                attn_mask: torch.Tensor | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if self.qk_norm:
-            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
-        if rope is not None:
-            q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is not None:
             k, v = cache.write(layer, k, v)
             attn_mask = cache.mask
@@ -104,13 +84,12 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
-        self.relu_squared = config.relu_squared
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = True  # type: ignore[assignment]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.c_fc(x)
-        return self.c_proj(F.relu(x).square() if self.relu_squared else self.gelu(x))
+        return self.c_proj(self.gelu(x))
 
 
 class Block(nn.Module):
@@ -122,9 +101,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                attn_mask: torch.Tensor | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, attn_mask, rope)
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -134,8 +112,7 @@ class Transformer(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        if not config.rotary:
-            self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd)
 
@@ -149,15 +126,7 @@ class GPT(nn.Module):
         self.activation_checkpointing = False
         self.transformer = Transformer(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if not config.untied_head:
-            self.lm_head.weight = self.transformer.wte.weight  # tied input/output embedding
-        if config.rotary:  # cos and sin of every position's angles, not saved with weights
-            # The angle per position of each of the head's d/2 rotated pairs (RoFormer).
-            d = config.n_embd // config.n_head
-            angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32),
-                                 10000.0 ** -(torch.arange(0, d, 2, dtype=torch.float32) / d))
-            self.register_buffer("rope_cos", angles.cos(), persistent=False)
-            self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embedding
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -166,7 +135,7 @@ class GPT(nn.Module):
             if getattr(module, "RESIDUAL_SCALE_INIT", False):
                 # Each block adds two residual branches; scaling keeps the stream's
                 # variance from growing with depth (GPT-2 paper, section 2.3).
-                std *= 0.0 if self.config.zero_init else (2 * self.config.n_layer) ** -0.5
+                std *= (2 * self.config.n_layer) ** -0.5
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -175,7 +144,7 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding and not self.config.rotary:
+        if non_embedding:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -208,47 +177,16 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {T} tokens exceeds block_size "
                                  f"{self.config.block_size}")
             positions = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx)
-        rope = None
-        if self.config.rotary:
-            # (T, d/2) for shared positions, (B, 1, T, d/2) for a row's own: both broadcast
-            # over (B, heads, T, d/2).
-            rope = self.get_buffer("rope_cos")[positions], self.get_buffer("rope_sin")[positions]
-            if positions.dim() == 2:
-                rope = rope[0][:, None], rope[1][:, None]
-        else:
-            x = x + self.transformer.wpe(positions)
+        x = self.transformer.wte(idx) + self.transformer.wpe(positions)
         recompute = (self.activation_checkpointing and self.training and cache is None
                      and torch.is_grad_enabled())
         for layer, block in enumerate(self.transformer.h):
             if recompute:
-                x = torch.utils.checkpoint.checkpoint(block, x, None, layer, attn_mask, rope,
+                x = torch.utils.checkpoint.checkpoint(block, x, None, layer, attn_mask,
                                                      use_reentrant=False)
             else:
-                x = block(x, cache, layer, attn_mask, rope)
+                x = block(x, cache, layer, attn_mask)
         return self.transformer.ln_f(x)
-
-    def configure_optimizers(self, weight_decay: float, learning_rate: float,
-                             betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                             device_type: str = "cpu",
-                             muon_lr: float | None = None) -> torch.optim.Optimizer:
-        """AdamW that decays 2-D weights (matmuls, embeddings) but not biases or norms. With
-        `muon_lr`, the blocks' 2-D matrices go to torch.optim.Muon instead (their update
-        orthogonalised), the embeddings, the head and every 1-D parameter stay with AdamW."""
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        muon = [p for n, p in named if muon_lr is not None and n.startswith("transformer.h.")
-                and p.dim() == 2]
-        adamw = [p for _, p in named if all(p is not m for m in muon)]
-        adam = torch.optim.AdamW([
-            {"params": [p for p in adamw if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in adamw if p.dim() < 2], "weight_decay": 0.0},
-        ], lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
-        if muon_lr is None:
-            return adam
-        # The schedule sets each group's lr to the AdamW lr times its lr_ratio.
-        orthogonal = torch.optim.Muon([{"params": muon, "lr_ratio": muon_lr / learning_rate}],
-                                      lr=muon_lr, weight_decay=weight_decay)
-        return MuonWithAdamW(orthogonal, adam)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6 per parameter plus attention's 12*L*C*T (PaLM, app. B)."""
@@ -256,87 +194,53 @@ class GPT(nn.Module):
         return (6.0 * self.num_params(non_embedding=True)
                 + 12.0 * cfg.n_layer * cfg.n_embd * (seq_len or cfg.block_size))
 
-    @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None,
                  on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-        """Append `max_new_tokens` sampled tokens to `idx` (B, T); temperature 0 is greedy.
-        `on_token` gets each new (B, 1) token as soon as it is sampled, still on idx's device:
-        nothing here waits for the device. The prompt is prefilled in one forward into a KV
-        cache (in the autocast dtype if autocast is on, else the weights'); every later step
-        runs the newest token against the whole cache, so on CUDA it is one CUDA graph."""
-        if idx.size(1) + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt ({idx.size(1)}) + new tokens ({max_new_tokens}) exceed "
-                             f"block_size {self.config.block_size}")
-        if max_new_tokens < 1:
-            return idx.clone()
-        autocast = torch.is_autocast_enabled(idx.device.type)
-        dtype = (torch.get_autocast_dtype(idx.device.type) if autocast
-                 else self.transformer.wte.weight.dtype)
-        # On CUDA the last call's cache and recorded step are kept and replayed by a call of
-        # the same shapes on the same weights (the trainer's samples at every interval):
-        # recording costs a warm-up step and the graph's own memory pool.
-        shape = (idx.size(0), idx.size(1) + max_new_tokens, dtype, idx.device, autocast,
-                 tuple(p.data_ptr() for p in self.parameters()))
-        kept = getattr(self, "_decode_graph", None)
-        if idx.is_cuda and kept is not None and kept[0] == shape:
-            _, cache, last_logits, step = kept
-            cache.keys.zero_()
-            cache.values.zero_()
-            cache.filled.zero_()
-        else:
-            if kept is not None:  # the old graph's memory goes before the new is made
-                self._decode_graph = None
-            cache = KVCache(self.config, idx.size(0), idx.size(1) + max_new_tokens,
-                            idx.device, dtype)
-
-            def last_logits(tokens: torch.Tensor) -> torch.Tensor:
-                return self.lm_head(self.hidden_states(tokens, cache)[:, -1, :])
-            step = CUDAGraphStep(last_logits) if idx.is_cuda else last_logits
-            if idx.is_cuda:
-                self._decode_graph = (shape, cache, last_logits, step)
-        logits = last_logits(idx)
-        sequence = [idx]
-        for i in range(max_new_tokens):
-            token = sample_next_token(logits, temperature, top_k, top_p, generator)
-            sequence.append(token)
-            if on_token is not None:
-                on_token(token)
-            if i + 1 < max_new_tokens:
-                logits = step(token)
-        return torch.cat(sequence, dim=1)
+        """Append `max_new_tokens` sampled tokens to `idx` (B, T); temperature 0 is greedy
+        (see generate below)."""
+        return generate(self, self.config, idx, max_new_tokens, temperature, top_k, top_p,
+                        generator, on_token)
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str) -> GPT:
         """GPT-2 weights from a local HF directory or the hub (`gpt2`, `gpt2-medium`, ...)."""
         directory = resolve_pretrained_dir(name_or_dir)
+        from safetensors import safe_open
         from safetensors.torch import load_file
-        model = cls(config_from_hf_json(directory / "config.json"))
+        config = config_from_hf_json(directory / "config.json")
         weights = directory / "model.safetensors"
         try:
+            with safe_open(str(weights), framework="pt") as f:  # reads the header only
+                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
             tensors = load_file(str(weights))
         except Exception as exc:  # safetensors raises its own SafetensorError, among others
             raise ValueError(f"{weights}: not a readable safetensors file ({exc}); pass a "
                              "folder written by save_pretrained or GPT.save_hf") from None
+        # The sizes in config.json are checked against the stored weights before the model
+        # is built: a config that asks for far more than the file holds allocates nothing.
+        stored = {key.removeprefix("transformer."): shape for key, shape in shapes.items()}
+        wanted = {"wte.weight": (config.vocab_size, config.n_embd),
+                  "wpe.weight": (config.block_size, config.n_embd)}
+        for key, shape in wanted.items():
+            if stored.get(key) != shape:
+                raise ValueError(f"{directory / 'config.json'}: its sizes call for {key} of shape "
+                                 f"{shape}, {weights.name} holds {stored.get(key)}")
+        layers = {key.split(".")[1] for key in stored if key.startswith("h.")}
+        if len(layers) != config.n_layer:
+            raise ValueError(f"{directory / 'config.json'}: n_layer is {config.n_layer}, "
+                             f"{weights.name} holds {len(layers)} layers")
+        model = cls(config)
         model.load_hf_state_dict(tensors, source=str(weights))
         return model
 
     @classmethod
-    def from_checkpoint(cls, state: dict[str, Any], source: str = "checkpoint") -> GPT:
-        """The model of a checkpoint as checkpoint.load returns it; a weight missing, unknown
-        or of another shape is a ValueError naming `source` (the file) and the key."""
+    def from_checkpoint(cls, state: dict[str, Any]) -> GPT:
+        """The model of a checkpoint as checkpoint.load returns it, which checked its config,
+        weights' names, shapes and values."""
         model = cls(GPTConfig(**state["model_config"]))
-        ours, theirs = model.state_dict(), state["model"]
-        for key in [*ours.keys() - theirs.keys(), *theirs.keys() - ours.keys()]:
-            what = "is missing" if key in ours else "is not a weight of its model_config"
-            raise ValueError(f"{source}: model[{key!r}] {what}; pass another checkpoint")
-        for key, tensor in theirs.items():
-            if tensor.shape != ours[key].shape:
-                raise ValueError(f"{source}: model[{key!r}] has shape {tuple(tensor.shape)}, "
-                                 f"its model_config gives {tuple(ours[key].shape)}; pass "
-                                 "another checkpoint")
-        model.load_state_dict(theirs)
+        model.load_state_dict(state["model"])
         return model
 
     def load_hf_state_dict(self, tensors: dict[str, torch.Tensor],
@@ -369,11 +273,6 @@ class GPT(nn.Module):
     def save_hf(self, directory: str | os.PathLike[str]) -> None:
         """Write the model.safetensors and config.json GPT2LMHeadModel loads, each atomically."""
         from safetensors.torch import save
-        beyond = [k for k in ("rotary", "qk_norm", "relu_squared", "untied_head")
-                  if getattr(self.config, k)]
-        if beyond:
-            raise ValueError(f"{directory}: GPT-2's Hugging Face format cannot hold a model "
-                             f"with {', '.join(beyond)}; export one trained without them")
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         vocab = min(self.config.vocab_size, GPT2_VOCAB_SIZE)  # padding rows are never used
@@ -398,54 +297,26 @@ class GPT(nn.Module):
         _write_atomically(out / "config.json", config.encode())
 
 
-class MuonWithAdamW(torch.optim.Optimizer):
-    """Two optimizers over disjoint parameters, stepped, zeroed, unscaled by a GradScaler
-    and saved as one. Optimizer.__init__ is not called: the groups and state are theirs."""
-
-    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
-        self.parts = {"muon": muon, "adamw": adamw}
-        self.defaults: dict[str, Any] = {}
-
-    @property  # type: ignore[override]  # load_state_dict replaces the parts' own groups
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return [group for part in self.parts.values() for group in part.param_groups]
-
-    def step(self, closure: None = None) -> None:  # type: ignore[override]
-        for part in self.parts.values():
-            part.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for part in self.parts.values():
-            part.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        return {name: part.state_dict() for name, part in self.parts.items()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if set(state_dict) != set(self.parts):
-            raise ValueError("the optimizer state is not Muon's with AdamW's")
-        for name, part in self.parts.items():
-            part.load_state_dict(state_dict[name])
-
-
 # ------------------------------------------------------------------------------------ loss
 
 LOSS_CHUNK_ROWS = 4096  # (4096, 50304) fp32 logits: 0.8 GB, against 13 GB for B=64, T=1024
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_rows: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
+                         chunk_rows: int = LOSS_CHUNK_ROWS, softcap: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy of the logits `x @ weight.T` (rows, vocab) against `targets`
-    (rows,), skipping targets of -1; equal to F.cross_entropy over the full logits. Under
-    torch.no_grad (validation) only the loss is computed, none of its gradients."""
+    (rows,), skipping targets of -1; equal to F.cross_entropy over the full logits. With
+    `softcap` the logits are softcap * tanh(logits / softcap) first (the modern model's head;
+    GPT-2 has none). Under torch.no_grad (validation) only the loss is computed, none of its
+    gradients."""
     # Grad mode is always off inside an autograd.Function's forward, so it is read here.
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(x, weight, targets, chunk_rows)
-    return _chunked_loss(x, weight, targets, chunk_rows, want_grads=False)[0]
+        return _LinearCrossEntropy.apply(x, weight, targets, chunk_rows, softcap)
+    return _chunked_loss(x, weight, targets, chunk_rows, softcap, want_grads=False)[0]
 
 
 def _chunked_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
-                  want_grads: bool) -> tuple[torch.Tensor, torch.Tensor | None,
+                  softcap: float, want_grads: bool) -> tuple[torch.Tensor, torch.Tensor | None,
                                              torch.Tensor | None]:
     """The loss, and with `want_grads` its gradients for x and weight, one chunk of rows of
     logits at a time."""
@@ -459,6 +330,10 @@ def _chunked_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
         keep = target != -1
         target = target.clamp_min(0)
         logits = F.linear(rows, weight).float()  # the matmul in the autocast dtype
+        slope = None
+        if softcap > 0:
+            logits = softcap * torch.tanh(logits / softcap)
+            slope = 1 - (logits / softcap) ** 2  # d(capped)/d(logits), for the chain rule
         logsumexp = logits.logsumexp(dim=-1)
         picked = logits.gather(1, target[:, None]).squeeze(1)
         loss_sum += ((logsumexp - picked) * keep).sum()
@@ -469,6 +344,8 @@ def _chunked_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
         grad = logits.sub_(logsumexp[:, None]).exp_()
         grad.scatter_add_(1, target[:, None], torch.full_like(grad[:, :1], -1.0))
         grad *= keep[:, None]
+        if slope is not None:
+            grad *= slope
         grad_x[start:start + chunk_rows] = (grad @ weight).float() / count
         # Added in place as an index_add_, not `+=`: Inductor fuses a chain of `+=` into one
         # kernel at the end that reads every chunk's (vocab, C) product, all of them alive at
@@ -484,8 +361,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                chunk_rows: int) -> torch.Tensor:
-        loss, grad_x, grad_weight = _chunked_loss(x, weight, targets, chunk_rows,
+                chunk_rows: int, softcap: float) -> torch.Tensor:
+        loss, grad_x, grad_weight = _chunked_loss(x, weight, targets, chunk_rows, softcap,
                                                   want_grads=True)
         assert grad_x is not None and grad_weight is not None
         count = (targets != -1).sum()
@@ -495,7 +372,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_x, grad_weight = ctx.saved_tensors
-        return grad_x * grad_loss, grad_weight * grad_loss, None, None
+        return grad_x * grad_loss, grad_weight * grad_loss, None, None, None
 
 
 # ------------------------------------------------------------------------------ generation
@@ -571,7 +448,8 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     cdf = probs.to(torch.float32 if probs.device.type == "mps" else torch.float64).cumsum(-1)
     u = (1 - torch.rand(cdf[:, :1].shape, generator=generator, device=cdf.device,
                         dtype=cdf.dtype)) * cdf[:, -1:]
-    choice = torch.searchsorted(cdf, u)
+    # NaN logits (weights that overflow) would index past the row; sample.py refuses them.
+    choice = torch.searchsorted(cdf, u).clamp_(max=cdf.size(-1) - 1)
     return choice if ids is None else ids.gather(-1, choice)
 
 
@@ -650,6 +528,58 @@ class CUDAGraphStep:
         self.graph = graph
 
 
+@torch.no_grad()
+def generate(model: Any, config: GPTConfig, idx: torch.Tensor, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             generator: torch.Generator | None = None,
+             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Append `max_new_tokens` sampled tokens to `idx` (B, T) from `model` (its hidden_states
+    and lm_head; `config` sizes the KV cache); temperature 0 is greedy. `on_token` gets each
+    new (B, 1) token as soon as it is sampled, still on idx's device: nothing here waits for
+    the device. The prompt is prefilled in one forward into a KV cache (in the autocast dtype
+    if autocast is on, else the weights'); every later step runs the newest token against
+    the whole cache, so on CUDA it is one CUDA graph."""
+    if idx.size(1) + max_new_tokens > config.block_size:
+        raise ValueError(f"prompt ({idx.size(1)}) + new tokens ({max_new_tokens}) exceed "
+                         f"block_size {config.block_size}")
+    if max_new_tokens < 1:
+        return idx.clone()
+    autocast = torch.is_autocast_enabled(idx.device.type)
+    dtype = (torch.get_autocast_dtype(idx.device.type) if autocast
+             else model.transformer.wte.weight.dtype)
+    # On CUDA the last call's cache and recorded step are kept and replayed by a call of the
+    # same shapes on the same weights (the trainer's samples at every interval): recording
+    # costs a warm-up step and the graph's own memory pool.
+    shape = (idx.size(0), idx.size(1) + max_new_tokens, dtype, idx.device, autocast,
+             tuple(p.data_ptr() for p in model.parameters()))
+    kept = getattr(model, "_decode_graph", None)
+    if idx.is_cuda and kept is not None and kept[0] == shape:
+        _, cache, last_logits, step = kept
+        cache.keys.zero_()
+        cache.values.zero_()
+        cache.filled.zero_()
+    else:
+        if kept is not None:  # the old graph's memory goes before the new is made
+            model._decode_graph = None
+        cache = KVCache(config, idx.size(0), idx.size(1) + max_new_tokens, idx.device, dtype)
+
+        def last_logits(tokens: torch.Tensor) -> torch.Tensor:
+            return model.lm_head(model.hidden_states(tokens, cache)[:, -1, :])
+        step = CUDAGraphStep(last_logits) if idx.is_cuda else last_logits
+        if idx.is_cuda:
+            model._decode_graph = (shape, cache, last_logits, step)
+    logits = last_logits(idx)
+    sequence = [idx]
+    for i in range(max_new_tokens):
+        token = sample_next_token(logits, temperature, top_k, top_p, generator)
+        sequence.append(token)
+        if on_token is not None:
+            on_token(token)
+        if i + 1 < max_new_tokens:
+            logits = step(token)
+    return torch.cat(sequence, dim=1)
+
+
 # ---------------------------------------------------------------------- weights in and out
 
 # HF stores these as Conv1D (in, out) weights, nn.Linear as (out, in): they are transposed
@@ -673,7 +603,8 @@ def _write_atomically(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only disk the cleanup fails too
+            tmp.unlink(missing_ok=True)
         raise OSError(exc.errno, f"{path}: cannot write it ({exc.strerror or exc}); free some "
                                  "space, fix the permissions or write elsewhere") from None
 

@@ -69,7 +69,11 @@ def from_checkpoint(path: str | os.PathLike[str]) -> tuple[Params, int]:
     import checkpoint
     from model import GPT
 
-    model = GPT.from_checkpoint(checkpoint.load(path), source=str(path))  # checks the weights
+    state = checkpoint.load(path)
+    if state["model_kind"] != "gpt2":
+        raise ValueError(f"{path}: a {state['model_kind']} model's checkpoint; model_jax.py is "
+                         "GPT-2's architecture\nhint: pass a checkpoint of --recipe=gpt2")
+    model = GPT.from_checkpoint(state)
     return params_from_state_dict(model.state_dict()), model.config.n_head
 
 

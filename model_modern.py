@@ -42,13 +42,11 @@ import torch.utils.checkpoint
 from torch.nn import functional as F
 
 from model import (
-    LOSS_CHUNK_ROWS,
     PADDED_VOCAB_SIZE,
-    CUDAGraphStep,
     GPTConfig,
     KVCache,
+    generate,
     linear_cross_entropy,
-    sample_next_token,
 )
 
 MODEL_KIND = "modern"  # a checkpoint's "model_kind" entry for this model
@@ -268,8 +266,8 @@ class ModernGPT(nn.Module):
         x = self.hidden_states(idx, cache)
         if targets is None:
             return self.lm_head(x), None
-        return None, head_cross_entropy(x.flatten(0, -2), self.lm_head.weight,
-                                        targets.flatten(), self.config.logit_softcap)
+        return None, linear_cross_entropy(x.flatten(0, -2), self.lm_head.weight,
+                                          targets.flatten(), softcap=self.config.logit_softcap)
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
                       positions: torch.Tensor | None = None,
@@ -308,100 +306,20 @@ class ModernGPT(nn.Module):
                 x = block(x, value_embedding, rope, cache, layer, attn_mask)
         return norm(x)
 
-    @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None,
                  on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-        """GPT.generate's contract: `max_new_tokens` sampled tokens appended to `idx` (B, T),
-        the prompt prefilled into a KV cache, one token per step after (a CUDA graph on
-        CUDA), `on_token` given each new (B, 1) token."""
-        if idx.size(1) + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt ({idx.size(1)}) + new tokens ({max_new_tokens}) exceed "
-                             f"block_size {self.config.block_size}")
-        if max_new_tokens < 1:
-            return idx.clone()
-        dtype = (torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(
-            idx.device.type) else self.transformer.wte.weight.dtype)
-        cache = KVCache(self.config.kv_cache_shape(), idx.size(0), idx.size(1) + max_new_tokens,
-                        idx.device, dtype)
-
-        def last_logits(tokens: torch.Tensor) -> torch.Tensor:
-            return self.lm_head(self.hidden_states(tokens, cache)[:, -1, :])
-        return decode(last_logits, idx, max_new_tokens, temperature, top_k, top_p, generator,
-                      on_token)
+        """GPT.generate's contract, by model.generate: `max_new_tokens` sampled tokens
+        appended to `idx` (B, T) through a KV cache, a CUDA graph per step on CUDA."""
+        return generate(self, self.config.kv_cache_shape(), idx, max_new_tokens, temperature,
+                        top_k, top_p, generator, on_token)
 
     @classmethod
-    def from_checkpoint(cls, state: dict[str, Any], source: str = "checkpoint") -> ModernGPT:
-        """The model of a checkpoint as checkpoint.load returns it; a checkpoint of another
-        model, a weight missing, unknown or of another shape is a one-line ValueError naming
-        `source` (the file)."""
-        kind = state.get("model_kind")
-        config = state.get("model_config")
-        if kind not in (None, MODEL_KIND) or not isinstance(config, dict):
-            raise ValueError(f"{source}: a {kind or 'model_config-less'} checkpoint, not a "
-                             f"{MODEL_KIND} model's; load it with its own model class")
-        if set(config) != set(CONFIG_FIELDS):
-            missing = sorted(set(CONFIG_FIELDS) - set(config))
-            extra = sorted(set(config) - set(CONFIG_FIELDS))
-            what = "; ".join([*(["no " + ", ".join(missing)] if missing else []),
-                              *([", ".join(extra) + " unknown"] if extra else [])])
-            raise ValueError(f"{source}: model_config is not ModernConfig's ({what}): a GPT-2 "
-                             "checkpoint or one of another version; load it with model.GPT")
-        try:
-            model = cls(ModernConfig(**config))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{source}: model_config: {exc}") from None
-        ours, theirs = model.state_dict(), state["model"]
-        for key in [*ours.keys() - theirs.keys(), *theirs.keys() - ours.keys()]:
-            what = "is missing" if key in ours else "is not a weight of its model_config"
-            raise ValueError(f"{source}: model[{key!r}] {what}; pass another checkpoint")
-        for key, tensor in theirs.items():
-            if tensor.shape != ours[key].shape:
-                raise ValueError(f"{source}: model[{key!r}] has shape {tuple(tensor.shape)}, "
-                                 f"its model_config gives {tuple(ours[key].shape)}; pass "
-                                 "another checkpoint")
-        model.load_state_dict(theirs)
+    def from_checkpoint(cls, state: dict[str, Any]) -> ModernGPT:
+        """The model of a checkpoint as checkpoint.load returns it, which checked its kind,
+        config, weights' names, shapes and values."""
+        model = cls(ModernConfig(**state["model_config"]))
+        model.load_state_dict(state["model"])
         return model
 
-
-def decode(last_logits: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor,
-           max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
-           generator: torch.Generator | None,
-           on_token: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
-    """GPT.generate's loop over a model's `last_logits(tokens)`, which runs tokens against
-    the model's KV cache: the prompt once, then each new token (a CUDA graph on CUDA)."""
-    step = CUDAGraphStep(last_logits) if idx.is_cuda else last_logits
-    logits = last_logits(idx)
-    sequence = [idx]
-    for i in range(max_new_tokens):
-        token = sample_next_token(logits, temperature, top_k, top_p, generator)
-        sequence.append(token)
-        if on_token is not None:
-            on_token(token)
-        if i + 1 < max_new_tokens:
-            logits = step(token)
-    return torch.cat(sequence, dim=1)
-
-
-def head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                       softcap: float, chunk_rows: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
-    """Mean cross-entropy of the soft-capped logits softcap * tanh(x @ weight.T / softcap)
-    against `targets`, skipping -1; model.linear_cross_entropy when there is no cap. With a
-    cap the logits exist a chunk of rows at a time and are recomputed in the backward pass,
-    so neither pass keeps all of them."""
-    if softcap <= 0:
-        return linear_cross_entropy(x, weight, targets, chunk_rows)
-    count = (targets != -1).sum()
-    total = x.new_zeros((), dtype=torch.float32)
-    for start in range(0, x.size(0), chunk_rows):
-        rows, target = x[start:start + chunk_rows], targets[start:start + chunk_rows]
-        total = total + torch.utils.checkpoint.checkpoint(
-            _capped_loss_sum, rows, weight, target, softcap, use_reentrant=False)
-    return total / count
-
-
-def _capped_loss_sum(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                     softcap: float) -> torch.Tensor:
-    logits = softcap * torch.tanh(F.linear(rows, weight).float() / softcap)
-    return F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum")

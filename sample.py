@@ -23,11 +23,13 @@ from typing import TextIO
 
 import torch
 
+import checkpoint
 import cli
 import runtime
 from cli import UsageError
 from data import EOT_TOKEN, get_tokenizer
 from model import GPT
+from model_modern import ModernGPT
 
 DEFAULT_PROMPT = "Hello, I'm a language model,"
 STREAM_CHUNK = 8  # new tokens per copy to the host while a GPU generates
@@ -39,7 +41,7 @@ def encode_prompt(prompt: str) -> list[int]:
     return tokens if tokens else [EOT_TOKEN]
 
 
-def new_token_count(model: GPT, prompt: list[int], max_length: int,
+def new_token_count(model: GPT | ModernGPT, prompt: list[int], max_length: int,
                     flags: tuple[str, str] = ("the prompt", "--max-length")) -> int:
     """`max_length` less the prompt's tokens, checked against the model's context and
     vocabulary; `flags` name the prompt and the length in the error."""
@@ -57,7 +59,7 @@ def new_token_count(model: GPT, prompt: list[int], max_length: int,
     return max_length - len(prompt)
 
 
-def generate_text(model: GPT, prompt: str, num_samples: int, max_length: int,
+def generate_text(model: GPT | ModernGPT, prompt: str, num_samples: int, max_length: int,
                   top_k: int | None = 50, top_p: float | None = None, temperature: float = 1.0,
                   seed: int = 42, device: torch.device | str = "cpu",
                   precision: runtime.Precision | None = None,
@@ -149,7 +151,8 @@ def run(args: argparse.Namespace) -> None:
         cli.check_range("--temperature", args.temperature, minimum=1e-6)
     cli.check_range("--seed", args.seed, *cli.SEED_RANGE)
     device, precision = cli.resolve_runtime(args.device, args.dtype)
-    model = cli.load_model(None if args.checkpoint else args.pretrained, args.checkpoint, device)
+    model = checkpoint.load_model(None if args.checkpoint else args.pretrained, args.checkpoint,
+                                  device)
     if precision.autocast_dtype is not None:
         # This model only samples: weights kept in the compute dtype are read at half the
         # bytes per token and are not re-cast by autocast in every step.

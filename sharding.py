@@ -34,14 +34,14 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import data
 import runtime
-from model import GPT, GPTConfig
 
 
-def shard_model(model: GPT, precision: runtime.Precision, device: torch.device) -> None:
-    """Each block its own FSDP unit, so only one block's full weights exist at a time; the
-    root unit holds the embeddings (tied to the output head) and the final norm. bf16 compute
-    over fp32 master weights where autocast would be bf16 (CUDA), else plain fp32; gradients
-    are reduced in fp32 so the sum over ranks loses nothing."""
+def shard_model(model: Any, precision: runtime.Precision, device: torch.device) -> None:
+    """Each block of `model` (GPT-2's or the modern one: both keep theirs in transformer.h)
+    its own FSDP unit, so only one block's full weights exist at a time; the root unit holds
+    the embeddings and the rest. bf16 compute over fp32 master weights where autocast would
+    be bf16 (CUDA), else plain fp32; gradients are reduced in fp32 so the sum over ranks
+    loses nothing."""
     policy = MixedPrecisionPolicy()
     if device.type == "cuda" and precision.autocast_dtype == torch.bfloat16:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -72,14 +72,14 @@ def full_norm(norm: torch.Tensor) -> torch.Tensor:
     return full_tensor() if full_tensor is not None else norm
 
 
-def full_weights_copy(model: GPT, device: torch.device) -> GPT:
-    """A plain GPT with the sharded model's full weights, on every rank (a collective).
+def full_weights_copy(model: Any, device: torch.device) -> Any:
+    """A plain copy of the sharded model with its full weights, on every rank (a collective).
     Sampling runs on rank 0 alone and HellaSwag gives ranks different numbers of forward
     passes; the sharded model's forward is a collective that needs every rank in step."""
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     # The copy's own random init is overwritten; it must not move the run's RNG.
     with torch.random.fork_rng(devices=[]):
-        copy = GPT(model.config)
+        copy = type(model)(model.config)
     copy.load_state_dict(weights)
     return copy.to(device).eval()
 
@@ -110,12 +110,11 @@ def load_optimizer_state(folder: Path, model: torch.nn.Module,
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state)
 
 
-def load_full_weights(folder: Path, model_config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """A folder's model weights as one full state dict, in a single process whatever number
-    of ranks wrote it: the shards are stored by parameter name and offset, not by rank.
-    checkpoint.load checked first that they are the weights `model_config` calls for."""
-    with torch.random.fork_rng(devices=[]):  # the init is overwritten; keep the caller's RNG
-        weights = GPT(GPTConfig(**model_config)).state_dict()
+def load_full_weights(folder: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A folder's model weights as one full state dict shaped as `model`'s, in a single
+    process whatever number of ranks wrote it: the shards are stored by parameter name and
+    offset, not by rank. checkpoint.load checked first that they are `model`'s weights."""
+    weights = model.state_dict()
     _load({"model": weights}, folder, collective=False)
     return weights
 

@@ -35,12 +35,15 @@ from torch.nn.parallel import DistributedDataParallel
 import checkpoint
 import cli
 import data
+import eval_core
 import eval_hellaswag
+import optim
 import runtime
 import sample
 import sharding
 from cli import UsageError
 from model import GPT, PADDED_VOCAB_SIZE, PRESETS, GPTConfig
+from model_modern import ModernConfig, ModernGPT
 from runtime import print0
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -60,15 +63,14 @@ QUICKSTART_FLAGS = [
     "--num-samples=2", "--sample-length=64", "--checkpoint-interval=75",
 ]
 
-SWITCHES = ("rotary", "qk_norm", "relu_squared", "untied_head", "zero_init")  # GPTConfig's
 # Named recipes: flags placed before the user's (after the quickstart's), so any flag given
-# still wins. modern: the architecture switches, Muon and a warmup-stable-decay schedule.
+# still wins. modern: model_modern.py's model with optim.py's per-kind rates and Muon, on
+# nanochat's schedule (a long linear warmdown to 5% of the peak; scripts/base_train.py).
 # finetune: GPT-2's weights (its 50257-token vocabulary kept, so the result exports) trained
 # briefly on the user's text at a small, nearly constant learning rate, validated often.
 RECIPES = {
     "gpt2": [],
-    "modern": ["--rotary", "--qk-norm", "--relu-squared", "--untied-head", "--zero-init",
-               "--optimizer=muon", "--lr-schedule=wsd"],
+    "modern": ["--lr-schedule=wsd", "--cooldown-frac=0.65", "--final-lr-frac=0.05"],
     "finetune": ["--init-from=gpt2", "--max-lr=3e-5", "--lr-schedule=wsd", "--cooldown-frac=0.2",
                  "--warmup-steps=10", "--max-steps=200", "--total-batch-size=32768",
                  "--batch-size=auto", "--eval-interval=20", "--val-steps=10",
@@ -126,11 +128,11 @@ class TrainConfig:
     init_from: str = option("scratch", "scratch, a pretrained name or HF folder (gpt2, "
                             "gpt2-medium, ...), or a checkpoint (.pt file or --fsdp folder; "
                             "weights only, fresh optimizer)")
-    rotary: bool = option(False, "rotary position embeddings instead of learned ones")
-    qk_norm: bool = option(False, "RMS-normalise each head's queries and keys")
-    relu_squared: bool = option(False, "ReLU-squared MLP instead of GELU")
-    untied_head: bool = option(False, "an output head of its own, not tied to the embedding")
-    zero_init: bool = option(False, "attention and MLP output projections start at zero")
+    value_embeddings: bool = option(True, "modern: value embeddings mixed into attention "
+                                    "on alternating layers")
+    lambdas: bool = option(True, "modern: per-layer residual and embedding-shortcut scalars")
+    logit_softcap: float = option(15.0, "modern: logits capped at C * tanh(logits / C); 0: off",
+                                  minimum=0)
     # batch and optimizer
     batch_size: int | Literal["auto"] = option(
         64, "micro-batch per rank, or auto: the largest that fits in GPU memory (on CPU and "
@@ -141,24 +143,33 @@ class TrainConfig:
                                    "accumulation makes up the rest)", minimum=1)
     max_steps: int = option(19073, "optimizer steps to train for", minimum=0)
     warmup_steps: int = option(715, "steps of linear LR warmup", minimum=0)
-    max_lr: float = option(6e-4, "peak learning rate (AdamW's), reached after the warmup",
+    max_lr: float = option(6e-4, "gpt2: AdamW's peak learning rate, reached after the warmup",
                            minimum=0)
-    min_lr: float | None = option(None, "LR at the end of the schedule (default: 10%% of "
-                                  "--max-lr)", minimum=0)
-    lr_schedule: str = option("cosine", "after the warmup, cosine: a cosine decay to --min-lr;"
-                              " wsd: constant, then linear to --min-lr over the last "
+    final_lr_frac: float = option(0.1, "every rate at the end of the schedule, as a fraction "
+                                  "of its peak", minimum=0, maximum=1)
+    lr_schedule: str = option("cosine", "after the warmup, cosine: a cosine decay to the "
+                              "final rate; wsd: constant, then linear to it over the last "
                               "--cooldown-frac of the steps", choices=("cosine", "wsd"))
     cooldown_frac: float = option(0.4, "wsd: the fraction of --max-steps spent decaying",
                                   minimum=0, maximum=1)
-    optimizer: str = option("adamw", "adamw, or muon: torch.optim.Muon on the blocks' 2-D "
-                            "matrices, AdamW on the rest", choices=("adamw", "muon"))
-    muon_lr: float = option(0.02, "Muon's peak learning rate; it follows the same schedule",
-                            minimum=0)
-    weight_decay: float = option(0.1, "AdamW weight decay on the 2-D weights", minimum=0)
-    beta1: float = option(0.9, "AdamW beta1", minimum=0, below=1)
-    beta2: float = option(0.95, "AdamW beta2", minimum=0, below=1)
+    weight_decay: float = option(0.1, "gpt2: AdamW weight decay on the 2-D weights", minimum=0)
+    beta1: float = option(0.9, "gpt2: AdamW beta1", minimum=0, below=1)
+    beta2: float = option(0.95, "gpt2: AdamW beta2", minimum=0, below=1)
     adam_eps: float = option(1e-8, "AdamW epsilon: at least fp32's smallest normal number "
                              "(0 makes 0/0 updates)", minimum=torch.finfo(torch.float32).tiny)
+    embedding_lr: float = option(optim.EMBEDDING_LR, "modern: the token embedding's peak "
+                                 "AdamW rate at width 768 (scaled by (width/768)^-0.5; value "
+                                 "embeddings at half)", minimum=0)
+    head_lr: float = option(optim.HEAD_LR, "modern: the output head's peak AdamW rate at width "
+                            "768 (scaled as --embedding-lr)", minimum=0)
+    matrix_lr: float = option(optim.MATRIX_LR, "modern: the blocks' matrices' peak rate (Muon's, "
+                              "or AdamW's with --matrix-optimizer=adamw)", minimum=0)
+    scalar_lr: float = option(optim.SCALAR_LR, "modern: the embedding-shortcut scalars' peak "
+                              "AdamW rate (the residual scalars at 1%% of it)", minimum=0)
+    matrix_weight_decay: float = option(optim.MATRIX_WEIGHT_DECAY, "modern: the blocks' "
+                                        "matrices' decoupled weight decay", minimum=0)
+    matrix_optimizer: str = option("muon", "modern: muon, or adamw for the blocks' matrices",
+                                   choices=("muon", "adamw"))
     grad_clip: float = option(1.0, "max global grad norm; 0 disables clipping", minimum=0)
     seed: int = option(1337, "seed of the model's init and the data order", *cli.SEED_RANGE)
     # evaluation, samples, checkpoints
@@ -171,6 +182,11 @@ class TrainConfig:
                                         "cached official file)")
     hellaswag_limit: int | None = option(None, "score only the first N HellaSwag examples",
                                          minimum=1)
+    core_interval: int = option(0, "steps between CORE evaluations (eval_core.py)", minimum=0)
+    core_limit: int = option(16, "examples per CORE task during training: the first after its "
+                             "seeded shuffle (10-shot tasks need 11)", minimum=1)
+    core_bundle: str | None = option(None, "an unpacked CORE eval bundle (default: nanochat's, "
+                                     "downloaded once into the data root)")
     sample_interval: int | None = option(None, "steps between printed samples (default: "
                                          "--eval-interval)", minimum=0)
     sample_prompt: str = option("Hello, I'm a language model,", "prompt of the printed samples")
@@ -243,8 +259,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         text = f.metadata["help"]
         name = "--" + f.name.replace("_", "-")
         kind = next((t for t in get_args(hints[f.name]) if t is not type(None)), hints[f.name])
-        if kind is bool:  # --no-X where a default or a recipe can turn X on
-            negatable = f.default is not False or f.name in SWITCHES
+        if kind is bool:  # --no-X where the default is on
+            negatable = f.default is not False
             action = argparse.BooleanOptionalAction if negatable else "store_true"
             group.add_argument(name, action=action, default=f.default, help=text)
         else:
@@ -267,16 +283,10 @@ def validate(config: TrainConfig) -> None:
     if config.model not in PRESETS:
         raise UsageError(f"--model={config.model}: unknown preset; choose one of "
                          f"{', '.join(PRESETS)}")
-    if config.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-        raise UsageError(f"--optimizer=muon needs torch 2.9 or newer (torch.optim.Muon); this "
-                         f"is torch {torch.__version__}")
     if config.wandb_project:  # before the run folder is touched
         import tracking
 
         tracking.require_wandb()
-    if config.optimizer == "muon" and config.max_lr <= 0:
-        raise UsageError("--optimizer=muon: Muon's lr follows --max-lr's schedule as a ratio; "
-                         "pass --max-lr above 0")
 
 
 def parse_args(argv: list[str], description: str = "Train GPT-2 on token shards (single "
@@ -310,8 +320,7 @@ def configure(config: TrainConfig, argv: list[str]) -> TrainConfig:
         print0(f"Quickstart: {config.model} on the {QUICKSTART_DATASET} corpus, "
                f"{config.max_steps} steps of {config.total_batch_size} tokens.")
     return dataclasses.replace(
-        config, min_lr=config.max_lr * 0.1 if config.min_lr is None else config.min_lr,
-        hellaswag_interval=(config.eval_interval if config.hellaswag_interval is None
+        config, hellaswag_interval=(config.eval_interval if config.hellaswag_interval is None
                             else config.hellaswag_interval),
         sample_interval=(config.eval_interval if config.sample_interval is None
                          else config.sample_interval))
@@ -384,32 +393,43 @@ def make_loader(files: list[Path], config: TrainConfig, env: runtime.DistEnv,
 # ---------------------------------------------------------------------- model and optimizer
 
 
-def model_config(config: TrainConfig) -> GPTConfig:
+def model_config(config: TrainConfig) -> GPTConfig | ModernConfig:
+    """The shape the flags ask for, of GPT-2's model or (--recipe=modern) the modern one."""
     given = [k for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(config, k)]
-    overrides = {k: getattr(config, k) for k in ("vocab_size", *given, *SWITCHES)}
+    shape = {**PRESETS[config.model], "vocab_size": config.vocab_size,
+             **{k: getattr(config, k) for k in given}}
     try:
-        return GPTConfig.from_preset(config.model, **overrides)
+        if config.recipe == "modern":
+            return ModernConfig(**shape, value_embeddings=config.value_embeddings,
+                                lambdas=config.lambdas, logit_softcap=config.logit_softcap)
+        return GPTConfig(**shape)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
 
 def build_model(config: TrainConfig, resume: dict[str, Any] | None,
-                resume_path: Path | None) -> GPT:
+                resume_path: Path | None) -> GPT | ModernGPT:
     """The resumed checkpoint's model, else (--init-from) a fresh model, pretrained GPT-2
     weights or a checkpoint's weights."""
     source = Path(config.init_from).expanduser()  # a .pt file, or an --fsdp folder
     from_checkpoint = (source.is_file() or source.suffix == ".pt"
                        or source.name.startswith("ckpt_")
                        or (source / checkpoint.STATE_NAME).is_file())
+    model: GPT | ModernGPT
     if resume is not None and resume_path is not None:
-        model = GPT.from_checkpoint(resume, source=str(resume_path))
+        model = checkpoint.build_model(resume)
         check_same_model(config, model, resume, resume_path, resuming=True)
     elif from_checkpoint:
         state = checkpoint.load(source)
-        model = GPT.from_checkpoint(state, source=str(source))
+        model = checkpoint.build_model(state)
         check_same_model(config, model, state, source, resuming=False)
     elif config.init_from == "scratch":
-        model = GPT(model_config(config))
+        shape = model_config(config)
+        model = ModernGPT(shape) if isinstance(shape, ModernConfig) else GPT(shape)
+    elif config.recipe == "modern":
+        raise UsageError(f"--init-from={config.init_from} with --recipe=modern: pretrained "
+                         "weights are GPT-2's, not the modern model's\nhint: pass "
+                         "--recipe=gpt2 (or finetune) to start from them")
     else:
         model = GPT.from_pretrained(config.init_from)
     if config.seq_len > model.config.block_size:
@@ -419,21 +439,28 @@ def build_model(config: TrainConfig, resume: dict[str, Any] | None,
     return model
 
 
-def check_same_model(config: TrainConfig, model: GPT, state: dict[str, Any], path: Path,
-                     resuming: bool) -> None:
+def check_same_model(config: TrainConfig, model: GPT | ModernGPT, state: dict[str, Any],
+                     path: Path, resuming: bool) -> None:
     """The checkpoint's model is the one this run's flags describe, and, when resuming, it
     was trained with this run's optimizer (whose state it holds)."""
     ours = model_config(config)
-    diffs = [f"{k}={v} (this run: {getattr(ours, k)})"
-             for k, v in dataclasses.asdict(model.config).items() if getattr(ours, k) != v]
-    saved_config = state.get("config")
-    saved_optimizer = saved_config.get("optimizer") if isinstance(saved_config, dict) else None
-    if resuming and saved_optimizer not in (None, config.optimizer):
-        diffs.append(f"optimizer={saved_optimizer} (this run: {config.optimizer})")
+    if type(ours) is not type(model.config):
+        diffs = [f"a {state['model_kind']} model (this run: --recipe={config.recipe})"]
+    else:
+        diffs = [f"{k}={v} (this run: {getattr(ours, k)})"
+                 for k, v in dataclasses.asdict(model.config).items() if getattr(ours, k) != v]
+    saved: dict[str, Any] = state["config"] if isinstance(state.get("config"), dict) else {}
+    if resuming and saved.get("optimizer", "adamw") != "adamw":
+        raise RuntimeError(f"{path}: trained with --optimizer={saved['optimizer']}, which the "
+                           "recipes no longer have\nhint: start from its weights with "
+                           f"--init-from={path} and a new --out-dir")
+    matrices = saved.get("matrix_optimizer", config.matrix_optimizer)
+    if resuming and isinstance(model, ModernGPT) and matrices != config.matrix_optimizer:
+        diffs.append(f"matrix_optimizer={matrices} (this run: {config.matrix_optimizer})")
     if diffs:
-        raise UsageError(f"{path}: checkpoint of another model: {', '.join(diffs)}\nhint: pass "
-                         f"the flags it was trained with ({flags_of(state)}) or another "
-                         "--out-dir")
+        raise RuntimeError(f"{path}: checkpoint of another model: {', '.join(diffs)}\nhint: pass "
+                           f"the flags it was trained with ({flags_of(state)}) or another "
+                           "--out-dir")
 
 
 def flags_of(state: dict[str, Any]) -> str:
@@ -444,12 +471,17 @@ def flags_of(state: dict[str, Any]) -> str:
     return "unknown: the checkpoint does not record them"
 
 
-def build_optimizer(model: GPT, config: TrainConfig,
+def build_optimizer(model: GPT | ModernGPT, config: TrainConfig,
                     device: torch.device) -> torch.optim.Optimizer:
-    return model.configure_optimizers(
-        weight_decay=config.weight_decay, learning_rate=config.max_lr,
-        betas=(config.beta1, config.beta2), eps=config.adam_eps, device_type=device.type,
-        muon_lr=config.muon_lr if config.optimizer == "muon" else None)
+    """The recipe's optimizer, each group holding its peak rate as `initial_lr`."""
+    if isinstance(model, ModernGPT):
+        return optim.modern_optimizer(
+            model, device.type, embedding_lr=config.embedding_lr, head_lr=config.head_lr,
+            matrix_lr=config.matrix_lr, scalar_lr=config.scalar_lr,
+            matrix_weight_decay=config.matrix_weight_decay,
+            matrix_optimizer=config.matrix_optimizer)
+    return optim.gpt2_optimizer(model, config.max_lr, config.weight_decay,
+                                (config.beta1, config.beta2), config.adam_eps, device.type)
 
 
 def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int,
@@ -475,9 +507,10 @@ def check_fsdp(config: TrainConfig, env: runtime.DistEnv, precision: runtime.Pre
     if not env.is_distributed:
         raise UsageError("--fsdp shards over two or more torchrun ranks; a single process "
                          "trains (and resumes an --fsdp checkpoint) without it")
-    if config.optimizer == "muon":
-        raise UsageError("--fsdp with --optimizer=muon: Muon orthogonalises whole matrices and "
-                         "--fsdp holds shards of them; train Muon without --fsdp (DDP)")
+    if config.recipe == "modern" and config.matrix_optimizer == "muon":
+        raise UsageError("--fsdp with Muon (--recipe=modern): Muon orthogonalises whole "
+                         "matrices and --fsdp holds shards of them\nhint: train it without "
+                         "--fsdp (DDP), or pass --matrix-optimizer=adamw")
     if precision.use_grad_scaler:
         raise UsageError("--fsdp with fp16: the GradScaler does not handle sharded gradients "
                          "here; pass --dtype=bf16 or --dtype=fp32")
@@ -509,13 +542,12 @@ class StepResult:
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, next_batch: Callable[[], Batch], grad_accum: int,
-               precision: runtime.Precision, device: torch.device, lr: float,
+               precision: runtime.Precision, device: torch.device,
                grad_clip: float) -> StepResult:
-    """One optimizer step over `grad_accum` micro-batches; DDP and FSDP reduce gradients
-    only on the last. Nothing is read back to the host (but the fp16 GradScaler's scale), so
-    the CPU queues the optimizer step while the GPU still runs the backward pass."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_ratio", 1.0)
+    """One optimizer step over `grad_accum` micro-batches, at the rates the schedule set;
+    DDP and FSDP reduce gradients only on the last. Nothing is read back to the host (but
+    the fp16 GradScaler's scale), so the CPU queues the optimizer step while the GPU still
+    runs the backward pass."""
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(grad_accum):
@@ -610,6 +642,29 @@ def load_hellaswag(config: TrainConfig, env: runtime.DistEnv) -> list[dict[str, 
         return None
 
 
+def load_core(config: TrainConfig, env: runtime.DistEnv) -> list[eval_core.Task] | None:
+    """The CORE tasks run during training; None when it is off or the bundle cannot be had
+    (no network, a bad bundle): training goes on without it, after one warning."""
+    if config.core_interval <= 0:
+        return None
+    bundle = config.core_bundle
+    if bundle is None:  # rank 0 downloads (if need be) while the other ranks wait
+        bundle = str(data_root(config) / eval_core.BUNDLE_DIR)
+        if env.is_main:
+            with contextlib.suppress(Exception):  # load_tasks below says why, on every rank
+                eval_core.ensure_bundle(data_root(config))
+        if env.is_distributed:
+            torch.distributed.barrier()
+    try:
+        return eval_core.load_tasks(bundle, limit=config.core_limit)
+    except Exception as exc:
+        if env.is_main:
+            print(f"warning: CORE eval skipped for this run: {cli.first_line(exc)} (pass "
+                  "--core-bundle=DIR, or --core-interval=0 to silence this)", file=sys.stderr,
+                  flush=True)
+        return None
+
+
 def run_log(config: TrainConfig, env: runtime.DistEnv, out_dir: Path) -> Callable[..., None]:
     """log(step, **values): one event into log.jsonl (the record of the run) and, with
     --wandb-project, the same to W&B; rank 0 only."""
@@ -639,7 +694,7 @@ class Run:
     env: runtime.DistEnv
     device: torch.device
     precision: runtime.Precision
-    model: GPT  # the plain model: evaluations, samples and checkpoints read it
+    model: GPT | ModernGPT  # the plain model: evaluations, samples and checkpoints read it
     train_model: torch.nn.Module  # what the step runs: the model compiled and/or under DDP
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -755,13 +810,13 @@ def training_loop(run: Run, start_step: int, skipped: int, last_checkpoint: Path
     """Each iteration: the evaluations due at `step`, then (unless it is the last) one
     optimizer step, its log line, and the checkpoint when due or asked for by a signal."""
     config, env, device, model, log = run.config, run.env, run.device, run.model, run.log
-    # configure() resolved them from --eval-interval and --max-lr.
+    # configure() resolved them from --eval-interval.
     assert config.hellaswag_interval is not None and config.sample_interval is not None
-    assert config.min_lr is not None
     if start_step >= config.max_steps:
         print0(f"already trained to step {start_step} (--max-steps={config.max_steps})")
         return 0
     hellaswag = load_hellaswag(config, env)
+    core_tasks = load_core(config, env)
     flops_per_token = model.flops_per_token(config.seq_len)
     peak = runtime.gpu_peak_flops(device)
     with runtime.StopFlag().installed() as stop:
@@ -774,12 +829,16 @@ def training_loop(run: Run, start_step: int, skipped: int, last_checkpoint: Path
                 log(step, val_loss=val)
             run_hellaswag = hellaswag is not None and due(config.hellaswag_interval, step,
                                                           config.max_steps)
+            run_core = core_tasks is not None and due(config.core_interval, step,
+                                                      config.max_steps)
             # Samples from the untrained weights at step 0 would only show noise.
             samples = step > 0 and due(config.sample_interval, step, config.max_steps)
-            if run_hellaswag or samples:
+            if run_hellaswag or run_core or samples:
                 # Under --fsdp a full copy (every rank makes it): sampling runs on rank 0
                 # alone, and HellaSwag gives ranks different numbers of forward passes.
-                eval_model = sharding.full_weights_copy(model, device) if config.fsdp else model
+                eval_model = model
+                if config.fsdp:
+                    eval_model = sharding.full_weights_copy(model, device)
                 if hellaswag is not None and run_hellaswag:
                     score = eval_hellaswag.evaluate(eval_model, hellaswag, device,
                                                     precision=run.precision, rank=env.rank,
@@ -787,6 +846,13 @@ def training_loop(run: Run, start_step: int, skipped: int, last_checkpoint: Path
                     print0(f"step {step:6d} | HellaSwag acc_norm {score.correct_norm}/"
                            f"{score.total} = {score.acc_norm:.4f}")
                     log(step, hellaswag_acc_norm=score.acc_norm, hellaswag_acc=score.acc)
+                if core_tasks is not None and run_core:
+                    core = eval_core.evaluate(eval_model, core_tasks, device,
+                                              precision=run.precision, rank=env.rank,
+                                              world_size=env.world_size)
+                    print0(f"step {step:6d} | CORE {core.core:.4f} ({len(core_tasks)} tasks, "
+                           f"at most {config.core_limit} examples each)")
+                    log(step, core_metric=core.core, core_results=core.results)
                 if samples and env.is_main:
                     texts = sample.generate_text(
                         eval_model, config.sample_prompt, config.num_samples,
@@ -801,12 +867,18 @@ def training_loop(run: Run, start_step: int, skipped: int, last_checkpoint: Path
 
             # ------------------------------------------------------------------ step
             t0 = time.perf_counter()
+            # One schedule for every group: a multiplier of its peak rate (initial_lr).
             cooldown_frac = config.cooldown_frac if config.lr_schedule == "wsd" else None
-            lr = get_lr(step, config.max_lr, config.min_lr, config.warmup_steps,
-                        config.max_steps, cooldown_frac)
+            multiplier = get_lr(step, 1.0, config.final_lr_frac, config.warmup_steps,
+                                config.max_steps, cooldown_frac)
+            optim.set_lr_multiplier(run.optimizer, multiplier)
+            warmdown_steps = round(config.max_steps * (cooldown_frac or 0))
+            optim.set_muon_momentum(run.optimizer, optim.muon_momentum(
+                step, config.max_steps, warmdown_steps))
+            lr = run.optimizer.param_groups[0]["lr"]  # gpt2: AdamW's; modern: the embedding's
             result = train_step(run.train_model, run.optimizer, run.scaler,
                                 run.loader.next_batch, run.grad_accum, run.precision, device,
-                                lr, config.grad_clip)
+                                config.grad_clip)
             loss, grad_norm, stop_requested = read_step(result, stop.requested, env)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

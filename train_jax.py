@@ -12,7 +12,7 @@ all-reduce), --batch-size per device as per torchrun rank. Matmuls run in bf16 o
 (fp32 weights, optimizer and layer norms), fp32 on CPU.
 
 Not here: HellaSwag in training (eval_hellaswag.py --checkpoint), --batch-size=auto, fp16,
---compile, Muon, the switches beyond GPT-2, several hosts; --resume of train_jax.py's own.
+--compile, --recipe=modern (model_modern.py and its optimizer), several hosts.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import model_jax
 import runtime
 import sample
 from cli import UsageError
-from model import GPTConfig
+from model import GPT
 from train_gpt2 import (
     TrainConfig,
     build_model,
@@ -57,9 +57,13 @@ NOT_APPLICABLE = {
     "compile": "JAX compiles every step function",
     "hellaswag_data": "train_jax.py runs no HellaSwag evaluation",
     "hellaswag_limit": "train_jax.py runs no HellaSwag evaluation",
+    "core_interval": "train_jax.py runs no CORE evaluation",
+    "core_limit": "train_jax.py runs no CORE evaluation",
+    "core_bundle": "train_jax.py runs no CORE evaluation",
     "fsdp": "train_jax.py replicates the weights on its local devices",
-    "optimizer": "train_jax.py trains with AdamW (optax)",
-    "muon_lr": "train_jax.py trains with AdamW (optax)",
+    **{name: "model_jax.py is GPT-2's model, trained with AdamW (optax)" for name in (
+        "value_embeddings", "lambdas", "logit_softcap", "embedding_lr", "head_lr", "matrix_lr",
+        "scalar_lr", "matrix_weight_decay", "matrix_optimizer")},
     "wandb_project": "train_jax.py writes log.jsonl only",
     "wandb_run_name": "train_jax.py writes log.jsonl only",
 }
@@ -72,6 +76,9 @@ def check_applicable(config: TrainConfig) -> None:
         if getattr(config, name) != getattr(TrainConfig(), name):
             flag = "--" + name.replace("_", "-")
             raise UsageError(f"{flag}: not used by train_jax.py ({reason}); drop it")
+    if config.recipe == "modern":
+        raise UsageError("--recipe=modern: model_jax.py is GPT-2's model\nhint: train the "
+                         "modern model with train_gpt2.py")
     if config.hellaswag_interval:
         raise UsageError("--hellaswag-interval: train_jax.py runs no HellaSwag evaluation; "
                          "pass 0, and run eval_hellaswag.py --checkpoint=CKPT on a checkpoint")
@@ -224,10 +231,10 @@ def train(config: TrainConfig, argv: list[str]) -> int:
 
         torch.manual_seed(config.seed)  # train_gpt2.py's init for the same seed
         start = build_model(config, resume, resume_path)
-        gpt2 = {f: getattr(start.config, f) for f in (*checkpoint.GPT2_FIELDS, "zero_init")}
-        if start.config != GPTConfig(**gpt2):  # from the flags or from --init-from's checkpoint
-            raise UsageError(f"{start.config}: model_jax.py is GPT-2's architecture; drop "
-                             "--rotary, --qk-norm, --relu-squared and --untied-head")
+        if not isinstance(start, GPT):  # --init-from a modern model's checkpoint
+            raise UsageError(f"--init-from={config.init_from}: a modern model's checkpoint; "
+                             "model_jax.py is GPT-2's architecture\nhint: pass a checkpoint of "
+                             "--recipe=gpt2")
         n_head = start.config.n_head
         mesh = Mesh(np.array(devices), ("data",))
         replicated = NamedSharding(mesh, PartitionSpec())
@@ -270,8 +277,8 @@ def training_loop(*, config: TrainConfig, mesh: Mesh, n_head: int, dtype: Any,
     """Each iteration: the evaluations due at `step`, then (unless it is the last) one
     optimizer step, its log line, and the checkpoint when due or asked for by a signal."""
     log = functools.partial(checkpoint.append_log, out_dir)
-    # configure() resolved them from --eval-interval and --max-lr.
-    assert config.sample_interval is not None and config.min_lr is not None
+    # configure() resolved it from --eval-interval.
+    assert config.sample_interval is not None
     if start_step >= config.max_steps:
         say(f"already trained to step {start_step} (--max-steps={config.max_steps})")
         return 0
@@ -294,7 +301,8 @@ def training_loop(*, config: TrainConfig, mesh: Mesh, n_head: int, dtype: Any,
 
             t0 = time.perf_counter()
             cooldown_frac = config.cooldown_frac if config.lr_schedule == "wsd" else None
-            lr = get_lr(step, config.max_lr, config.min_lr, config.warmup_steps,
+            lr = get_lr(step, config.max_lr, config.max_lr * config.final_lr_frac,
+                        config.warmup_steps,
                         config.max_steps, cooldown_frac)
             batches = [loader.next_arrays() for _ in range(grad_accum)]
             xs = on_devices(np.stack([x for x, _ in batches]), mesh, None, "data")

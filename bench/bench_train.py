@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import data
 import runtime
 import train_gpt2
-from model import GPT
+from model import GPT, GPTConfig
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(1337)
         if device.type == "cuda":
             runtime.enable_tf32()
+        assert isinstance(gpt_config, GPTConfig)  # the gpt2 recipe's model
         model = GPT(gpt_config).to(device)
         resolve_batch_size(args, model, config, precision, device)
     except ValueError as exc:
@@ -187,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     def step_with(train_model: torch.nn.Module) -> Callable[[Callable[[], Batch]], None]:
         def step(next_batch: Callable[[], Batch]) -> None:
             train_gpt2.train_step(train_model, optimizer, scaler, next_batch, args.grad_accum,
-                                  precision, device, lr=config.max_lr,
-                                  grad_clip=config.grad_clip)
+                                  precision, device, grad_clip=config.grad_clip)
         return step
 
     ours, full_logits = step_with(compiled(model)), step_with(compiled(FullLogitsLoss(model)))

@@ -580,3 +580,24 @@ def test_plot_log_draws_core_beside_hellaswag(tmp_path: Path):
     assert curves.core == [(0, -0.01), (5, 0.02)] and curves.hellaswag == [(0, 0.25)]
     assert plot_log.main([str(log)]) == 0
     assert (tmp_path / "log.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_train_gpt2_logs_core_at_its_interval(bundle: Path, specs, tmp_path: Path) -> None:
+    """--core-interval=N: CORE at steps 0, N, ... and the last, in log.jsonl, each the score
+    eval_core gives the weights of that step (here: the last checkpoint's)."""
+    from test_train import read_log, tiny_args, write_shards
+
+    import checkpoint
+    import train_gpt2
+
+    shards = write_shards(tmp_path / "shards")
+    out = tmp_path / "out"
+    assert train_gpt2.main(tiny_args(shards, out, "--vocab-size=50304", "--max-steps=2",
+                                     "--core-interval=2", f"--core-bundle={bundle}",
+                                     "--core-limit=5", "--eval-interval=0")) == 0
+    logged = {e["step"]: e for e in read_log(out) if "core_metric" in e}
+    assert sorted(logged) == [0, 2]
+    model = checkpoint.build_model(checkpoint.load(out / "ckpt_0000002.pt")).eval()
+    expected = core.evaluate(model, core.load_tasks(bundle, limit=5), "cpu")
+    assert logged[2]["core_metric"] == pytest.approx(expected.core, abs=1e-6)
+    assert logged[2]["core_results"] == pytest.approx(expected.results, abs=1e-6)

@@ -40,10 +40,10 @@ def run_args(shards: Path, out_dir: Path, *extra: str) -> list[str]:
             "--sample-interval=0", *extra]
 
 
-def overflowing_scaler(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every run builds torch's own CPU GradScaler, started at INIT_SCALE."""
+def overflowing_scaler(monkeypatch: pytest.MonkeyPatch, init_scale: float = INIT_SCALE) -> None:
+    """Every run builds torch's own CPU GradScaler, started at `init_scale`."""
     monkeypatch.setattr(runtime, "make_grad_scaler", lambda precision, device:
-                        torch.amp.GradScaler(device.type, init_scale=INIT_SCALE,
+                        torch.amp.GradScaler(device.type, init_scale=init_scale,
                                              growth_interval=GROWTH_INTERVAL,
                                              enabled=precision.use_grad_scaler))
 
@@ -117,23 +117,28 @@ def test_fp16_resume_restores_the_loss_scale_growth_tracker_and_skipped_steps(
     assert_resumed_run_is_the_same_run(straight, resumed)
 
 
-def test_muon_resume_restores_both_optimizers_state(tmp_path: Path) -> None:
-    straight, resumed = straight_and_resumed(tmp_path, "--optimizer=muon")
+def test_modern_resume_restores_every_groups_state(tmp_path: Path) -> None:
+    straight, resumed = straight_and_resumed(tmp_path, "--recipe=modern")
     saved = load_ckpt(straight / f"ckpt_{RESUME_AT:07d}.pt")["optimizer"]
-    # Both halves hold moving state at the resume point: Muon's momentum, AdamW's moments.
-    for part in ("muon", "adamw"):
-        assert any(t.is_floating_point() and t.dim() > 0 and t.abs().sum() > 0
-                   for t in tensors(saved[part]["state"])), part
+    # Every group holds moving state at the resume point: Muon's momentum for the block
+    # matrices, AdamW's moments for the rest.
+    kinds = [group["name"] for group in saved["param_groups"]]
+    assert "matrix" in kinds and len(kinds) > 2
+    for group in saved["param_groups"]:
+        state = [saved["state"][i] for i in group["params"]]
+        assert all(any(t.is_floating_point() and t.dim() > 0 and t.abs().sum() > 0
+                       for t in tensors(s)) for s in state), group["name"]
     assert_resumed_run_is_the_same_run(straight, resumed)
 
 
 def test_modern_recipe_in_fp16_resumes_every_piece(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """--recipe=modern as it stands (the architecture switches, Muon, the wsd schedule)
-    under the fp16 GradScaler: all of it at once."""
-    overflowing_scaler(monkeypatch)
+    """--recipe=modern (its own model, Muon and per-kind AdamW groups, the wsd schedule)
+    under the fp16 GradScaler: all of it at once. Its gradients are smaller than GPT-2's
+    (capped logits, zero-initialised projections): a higher first scale overflows."""
+    overflowing_scaler(monkeypatch, init_scale=2.0**32)
     straight, resumed = straight_and_resumed(tmp_path, "--recipe=modern", "--dtype=fp16")
     saved = load_ckpt(straight / f"ckpt_{RESUME_AT:07d}.pt")
-    assert saved["model_config"]["rotary"] and saved["model_config"]["qk_norm"]
+    assert saved["model_kind"] == "modern"
     assert saved["skipped_steps"] > 0
     assert_resumed_run_is_the_same_run(straight, resumed)

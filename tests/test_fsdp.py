@@ -30,7 +30,7 @@ from test_train import (
 )
 from torch.distributed.checkpoint import format_utils
 
-import cli
+import checkpoint
 import data
 import eval_hellaswag
 import export
@@ -127,8 +127,8 @@ def test_one_process_resumes_a_two_rank_fsdp_checkpoint_exactly(runs: Path) -> N
     assert val_losses(runs / "resumed")[STEPS] == pytest.approx(
         val_losses(runs / "fsdp")[STEPS], abs=1e-5)
     # The plain process writes .pt checkpoints; the sharded folder loads as the same weights.
-    plain = cli.load_model(None, str(runs / "resumed" / f"ckpt_{STEPS:07d}.pt"), "cpu")
-    sharded = cli.load_model(None, str(runs / "fsdp" / f"ckpt_{STEPS:07d}"), "cpu")
+    plain = checkpoint.load_model(None, str(runs / "resumed" / f"ckpt_{STEPS:07d}.pt"), "cpu")
+    sharded = checkpoint.load_model(None, str(runs / "fsdp" / f"ckpt_{STEPS:07d}"), "cpu")
     for name, weight in plain.state_dict().items():
         torch.testing.assert_close(sharded.state_dict()[name], weight, rtol=1e-4, atol=1e-5)
 
@@ -357,8 +357,8 @@ def test_the_metadata_reader_admits_what_dcp_writes(runs: Path) -> None:
 
 def test_a_folder_without_checksums_still_loads(runs: Path, tmp_path: Path) -> None:
     folder = copy_of_run(runs, tmp_path, without_checksums)
-    old = cli.load_model(None, str(folder), "cpu")
-    new = cli.load_model(None, str(runs / "fsdp" / f"ckpt_{STEPS:07d}"), "cpu")
+    old = checkpoint.load_model(None, str(folder), "cpu")
+    new = checkpoint.load_model(None, str(runs / "fsdp" / f"ckpt_{STEPS:07d}"), "cpu")
     for name, weight in new.state_dict().items():
         assert torch.equal(old.state_dict()[name], weight), name
 

@@ -469,7 +469,7 @@ PROBE_CASES = {
         2, "--wandb-project needs the wandb package", without_wandb),
     "train: --resume of a checkpoint trained with Muon, as AdamW (M-5)": Case(
         train_gpt2.main, lambda r: resume_args(r, lambda s: s["config"].update(
-            optimizer="muon")), 2, "optimizer=muon (this run: adamw)"),
+            optimizer="muon")), 1, "optimizer=muon (this run: adamw)"),
     # Written whole, then renamed: nothing half-written, nothing replaced unasked.
     "export: into a folder holding an earlier export (D-4)": Case(
         export.main, an_export_there, 2, "--overwrite"),

@@ -200,13 +200,13 @@ def test_flags_that_do_not_apply_are_usage_errors(runs: dict[str, Path], tmp_pat
     assert "train_gpt2.py checkpoint" in capsys.readouterr().err
 
 
-def test_switches_beyond_gpt2_and_muon_are_refused(tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_modern_recipe_is_refused(tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
     shards = write_shards(tmp_path / "shards")
-    assert train_jax.main(tiny_args(shards, tmp_path / "a", "--rotary")) == 2
-    assert "model_jax.py is GPT-2's architecture" in capsys.readouterr().err
-    assert train_jax.main(tiny_args(shards, tmp_path / "b", "--optimizer=muon")) == 2
-    assert "--optimizer: not used by train_jax.py" in capsys.readouterr().err
+    assert train_jax.main(tiny_args(shards, tmp_path / "a", "--recipe=modern")) == 2
+    assert "model_jax.py is GPT-2's model" in capsys.readouterr().err
+    assert train_jax.main(tiny_args(shards, tmp_path / "b", "--matrix-lr=0.1")) == 2
+    assert "--matrix-lr: not used by train_jax.py" in capsys.readouterr().err
 
 
 def test_every_train_gpt2_flag_is_used_or_refused_by_train_jax() -> None:
@@ -223,8 +223,7 @@ def test_every_train_gpt2_flag_is_used_or_refused_by_train_jax() -> None:
     refused = set(train_jax.NOT_APPLICABLE)
     for field in dataclasses.fields(train_gpt2.TrainConfig):
         used = f"config.{field.name}" in source or f"self.{field.name}" in source or (
-            f'"{field.name}"' in inspect.getsource(train_gpt2.model_config)) or (
-            field.name in train_gpt2.SWITCHES)
+            f'"{field.name}"' in inspect.getsource(train_gpt2.model_config))
         assert used or field.name in refused, f"--{field.name} is neither used nor refused"
     defaults = train_gpt2.TrainConfig()
     for name in refused:

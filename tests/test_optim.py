@@ -347,20 +347,6 @@ def test_gpt2_groups_decay_exactly_the_2d_weights():
             6e-4, 6e-4, (0.9, 0.95), 1e-8)
 
 
-@pytest.mark.skipif(not hasattr(GPT, "configure_optimizers"),
-                    reason="GPT.configure_optimizers is gone: gpt2_groups replaced it")
-def test_gpt2_optimizer_equals_configure_optimizers():
-    model = tiny_gpt2()
-    theirs = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 1e-8, "cpu")
-    ours = optim.gpt2_optimizer(model, 6e-4, 0.1, (0.9, 0.95), 1e-8, "cpu")
-    assert type(ours) is type(theirs)
-    assert len(ours.param_groups) == len(theirs.param_groups)
-    for mine, old in zip(ours.param_groups, theirs.param_groups, strict=True):
-        assert [id(p) for p in mine["params"]] == [id(p) for p in old["params"]]
-        assert {k: v for k, v in mine.items() if k not in ("params", "initial_lr")} == {
-            k: v for k, v in old.items() if k != "params"}
-
-
 def test_gpt2_optimizer_resumes_a_state_saved_without_initial_lr():
     model = tiny_gpt2()
     old = torch.optim.AdamW(

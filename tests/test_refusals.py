@@ -159,7 +159,7 @@ CHECKPOINT_CASES = {
 
 def test_the_unspoiled_checkpoint_is_accepted(tmp_path: Path) -> None:
     path = write_checkpoint(tmp_path, lambda state: None)
-    model = GPT.from_checkpoint(checkpoint.load(path), source=str(path))
+    model = GPT.from_checkpoint(checkpoint.load(path))
     assert model.config == CONFIG
     # The one-value spoils above are one value: everything else in the file is finite.
     state = tiny_state()

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import torch
 
-import cli
 import model as model_module
 import runtime
 import sample
@@ -358,7 +357,7 @@ def test_cuda_recording_that_raises_samples_on_eagerly(
         tiny: GPT, capsys: pytest.CaptureFixture[str]) -> None:
     """A layer that fails only while the step is being recorded (as an op that cannot be
     captured does): the same tokens as with the graph, one warning line."""
-    model = copy.deepcopy(tiny).to("cuda")
+    model: Any = copy.deepcopy(tiny).to("cuda")
     prompt = random_prompt(2, 5, "cuda")
     graphed = model.generate(prompt, 12, temperature=0)
     model._decode_graph = None
@@ -378,7 +377,7 @@ def test_cuda_generate_replays_its_recorded_graph_and_keeps_the_allocator_cache(
         tiny: GPT) -> None:
     """The trainer samples the same shapes at every interval: one recording, then replays;
     and recording returns no cached block to the driver (no cudaFree)."""
-    model = copy.deepcopy(tiny).to("cuda")
+    model: Any = copy.deepcopy(tiny).to("cuda")
     prompt = random_prompt(3, 6, "cuda")
     model.generate(prompt, 4, temperature=0)  # cuBLAS and allocator warm
     model._decode_graph = None
@@ -429,8 +428,8 @@ def test_load_model_reads_hf_dir_and_checkpoint(tmp_path, tiny):
     torch.save({"model_config": vars(tiny.config), "model": tiny.state_dict()}, checkpoint)
     idx = torch.tensor([get_tokenizer().encode(PROMPT)])
     want, _ = tiny(idx)
-    for model in (cli.load_model(str(tmp_path / "hf"), None, "cpu"),
-                  cli.load_model("gpt2", str(checkpoint), "cpu")):
+    for model in (checkpoint.load_model(str(tmp_path / "hf"), None, "cpu"),
+                  checkpoint.load_model("gpt2", str(checkpoint), "cpu")):
         assert not model.training
         torch.testing.assert_close(model(idx)[0], want)
 

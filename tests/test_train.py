@@ -119,7 +119,7 @@ def test_recipe_defaults(tmp_path: Path) -> None:
     argv = [f"--data-dir={tmp_path}"]
     config = train_gpt2.configure(train_gpt2.parse_args(argv), argv)
     assert (config.batch_size, config.seq_len, config.total_batch_size) == (64, 1024, 524288)
-    assert (config.max_lr, config.min_lr) == (6e-4, pytest.approx(6e-5))
+    assert (config.max_lr, config.final_lr_frac) == (6e-4, 0.1)
     # The evaluations' own intervals default to --eval-interval's.
     assert config.eval_interval == config.hellaswag_interval == config.sample_interval == 250
     assert (config.warmup_steps, config.max_steps) == (715, 19073)
@@ -146,7 +146,6 @@ def test_quickstart_keeps_explicit_flags(tmp_path: Path,
 def test_quickstart_prepares_stdlib_trains_and_samples(
         tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import cli
 
     monkeypatch.setenv("NANO_GPT_DATA_ROOT", str(tmp_path / "root"))
     monkeypatch.chdir(tmp_path)
@@ -162,7 +161,7 @@ def test_quickstart_prepares_stdlib_trains_and_samples(
     assert [e["step"] for e in log if "val_loss" in e] == [0, 1]
     assert [(e["step"], len(e["samples"])) for e in log if "samples" in e] == [(1, 2)]
     assert "> def " in stdout
-    model = cli.load_model(None, str(tmp_path / "out" / "ckpt_0000001.pt"), "cpu")
+    model = checkpoint.load_model(None, str(tmp_path / "out" / "ckpt_0000001.pt"), "cpu")
     assert model.config.n_layer == 4 and model.config.n_embd == 128  # gpt2-mini
 
 
@@ -520,7 +519,7 @@ def test_train_step_applies_the_clipped_gradient_and_reports_the_raw_norm() -> N
     precision = runtime.resolve_precision(torch.device("cpu"), "fp32")
     result = train_gpt2.train_step(model, optimizer, runtime.make_grad_scaler(
         precision, torch.device("cpu")), iter(batches).__next__, 2, precision,
-        torch.device("cpu"), lr=0.0, grad_clip=clip)
+        torch.device("cpu"), grad_clip=clip)
     assert result.grad_norm.item() == pytest.approx(raw_norm, rel=1e-5)
     assert applied == [pytest.approx(clip, rel=1e-4)]
 
@@ -548,7 +547,7 @@ def test_cuda_train_step_never_waits_for_the_gpu(compiled: bool) -> None:
 
     def step() -> train_gpt2.StepResult:
         return train_gpt2.train_step(train_model, optimizer, scaler, lambda: (x, y), 2,
-                                     precision, device, lr=1e-3, grad_clip=1.0)
+                                     precision, device, grad_clip=1.0)
 
     step()
     torch.cuda.synchronize()
