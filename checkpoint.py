@@ -113,8 +113,8 @@ def resume_point(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:
         return existing[-1] if existing else None
     if existing and not overwrite:
         raise UsageError(f"--out-dir={out_dir} already holds checkpoints (newest "
-                         f"{existing[-1].name}): pass --resume to continue, --overwrite to "
-                         "start again, or another --out-dir")
+                         f"{existing[-1].name})\nhint: pass --resume to continue, --overwrite "
+                         "to start again, or another --out-dir")
     return None
 
 
@@ -208,9 +208,9 @@ def check(path: Path, state: Any) -> dict[str, Any]:
     config = state["model_config"]
     if kind == "gpt2" and any(config.get(switch) is True for switch in OLD_SWITCHES):
         on = ", ".join(s for s in OLD_SWITCHES if config.get(s) is True)
-        raise ValueError(f"{path}: written by the first --recipe=modern ({on} inside GPT-2's "
-                         "model), whose weights today's modern model cannot take\nhint: "
-                         "train it again with --recipe=modern")
+        raise ValueError(f"{path}: written by the first --recipe=modern ({on} in GPT-2's "
+                         "model)\nhint: today's modern model has other weights; train it again "
+                         "with --recipe=modern")
     for switch in OLD_SWITCHES if kind == "gpt2" and isinstance(config, dict) else ():
         if switch in config and type(config[switch]) is not bool:
             raise _damaged(path, f"model_config[{switch!r}] is {config[switch]!r}, not True "
@@ -388,9 +388,9 @@ def loader_state_for(state: dict[str, Any], path: Path, rank: int, world_size: i
     saved = state["loader_states"][0]
     if saved["batch_size"] * saved_world != batch_size * world_size:
         raise ValueError(f"{path}: saved by {saved_world} processes with --batch-size="
-                         f"{saved['batch_size']}; with {world_size} processes resume with "
-                         f"--batch-size={saved['batch_size'] * saved_world / world_size:g} so "
-                         "the global micro-batch, and with it the data order, is the same")
+                         f"{saved['batch_size']}\nhint: with {world_size} processes resume "
+                         f"with --batch-size={saved['batch_size'] * saved_world / world_size:g}"
+                         ", so that the global micro-batch, and the data order, stay the same")
     return {**saved, "rank": rank, "world_size": world_size, "batch_size": batch_size}
 
 

@@ -256,8 +256,7 @@ def evaluate(model: nn.Module, examples: Sequence[dict[str, Any]], device: torch
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
     if not examples:
-        raise ValueError("no HellaSwag examples to score: an accuracy over zero examples is "
-                         "no score; pass a file with examples")
+        raise ValueError("no HellaSwag examples to score\nhint: pass a file with examples")
     mine = [render_example(e) for e in examples[rank::world_size]]
     # Similar lengths side by side waste less compute on padding; totals do not depend on order.
     mine.sort(key=lambda r: len(r.context) + sum(map(len, r.endings)))

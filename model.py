@@ -595,7 +595,9 @@ class PretrainedNotFound(RuntimeError):
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    """`path` appears whole or not at all: written under a temp name beside it, then renamed."""
+    """`path` appears whole or not at all: written under a temp name beside it, then renamed.
+    data.atomic_output does this for every other module; this copy exists because model.py
+    imports no other file of the project, so that it pastes alone into a notebook."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -651,9 +653,9 @@ def resolve_pretrained_dir(name_or_dir: str) -> Path:
         return _hub_files(repo, local_files_only=False)
     except Exception as exc:  # the hub raises many types for offline / DNS / HTTP failures
         raise PretrainedNotFound(
-            f"could not download '{name_or_dir}' from the Hugging Face hub ({type(exc).__name__}; "
-            "no network?): pass a local directory with model.safetensors and config.json "
-            "instead, e.g. --pretrained=/path/to/gpt2") from exc
+            f"could not download '{name_or_dir}' from the Hugging Face hub ({type(exc).__name__}"
+            "; no network?)\nhint: pass a local directory with model.safetensors and "
+            "config.json instead, e.g. --pretrained=/path/to/gpt2") from exc
 
 
 def _hub_files(repo: str, local_files_only: bool) -> Path:

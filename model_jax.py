@@ -88,8 +88,8 @@ def optimizer_state(leaves: list[Any], template: Any, path: str | os.PathLike[st
     for i, (leaf, like) in enumerate(zip(leaves, expected, strict=True)):
         if tuple(leaf.shape) != tuple(like.shape):
             raise RuntimeError(f"{path}: optimizer_leaves[{i}] has shape {tuple(leaf.shape)}, "
-                               f"this run's optimizer {tuple(like.shape)}; resume with the "
-                               "model it was written with, or start a new --out-dir")
+                               f"this run's optimizer {tuple(like.shape)}\nhint: resume with "
+                               "the model it was written with, or start a new --out-dir")
     return jax.tree.unflatten(jax.tree.structure(template), [leaf.numpy() for leaf in leaves])
 
 

@@ -30,6 +30,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.optim.adamw import adamw
 
+import runtime
+
 # torch.optim._muon's defaults (from Keller Jordan's Muon): the quintic's coefficients, its
 # steps, and the floor of the norm that scales a matrix into the iteration's domain.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -67,7 +69,7 @@ MUON_DEFAULTS: dict[str, Any] = dict(momentum=0.95, nesterov=True, weight_decay=
 def newton_schulz_dtype(device: torch.device) -> torch.dtype:
     """bf16 on a CUDA device that computes it natively, fp32 elsewhere (on CPUs bf16 matmuls
     are emulated on most, several times slower than fp32)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+    if device.type == "cuda" and runtime.bf16_supported(device):
         return torch.bfloat16
     return torch.float32
 

@@ -255,8 +255,8 @@ def auto_micro_batch(model: torch.nn.Module, samples: int, seq_len: int, precisi
         size = int(packed)
     if size == 0:
         raise RuntimeError(f"--batch-size=auto: not even 1 x {seq_len} tokens fit in {device} "
-                           "memory; try --activation-checkpointing, a shorter --seq-len or a "
-                           "smaller --model")
+                           "memory\nhint: try --activation-checkpointing, a shorter --seq-len "
+                           "or a smaller --model")
     return size, "the largest that fits in GPU memory" + (" on every rank"
                                                           if env.is_distributed else "")
 

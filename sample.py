@@ -48,14 +48,16 @@ def new_token_count(model: GPT | ModernGPT, prompt: list[int], max_length: int,
     block, vocab, name, length = model.config.block_size, model.config.vocab_size, *flags
     if max(prompt) >= vocab:
         raise UsageError(f"{name} holds token id {max(prompt)}, beyond this model's "
-                         f"{vocab}-token vocabulary; pass a prompt of tokens below {vocab}")
+                         f"{vocab}-token vocabulary\nhint: pass a prompt of tokens below "
+                         f"{vocab}")
     if len(prompt) >= block:
         raise UsageError(f"{name} has {len(prompt)} tokens and the model's context is {block} "
-                         f"(prompt plus new tokens); pass a prompt of under {block} tokens")
+                         f"(prompt plus new tokens)\nhint: pass a prompt of under {block} "
+                         "tokens")
     if not len(prompt) < max_length <= block:
-        raise UsageError(f"{length}={max_length}: pass {len(prompt) + 1} to {block} (it "
-                         f"counts the prompt's {len(prompt)} tokens plus the new ones, within "
-                         f"the model's context of {block})")
+        raise UsageError(f"{length}={max_length}: out of range\nhint: pass {len(prompt) + 1} "
+                         f"to {block} (it counts the prompt's {len(prompt)} tokens plus the "
+                         f"new ones, within the model's context of {block})")
     return max_length - len(prompt)
 
 

@@ -235,7 +235,7 @@ class TrainConfig:
             raise UsageError(
                 f"--total-batch-size={self.total_batch_size} is not divisible by "
                 f"batch-size x seq-len x world-size = {micro_batch} x {self.seq_len} x "
-                f"{world_size} = {per_micro_step}; pick a multiple of {per_micro_step}")
+                f"{world_size} = {per_micro_step}\nhint: pick a multiple of {per_micro_step}")
         return self.total_batch_size // (self.seq_len * world_size)
 
     def grad_accum(self, world_size: int) -> int:
@@ -278,8 +278,9 @@ def validate(config: TrainConfig) -> None:
     if config.dataset and config.data_dir:
         raise UsageError("--dataset and --data-dir both given: pass only one")
     if config.recipe == "finetune" and not (config.dataset or config.data_dir):
-        raise UsageError("--recipe=finetune: pass --dataset=NAME of your prepared text (python "
-                         "prepare_dataset.py --dataset=FOLDER --name=NAME) or --data-dir=DIR")
+        raise UsageError("--recipe=finetune: no data given\nhint: pass --dataset=NAME of your "
+                         "prepared text (python prepare_dataset.py --dataset=FOLDER "
+                         "--name=NAME) or --data-dir=DIR")
     if config.model not in PRESETS:
         raise UsageError(f"--model={config.model}: unknown preset; choose one of "
                          f"{', '.join(PRESETS)}")
@@ -501,19 +502,21 @@ def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
-def check_fsdp(config: TrainConfig, env: runtime.DistEnv, precision: runtime.Precision) -> None:
+def check_fsdp(config: TrainConfig, env: runtime.DistEnv, precision: runtime.Precision,
+               device: torch.device) -> None:
     if not config.fsdp:
         return
     if not env.is_distributed:
-        raise UsageError("--fsdp shards over two or more torchrun ranks; a single process "
-                         "trains (and resumes an --fsdp checkpoint) without it")
+        raise UsageError("--fsdp shards over two or more torchrun ranks\nhint: a single "
+                         "process trains (and resumes an --fsdp checkpoint) without it")
     if config.recipe == "modern" and config.matrix_optimizer == "muon":
-        raise UsageError("--fsdp with Muon (--recipe=modern): Muon orthogonalises whole "
-                         "matrices and --fsdp holds shards of them\nhint: train it without "
-                         "--fsdp (DDP), or pass --matrix-optimizer=adamw")
+        raise UsageError("--fsdp with Muon (--recipe=modern): Muon needs whole matrices\nhint: "
+                         "train it without --fsdp (DDP), or pass --matrix-optimizer=adamw")
     if precision.use_grad_scaler:
+        dtypes = ("--dtype=bf16 or --dtype=fp32" if runtime.bf16_supported(device)
+                  else "--dtype=fp32 (this GPU has no bf16)")
         raise UsageError("--fsdp with fp16: the GradScaler does not handle sharded gradients "
-                         "here; pass --dtype=bf16 or --dtype=fp32")
+                         f"here\nhint: pass {dtypes}")
 
 
 # ------------------------------------------------------------- micro-batch and run time
@@ -713,7 +716,7 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
     # A total batch that does not split into whole micro-batches is refused before any work.
     config.samples_per_rank(env.world_size, 1 if config.batch_size == AUTO else
                             config.micro_batch)
-    check_fsdp(config, env, precision)
+    check_fsdp(config, env, precision, device)
     runtime.init_distributed(env, device)
     with contextlib.ExitStack() as stack:
         # ------------------------------------------------------------------------ data

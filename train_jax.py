@@ -80,14 +80,15 @@ def check_applicable(config: TrainConfig) -> None:
         raise UsageError("--recipe=modern: model_jax.py is GPT-2's model\nhint: train the "
                          "modern model with train_gpt2.py")
     if config.hellaswag_interval:
-        raise UsageError("--hellaswag-interval: train_jax.py runs no HellaSwag evaluation; "
-                         "pass 0, and run eval_hellaswag.py --checkpoint=CKPT on a checkpoint")
+        raise UsageError("--hellaswag-interval: train_jax.py runs no HellaSwag evaluation\n"
+                         "hint: pass 0, and run eval_hellaswag.py --checkpoint=CKPT on a "
+                         "checkpoint")
     if config.batch_size == "auto":
-        raise UsageError("--batch-size=auto: train_jax.py needs a number (the search for the "
-                         "largest micro-batch is train_gpt2.py's)")
+        raise UsageError("--batch-size=auto: train_jax.py needs a number\nhint: the search "
+                         "for the largest micro-batch is train_gpt2.py's")
     if config.dtype == "fp16":
-        raise UsageError("--dtype=fp16: train_jax.py has no loss scaling; pass --dtype=bf16 "
-                         "or fp32")
+        raise UsageError("--dtype=fp16: train_jax.py has no loss scaling\nhint: pass "
+                         "--dtype=bf16 or fp32")
 
 
 def resolve_devices(name: str) -> list[jax.Device]:
@@ -200,8 +201,8 @@ def restore(state: dict[str, Any], path: Path, opt_state: Any, sharding: NamedSh
                            f"new --out-dir with --init-from={path}")
     if leaves is None:
         raise RuntimeError(f"{path}: a train_gpt2.py checkpoint, whose PyTorch optimizer "
-                           "state train_jax.py cannot continue; resume it with train_gpt2.py, "
-                           f"or start from its weights with --init-from={path}")
+                           "state train_jax.py cannot continue\nhint: resume it with "
+                           f"train_gpt2.py, or start from its weights with --init-from={path}")
     restored = model_jax.optimizer_state(leaves, opt_state, path)
     try:
         loader.load_state_dict(state["loader_states"][0])
