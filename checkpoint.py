@@ -65,13 +65,8 @@ def path_for(out_dir: Path, step: int, sharded: bool = False) -> Path:
 
 def find(out_dir: Path) -> list[Path]:
     """The checkpoints of both kinds that a run wrote into `out_dir`, oldest first."""
-    found = []
-    for path in out_dir.glob("ckpt_*"):
-        if not CHECKPOINT_NAME.fullmatch(path.name):
-            continue
-        if path.suffix == ".pt" and path.is_file() or path.suffix == "" and path.is_dir():
-            found.append(path)
-    return sorted(found, key=lambda p: p.name)
+    found = [p for p in out_dir.glob("ckpt_*") if CHECKPOINT_NAME.fullmatch(p.name)]
+    return sorted(found, key=lambda p: p.name)  # load() says what is wrong with a bad one
 
 
 @contextlib.contextmanager

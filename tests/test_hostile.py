@@ -244,8 +244,9 @@ CASES = {
     "train: --max-lr=nan": Case(train_gpt2.main, lambda r: train_args(r, "--max-lr=nan"), 2,
                                 "--max-lr=nan"),
     # 2. input that used to give a silently wrong result
-    "train: --min-lr=-1 (gradient ascent)": Case(
-        train_gpt2.main, lambda r: train_args(r, "--min-lr=-1"), 2, "--min-lr=-1"),
+    "train: --final-lr-frac=-1 (gradient ascent)": Case(
+        train_gpt2.main, lambda r: train_args(r, "--final-lr-frac=-1"), 2,
+        "--final-lr-frac=-1"),
     "train: --grad-clip=inf": Case(
         train_gpt2.main, lambda r: train_args(r, "--grad-clip=inf"), 2, "--grad-clip=inf"),
     "sample: --temperature=nan": Case(
@@ -467,9 +468,10 @@ PROBE_CASES = {
     "train: --overwrite with --wandb-project and no wandb (D-3)": Case(
         train_gpt2.main, lambda r: resume_args(r)[:-1] + ["--overwrite", "--wandb-project=p"],
         2, "--wandb-project needs the wandb package", without_wandb),
-    "train: --resume of a checkpoint trained with Muon, as AdamW (M-5)": Case(
+    "train: --resume of a checkpoint trained with the removed --optimizer=muon (M-5)": Case(
         train_gpt2.main, lambda r: resume_args(r, lambda s: s["config"].update(
-            optimizer="muon")), 1, "optimizer=muon (this run: adamw)"),
+            optimizer="muon")), 1, "trained with --optimizer=muon, which the recipes no longer "
+        "have\nhint: start from its weights with --init-from="),
     # Written whole, then renamed: nothing half-written, nothing replaced unasked.
     "export: into a folder holding an earlier export (D-4)": Case(
         export.main, an_export_there, 2, "--overwrite"),

@@ -131,9 +131,9 @@ def test_hub_name_offline_fails_with_one_line(tmp_path: Path):
     code = "import model; model.GPT.from_pretrained('gpt2')"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode != 0
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("model.PretrainedNotFound")
-    assert "local directory" in last and "gpt2" in last
+    error, fix = proc.stderr.strip().splitlines()[-2:]
+    assert error.startswith("model.PretrainedNotFound") and "'gpt2'" in error
+    assert fix.startswith("hint: ") and "local directory" in fix
 
 
 def test_hub_name_loads_from_the_local_hub_cache_without_network(tmp_path: Path):

@@ -224,7 +224,9 @@ def test_every_group_moves_its_parameters_at_its_own_rate(monkeypatch):
         optimizer.step()
     for name, p in model.named_parameters():
         assert not torch.equal(p, start[name]), f"{name} never moved"
-        assert torch.allclose(p.detach(), expected[name], rtol=1e-5, atol=1e-6), name
+        # Rounding only: the embeddings' rate is about 1 at this width and eps 1e-10 turns
+        # a rounding-level gradient into a whole step; a wrong rate is off by 2x or more.
+        assert torch.allclose(p.detach(), expected[name], rtol=1e-4, atol=1e-4), name
 
 
 def test_modern_rates_are_nanochats_scaled_by_width():

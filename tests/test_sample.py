@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 
+import checkpoint
 import model as model_module
 import runtime
 import sample
@@ -424,12 +425,12 @@ def test_cli_samples_in_bf16_with_bf16_weights(tmp_path: Path, tiny: GPT,
 
 def test_load_model_reads_hf_dir_and_checkpoint(tmp_path, tiny):
     tiny.save_hf(tmp_path / "hf")
-    checkpoint = tmp_path / "ckpt_0000010.pt"
-    torch.save({"model_config": vars(tiny.config), "model": tiny.state_dict()}, checkpoint)
+    saved = tmp_path / "ckpt_0000010.pt"
+    torch.save({"model_config": vars(tiny.config), "model": tiny.state_dict()}, saved)
     idx = torch.tensor([get_tokenizer().encode(PROMPT)])
     want, _ = tiny(idx)
     for model in (checkpoint.load_model(str(tmp_path / "hf"), None, "cpu"),
-                  checkpoint.load_model("gpt2", str(checkpoint), "cpu")):
+                  checkpoint.load_model("gpt2", str(saved), "cpu")):
         assert not model.training
         torch.testing.assert_close(model(idx)[0], want)
 
@@ -462,7 +463,7 @@ def test_cli_errors_are_one_line(tmp_path, tiny, capsys):
     assert sample.main([f"--pretrained={tmp_path / 'hf'}", "--max-length=3", PROMPT]) == 2
     assert "--max-length=3" in capsys.readouterr().err
     assert sample.main([f"--checkpoint={tmp_path / 'missing.pt'}"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "missing.pt" in err
+    error, fix = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith("error: ") and "missing.pt" in error and fix.startswith("hint: ")
     assert sample.main([f"--pretrained={tmp_path / 'nowhere'}"]) == 1
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
