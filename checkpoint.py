@@ -198,7 +198,7 @@ def check(path: Path, state: Any) -> dict[str, Any]:
     if not isinstance(state, dict) or not isinstance(state.get("model_config"), dict):
         raise _damaged(path, "no model_config entry")
     kind = state.setdefault("model_kind", "gpt2")
-    if kind not in MODELS:
+    if not isinstance(kind, str) or kind not in MODELS:
         raise _damaged(path, f"model_kind is {kind!r}, not one of {', '.join(MODELS)}")
     config = state["model_config"]
     if kind == "gpt2" and any(config.get(switch) is True for switch in OLD_SWITCHES):
@@ -206,26 +206,28 @@ def check(path: Path, state: Any) -> dict[str, Any]:
         raise ValueError(f"{path}: written by the first --recipe=modern ({on} in GPT-2's "
                          "model)\nhint: today's modern model has other weights; train it again "
                          "with --recipe=modern")
-    for switch in OLD_SWITCHES if kind == "gpt2" and isinstance(config, dict) else ():
+    for switch in OLD_SWITCHES if kind == "gpt2" else ():
         if switch in config and type(config[switch]) is not bool:
             raise _damaged(path, f"model_config[{switch!r}] is {config[switch]!r}, not True "
                            "or False")
         config.pop(switch, None)  # off (the check above refused on): what GPT-2 is
     config_class = MODELS[kind][1]
-    fields = {f.name: f.type for f in dataclasses.fields(config_class)}
+    # The config class's own fields say what each entry must be: "int" fields are the shape
+    # (positive, always present), "bool" and "float" ones settings with defaults.
+    field_types = {f.name: f.type for f in dataclasses.fields(config_class)}
     for key in config:
-        if key not in fields:
+        if key not in field_types:
             raise _damaged(path, f"model_config has an unknown key {key!r}")
-    for key, kind_of_value in fields.items():
+    for key, field_type in field_types.items():
         value = config.get(key)
-        if key not in config and kind_of_value != "int":
-            continue  # a setting beyond the shape, at its default
+        if key not in config and field_type != "int":
+            continue  # a setting at its default
         shown = repr(value) if key in config else "missing"
-        if kind_of_value == "int" and (type(value) is not int or value <= 0):
+        if field_type == "int" and (type(value) is not int or value <= 0):
             raise _damaged(path, f"model_config[{key!r}] is {shown}, not a positive integer")
-        if kind_of_value == "bool" and type(value) is not bool:
+        if field_type == "bool" and type(value) is not bool:
             raise _damaged(path, f"model_config[{key!r}] is {shown}, not True or False")
-        if kind_of_value == "float" and (type(value) not in (int, float) or not value >= 0):
+        if field_type == "float" and (type(value) not in (int, float) or not value >= 0):
             raise _damaged(path, f"model_config[{key!r}] is {shown}, not a number >= 0")
     try:
         config_class(**config)
