@@ -75,7 +75,8 @@ def test_sample_reads_the_finetuned_checkpoint(finetuned: Path,
 def test_finetune_without_a_dataset_is_one_line(tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     assert train_gpt2.main(["--recipe=finetune", f"--out-dir={tmp_path / 'o'}"]) == 2
-    assert "--recipe=finetune: pass --dataset=NAME" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--recipe=finetune: no data given\nhint: pass --dataset=NAME" in err
 
 
 def test_the_finetuned_checkpoint_exports_to_a_folder_transformers_loads(

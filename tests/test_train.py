@@ -389,13 +389,16 @@ def test_hellaswag_and_samples_during_training(tmp_path: Path,
 
 
 def assert_one_error_line(capsys: pytest.CaptureFixture[str], *needles: str) -> str:
+    """The one error line, and its hint line if it has one, holding every needle."""
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
+    hints = [line for line in err.splitlines() if line.startswith("hint: ")]
+    assert len(lines) == 1 and len(hints) <= 1, err
     assert "Traceback" not in err
+    message = "\n".join(lines + hints)
     for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+        assert needle in message, message
+    return message
 
 
 def test_bad_inputs_fail_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
