@@ -428,7 +428,7 @@ class Sweep:
 
 
 def sweep_table(sweeps: dict[str, Sweep]) -> None:
-    print("\nsweep (seed 0, final val loss; * = chosen):")
+    print(f"\nsweep (seed {sweeps[BASELINE].args.seeds[0]}, final val loss; * = chosen):")
     for recipe, sweep in sweeps.items():
         cells = [f"x{m:g} {sweep.results[m].final:.4f}{'*' if m == sweep.best() else ''}"
                  for m in sorted(sweep.results)]
