@@ -114,9 +114,10 @@ class TrainConfig:
                                  choices=("auto", "native", "numpy"))
     shuffle: bool = option(True, "seeded shuffle of training shards and samples each epoch")
     # model
-    recipe: str = option("gpt2", "gpt2: the 2019 recipe; modern: " + ", ".join(RECIPES["modern"])
-                         + "; finetune: " + ", ".join(RECIPES["finetune"]) + " (any flag given "
-                         "still wins)", choices=tuple(RECIPES))
+    recipe: str = option(
+        "gpt2", "gpt2: the 2019 recipe; modern: model_modern.py's model, optim.py's per-kind "
+        f"rates with Muon, and {', '.join(RECIPES['modern'])}; finetune: "
+        f"{', '.join(RECIPES['finetune'])} (any flag given still wins)", choices=tuple(RECIPES))
     model: str = option("gpt2", f"preset: {', '.join(PRESETS)}")
     n_layer: int | None = option(None, "layers (default: the preset's)", minimum=1)
     n_head: int | None = option(None, "attention heads (default: the preset's)", minimum=1)
