@@ -165,18 +165,7 @@ class GPT(nn.Module):
         attends to positions <= t and has position id t (after any cached prefix). Several
         sequences can share one row instead: `positions` (B, T) gives each token its position
         id (below block_size), bool `attn_mask` (B, 1, T, T) what it attends to (itself too)."""
-        if (positions is None) != (attn_mask is None):
-            raise ValueError("positions and attn_mask go together")
-        if positions is not None and cache is not None:
-            raise ValueError("a KV cache cannot be combined with an explicit attn_mask")
-        if cache is not None:
-            positions = cache.reserve(idx.size(1))
-        elif positions is None:
-            T = idx.size(1)
-            if T > self.config.block_size:
-                raise ValueError(f"sequence of {T} tokens exceeds block_size "
-                                 f"{self.config.block_size}")
-            positions = torch.arange(T, dtype=torch.long, device=idx.device)
+        positions = position_ids(idx, self.config.block_size, cache, positions, attn_mask)
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)
         recompute = (self.activation_checkpointing and self.training and cache is None
                      and torch.is_grad_enabled())
@@ -526,6 +515,24 @@ class CUDAGraphStep:
             finally:
                 graph.capture_end()
         self.graph = graph
+
+
+def position_ids(idx: torch.Tensor, block_size: int, cache: KVCache | None,
+                 positions: torch.Tensor | None, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """The position id of each token of `idx` (B, T) for hidden_states (GPT's and the modern
+    model's): the given `positions` (packed rows, with their `attn_mask`), the slots after a
+    KV cache's prefix, or 0..T-1."""
+    if (positions is None) != (attn_mask is None):
+        raise ValueError("positions and attn_mask go together")
+    if positions is not None and cache is not None:
+        raise ValueError("a KV cache cannot be combined with an explicit attn_mask")
+    if cache is not None:
+        return cache.reserve(idx.size(1))
+    if positions is not None:
+        return positions
+    if idx.size(1) > block_size:
+        raise ValueError(f"sequence of {idx.size(1)} tokens exceeds block_size {block_size}")
+    return torch.arange(idx.size(1), dtype=torch.long, device=idx.device)
 
 
 @torch.no_grad()

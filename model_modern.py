@@ -47,6 +47,7 @@ from model import (
     KVCache,
     generate,
     linear_cross_entropy,
+    position_ids,
 )
 
 MODEL_KIND = "modern"  # a checkpoint's "model_kind" entry for this model
@@ -275,18 +276,7 @@ class ModernGPT(nn.Module):
         """The final norm's output for every position of `idx` (B, T), with GPT.hidden_states'
         conventions: causal by default, after any cached prefix; or `positions` (B, T) and a
         bool `attn_mask` (B, 1, T, T) for several sequences packed into one row."""
-        if (positions is None) != (attn_mask is None):
-            raise ValueError("positions and attn_mask go together")
-        if positions is not None and cache is not None:
-            raise ValueError("a KV cache cannot be combined with an explicit attn_mask")
-        if cache is not None:
-            positions = cache.reserve(idx.size(1))
-        elif positions is None:
-            T = idx.size(1)
-            if T > self.config.block_size:
-                raise ValueError(f"sequence of {T} tokens exceeds block_size "
-                                 f"{self.config.block_size}")
-            positions = torch.arange(T, dtype=torch.long, device=idx.device)
+        positions = position_ids(idx, self.config.block_size, cache, positions, attn_mask)
         cos, sin = self.get_buffer("rope_cos")[positions], self.get_buffer("rope_sin")[positions]
         if positions.dim() == 2:  # (B, T, d/2) -> (B, 1, T, d/2), broadcast over heads
             cos, sin = cos[:, None], sin[:, None]
