@@ -48,6 +48,12 @@ DATA_ROOT_ENV = "NANO_GPT_DATA_ROOT"
 LOADER_STATE_FORMAT = "nano-gpt-shard-loader/1"
 _MASK64 = (1 << 64) - 1
 
+try:  # the compiled loader (csrc/), built by `pip install -e .`; the NumPy one stands in
+    import _loader as NATIVE_MODULE  # type: ignore[import-not-found]
+except ImportError:
+    NATIVE_MODULE = None
+_ANNOUNCED: set[str] = set()  # the backends "auto" has named on stderr in this process
+
 
 class ShardFormatError(ValueError):
     """A token shard that is not what its format promises; the message names the file."""
@@ -223,20 +229,31 @@ def read_shard(path: str | os.PathLike[str]) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         what = "a directory, not a shard file" if path.is_dir() else "shard file not found"
-        raise FileNotFoundError(f"{path}: {what} (data.find_shards(folder, split) lists a "
-                                "folder's shards)")
-    return _read_npy_shard(path) if path.suffix == ".npy" else _read_bin_shard(path)
-
-
-def _read_bin_shard(path: Path) -> np.ndarray:
+        raise FileNotFoundError(f"{path}: {what}\nhint: data.find_shards(folder, split) lists "
+                                "a folder's shards")
+    if path.suffix == ".npy":
+        with path.open("rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY":
+            raise ShardFormatError(f"{path}: starts with {magic!r}, not the .npy magic "
+                                   "b'\\x93NUMPY'; not a NumPy token shard")
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, EOFError) as exc:  # a truncated header ends in EOFError
+            raise ShardFormatError(f"{path}: not a readable .npy file ({exc})") from exc
+        if array.dtype != np.dtype("<u2") and array.dtype != np.dtype("=u2"):
+            raise ShardFormatError(f"{path}: dtype {array.dtype}, expected uint16 tokens")
+        if array.ndim != 1:
+            raise ShardFormatError(f"{path}: shape {array.shape}, expected a 1-D token array")
+        return array
     size = path.stat().st_size
     if size < HEADER_BYTES:
         raise ShardFormatError(f"{path}: {size} bytes, shorter than the {HEADER_BYTES}-byte "
                                "shard header; the file is truncated or not a token shard")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    magic, version, ntok = (int(v) for v in header[:3])
-    if magic != SHARD_MAGIC:
-        raise ShardFormatError(f"{path}: magic number {magic}, expected {SHARD_MAGIC}; "
+    magic_number, version, ntok = (int(v) for v in header[:3])
+    if magic_number != SHARD_MAGIC:
+        raise ShardFormatError(f"{path}: magic number {magic_number}, expected {SHARD_MAGIC}; "
                                "not an llm.c token shard")
     if version != SHARD_VERSION:
         raise ShardFormatError(f"{path}: format version {version}, expected {SHARD_VERSION} "
@@ -248,23 +265,6 @@ def _read_bin_shard(path: Path) -> np.ndarray:
     if ntok == 0:
         return np.zeros(0, dtype=np.uint16)
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(ntok,))
-
-
-def _read_npy_shard(path: Path) -> np.ndarray:
-    with path.open("rb") as f:
-        magic = f.read(6)
-    if magic != b"\x93NUMPY":
-        raise ShardFormatError(f"{path}: starts with {magic!r}, expected the .npy magic "
-                               "b'\\x93NUMPY'; not a NumPy token shard")
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, EOFError) as exc:  # a truncated header ends in EOFError
-        raise ShardFormatError(f"{path}: not a readable .npy file ({exc})") from exc
-    if array.dtype != np.dtype("<u2") and array.dtype != np.dtype("=u2"):
-        raise ShardFormatError(f"{path}: dtype {array.dtype}, expected uint16 tokens")
-    if array.ndim != 1:
-        raise ShardFormatError(f"{path}: shape {array.shape}, expected a 1-D token array")
-    return array
 
 
 # ------------------------------------------------------------------------------ batch loader
@@ -296,12 +296,6 @@ def order_key(seed: int, epoch: int, stream: int) -> int:
 def seeded_permutation(n: int, key: int) -> np.ndarray:
     index = np.arange(n, dtype=np.uint64)
     return np.argsort(_mix64(index ^ np.uint64(key)), kind="stable").astype(np.int64)
-
-
-def shard_layout(path: Path) -> tuple[str, int, int]:
-    """(path, byte offset of the first token, token count), from read_shard's checks."""
-    tokens = read_shard(path)
-    return str(path), int(getattr(tokens, "offset", HEADER_BYTES)), len(tokens)
 
 
 class _NumpyBackend:
@@ -378,14 +372,6 @@ class _NumpyBackend:
         return seeded_permutation(self.counts[shard], order_key(self.seed, epoch, 1 + shard))
 
 
-def _native_module() -> Any | None:
-    try:
-        import _loader  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return _loader if hasattr(_loader, "BatchLoader") else None
-
-
 class _NativeBackend:
     """The compiled `_loader`: a C++ thread fills a ring of (2, B, T) int64 slots ahead. On
     CPU the filled tensor goes to the caller, who owns it, and its slot goes back at once with
@@ -397,9 +383,8 @@ class _NativeBackend:
     def __init__(self, layouts: list[tuple[str, int, int]], batch_size: int, seq_len: int,
                  rank: int, world_size: int, shuffle: bool, seed: int, vocab_size: int,
                  device: torch.device) -> None:
-        import _loader  # type: ignore[import-not-found]  # ShardLoader found it built
         import torch
-        self.module, self.device, self.cuda = _loader, device, device.type == "cuda"
+        self.module, self.device, self.cuda = NATIVE_MODULE, device, device.type == "cuda"
         self.slots = [torch.empty((2, batch_size, seq_len), dtype=torch.int64,
                                   pin_memory=self.cuda) for _ in range(self.SLOTS)]
         try:
@@ -447,9 +432,9 @@ class _NativeBackend:
         self._finalizer()
 
 
-@functools.cache
-def _announce_backend(name: str) -> None:
-    print(f"data.ShardLoader: using the {name} backend", file=sys.stderr)
+SECOND_CONSUMER = ("ShardLoader: called from a second thread while another is inside "
+                   "next_batch(), reset() or load_state_dict()\nhint: the loader has one "
+                   "consumer; give each thread its own loader")
 
 
 class ShardLoader:
@@ -480,25 +465,30 @@ class ShardLoader:
                       else [Path(p) for p in files])
         if not self.paths:
             raise ValueError("ShardLoader: the list of shard files is empty")
-        layouts = [shard_layout(p) for p in self.paths]
+        layouts = []  # (path, byte offset of the first token, token count) per shard
+        for path in self.paths:
+            tokens = read_shard(path)
+            layouts.append((str(path), int(getattr(tokens, "offset", HEADER_BYTES)), len(tokens)))
         self.num_tokens = [ntok for _, _, ntok in layouts]
         counts = [max(0, (n - 1) // seq_len) for n in self.num_tokens]  # windows per shard
         self.samples_per_epoch = sum(counts)
         if self.samples_per_epoch == 0:
             raise ValueError(f"ShardLoader: no shard among {len(self.paths)} files (first "
-                             f"{self.paths[0]}) holds seq_len+1 = {seq_len + 1} tokens; use a "
-                             "shorter seq_len or more data")
+                             f"{self.paths[0]}) holds seq_len+1 = {seq_len + 1} tokens\nhint: "
+                             "use a shorter seq_len or more data")
         self.batch_size, self.seq_len, self.rank, self.world_size = (batch_size, seq_len,
                                                                      rank, world_size)
         self.shuffle, self.seed = bool(shuffle), int(seed)
         self.step = 0  # batches taken: the loader's whole position
         self._consumer = threading.Lock()
         if backend == "auto":
-            backend = "native" if _native_module() is not None else "numpy"
-            _announce_backend(backend)
-        elif backend == "native" and _native_module() is None:
+            backend = "native" if NATIVE_MODULE is not None else "numpy"
+            if backend not in _ANNOUNCED:
+                _ANNOUNCED.add(backend)
+                print(f"data.ShardLoader: using the {backend} backend", file=sys.stderr)
+        elif backend == "native" and NATIVE_MODULE is None:
             raise RuntimeError("ShardLoader: backend='native' but the _loader extension is not "
-                               "built; run `pip install -e .` or use backend='numpy'")
+                               "built\nhint: run `pip install -e .` or use backend='numpy'")
         self.backend = backend
         import torch
         settings = (batch_size, seq_len, rank, world_size, self.shuffle, self.seed, vocab_size,
@@ -514,12 +504,17 @@ class ShardLoader:
         return first // self.samples_per_epoch
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        with self._single_consumer():
+        # Two threads taking batches at once would duplicate and drop batches: fail loudly.
+        if not self._consumer.acquire(blocking=False):
+            raise RuntimeError(SECOND_CONSUMER)
+        try:
             if self._source is None:
                 raise RuntimeError("ShardLoader: next_batch() after close()")
             x, y = self._source.next_batch(self.step)
             self.step += 1
             return x, y
+        finally:
+            self._consumer.release()
 
     def next_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """next_batch() as int64 NumPy arrays (no copy on CPU), for frameworks besides torch."""
@@ -567,20 +562,12 @@ class ShardLoader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextlib.contextmanager
-    def _single_consumer(self) -> Iterator[None]:
-        # Two threads taking batches at once would duplicate and drop batches; fail loudly.
-        if not self._consumer.acquire(blocking=False):
-            raise RuntimeError("ShardLoader: called from a second thread while another is "
-                               "inside next_batch(), reset() or load_state_dict(); the loader "
-                               "has one consumer: give each thread its own loader")
-        try:
-            yield
-        finally:
-            self._consumer.release()
-
     def _seek(self, step: int) -> None:
-        with self._single_consumer():
+        if not self._consumer.acquire(blocking=False):
+            raise RuntimeError(SECOND_CONSUMER)
+        try:
             self.step = step
             if isinstance(self._source, _NativeBackend):  # the NumPy one reads no batch ahead
                 self._source.seek(step)
+        finally:
+            self._consumer.release()

@@ -15,7 +15,7 @@ import torch
 
 import data
 
-NATIVE = data._native_module() is not None
+NATIVE = data.NATIVE_MODULE is not None
 BACKENDS = [
     "numpy",
     pytest.param("native", marks=pytest.mark.skipif(

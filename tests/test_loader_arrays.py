@@ -15,7 +15,7 @@ import data
 BACKENDS = [
     "numpy",
     pytest.param("native", marks=pytest.mark.skipif(
-        data._native_module() is None, reason="the _loader extension is not built "
+        data.NATIVE_MODULE is None, reason="the _loader extension is not built "
         "(pip install -e .)")),
 ]
 B, T = 3, 16

@@ -17,7 +17,7 @@ import torch
 
 import data
 
-_loader = data._native_module()
+_loader = data.NATIVE_MODULE
 pytestmark = pytest.mark.skipif(_loader is None,
                                 reason="the _loader extension is not built (pip install -e .)")
 
@@ -224,11 +224,16 @@ def test_views_the_caller_keeps_stay_intact(tmp_path):
             assert torch.equal(view, expected)
 
 
+def layout(path: Path) -> tuple[str, int, int]:
+    """(path, byte offset of the first token, token count): what BatchLoader takes per shard."""
+    return str(path), data.HEADER_BYTES, (path.stat().st_size - data.HEADER_BYTES) // 2
+
+
 def make_batch_loader(paths: list[Path], B: int, T: int, slots: int
                       ) -> tuple[Any, list[torch.Tensor]]:
     assert _loader is not None
     buffers = [torch.zeros((2, B, T), dtype=torch.int64) for _ in range(slots)]
-    shards = [data.shard_layout(p) for p in paths]
+    shards = [layout(p) for p in paths]
     native = _loader.BatchLoader(shards, B, T, 0, 1, False, 0, 50257,
                                  [b.numpy() for b in buffers])
     return native, buffers
@@ -272,7 +277,7 @@ def test_ring_hands_out_slots_in_step_order_and_takes_them_back_in_order(tmp_pat
 def test_ring_buffers_must_be_writable_and_the_right_size(tmp_path):
     paths = write_shards(tmp_path, [20_000])
     assert _loader is not None
-    shards = [data.shard_layout(p) for p in paths]
+    shards = [layout(p) for p in paths]
     good = np.zeros((2, 2, 16), dtype=np.int64)
     read_only = np.zeros((2, 2, 16), dtype=np.int64)
     read_only.flags.writeable = False
@@ -284,7 +289,7 @@ def test_ring_buffers_must_be_writable_and_the_right_size(tmp_path):
 def test_a_shard_shorter_than_its_layout_says_is_refused(tmp_path):
     paths = write_shards(tmp_path, [1000])
     assert _loader is not None
-    path, offset, ntok = data.shard_layout(paths[0])
+    path, offset, ntok = layout(paths[0])
     buffers = [np.zeros((2, 2, 16), dtype=np.int64) for _ in range(2)]
     with pytest.raises(ValueError, match="toy_train_000000.bin"):
         _loader.BatchLoader([(path, offset, ntok + 1)], 2, 16, 0, 1, False, 0, 50257, buffers)

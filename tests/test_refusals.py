@@ -356,7 +356,7 @@ SHARD_CASES = {
 @pytest.mark.parametrize("backend", ["numpy", "native"])
 def test_the_largest_id_below_the_vocabulary_size_is_accepted(backend: str,
                                                               tmp_path: Path) -> None:
-    if backend == "native" and data._native_module() is None:
+    if backend == "native" and data.NATIVE_MODULE is None:
         pytest.skip("the compiled loader is not built")
     tokens = train_shard_tokens()
     tokens[BAD_AT] = VOCAB - 1  # where the refused case puts VOCAB
@@ -370,7 +370,7 @@ def test_the_largest_id_below_the_vocabulary_size_is_accepted(backend: str,
 @pytest.mark.parametrize("name", list(SHARD_CASES))
 def test_a_shard_is_refused(name: str, tmp_path: Path,
                             capsys: pytest.CaptureFixture[str]) -> None:
-    if "native" in name and data._native_module() is None:
+    if "native" in name and data.NATIVE_MODULE is None:
         pytest.skip("the compiled loader is not built")
     assert_refused(SHARD_CASES[name], tmp_path, capsys)
 
