@@ -16,10 +16,10 @@ the FineWeb sets) takes the first documents until they hold N tokens; `--val-tok
 (default 10% elsewhere) takes document i when floor((i+1)*P/100) > floor(i*P/100), evenly
 spread; tinyshakespeare's one text is cut at the line break P% from its end.
 
-Resume: after each shard, `progress.json` records per split the shards written and where
-the unfinished one begins (document, token offset). A rerun with the same arguments keeps
-those shards and rewrites the rest, byte-identical to an uninterrupted run. A complete
-`manifest.json` is written last; a complete dataset is skipped unless `--force`.
+Resume: once a chunk has closed a shard, `progress.json` records per split the shards
+written and where the unfinished one begins (document, token offset). A rerun with the same
+arguments keeps those shards and rewrites the rest, byte-identical to an uninterrupted run.
+A complete `manifest.json` is written last; a complete dataset is skipped unless `--force`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ TINYSHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/mast
                        "tinyshakespeare/input.txt")
 BUILTIN_NAMES = (*HUB_DATASETS, "tinyshakespeare", "stdlib")
 LOCAL_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".parquet")
-STDLIB_EXCLUDED = {"site-packages", "dist-packages", "__pycache__"}
 SPLIT_FILE_NAMES = {"train": "train", "validation": "val", "val": "val"}
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".prepare.lock"
@@ -92,12 +91,11 @@ def prepare(args: argparse.Namespace) -> None:
     """Prepares the dataset `args` names, unless it is prepared with the same arguments."""
     cli.check_range("--shard-size", args.shard_size, minimum=1)
     cli.check_range("--num-proc", args.num_proc, minimum=1)
-    splits = parse_splits(args.splits)
     data_root = (args.data_root or data.default_data_root()).expanduser()
     source = make_source(args, data_root)
     dataset = args.dataset if args.dataset in BUILTIN_NAMES else source.description["source"]
     args_record = {"dataset": dataset, "subset": args.subset, "text_field": args.text_field,
-                   "splits": list(splits), "shard_size": args.shard_size,
+                   "splits": list(parse_splits(args.splits)), "shard_size": args.shard_size,
                    "val_tokens": args.val_tokens, "strict": args.strict}
     out_dir = data_root / source.name
     if is_prepared(data_root, source.name) and not args.force:
@@ -109,33 +107,25 @@ def prepare(args: argparse.Namespace) -> None:
                                  "--name=OTHER to keep both")
         print(f"{source.name}: already prepared in {out_dir} (--force redoes it)")
         return
-    with exclusive_run(out_dir):
+    # The folder is made if need be and held for this run alone: a second run would delete
+    # this one's temporary files.
+    fresh = not out_dir.exists()
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(data.hold_folder(out_dir, LOCK_NAME))
+        except data.FolderHeld as exc:
+            raise PrepareError(f"{out_dir}: another prepare_dataset.py (pid {exc.pid}) is "
+                               "writing it\nhint: wait for it or stop it, then rerun") from None
+        except OSError as exc:
+            raise PrepareError(f"--data-root={out_dir.parent}: cannot write to {out_dir} "
+                               f"({exc.strerror or exc})\nhint: pass a writable --data-root"
+                               ) from exc
         try:
             write_dataset(source, out_dir, args, args_record)
         except (PrepareError, cli.UsageError):
             # The input or the arguments must change, so these shards could never be resumed.
             remove_outputs(out_dir, source.name)
             raise
-
-
-@contextlib.contextmanager
-def exclusive_run(out_dir: Path) -> Iterator[None]:
-    """Makes the folder if need be and holds it for this run alone, since a second run
-    would delete the first one's temporary files."""
-    fresh = not out_dir.exists()  # removed again if the run leaves it empty
-    with contextlib.ExitStack() as held:
-        try:
-            held.enter_context(data.hold_folder(out_dir, LOCK_NAME))
-        except data.FolderHeld as exc:
-            raise PrepareError(f"{out_dir}: another prepare_dataset.py (pid {exc.pid}) is "
-                               "writing this dataset\nhint: wait for it or stop it, then "
-                               "rerun") from None
-        except OSError as exc:
-            raise PrepareError(f"--data-root={out_dir.parent}: cannot write to {out_dir} "
-                               f"({exc.strerror or exc})\nhint: pass a writable --data-root"
-                               ) from exc
-        try:
-            yield
         finally:  # a dataset folder holds only the dataset once no run is writing it
             (out_dir / LOCK_NAME).unlink(missing_ok=True)
             if fresh:
@@ -147,8 +137,7 @@ def exclusive_run(out_dir: Path) -> Iterator[None]:
 def write_dataset(source: Source, out_dir: Path, args: argparse.Namespace,
                   args_record: dict[str, Any]) -> None:
     """Tokenizes `source` into shards in `out_dir`, going on from an interrupted run with the
-    same input and `args_record` unless --force, writes the manifest and prints what it wrote.
-    Bad input raises PrepareError or cli.UsageError."""
+    same input and `args_record` unless --force; then writes the manifest and prints a line."""
     from tqdm import tqdm
     splits = parse_splits(args.splits)
     rule = source.val
@@ -159,63 +148,62 @@ def write_dataset(source: Source, out_dir: Path, args: argparse.Namespace,
     # Only a prefix rule reads val_tokens, and only before its end is known; train is empty
     # then, so the stream restarts at 0 or at val's unfinished shard.
     rule.val_tokens = states["val"].tokens - states["val"].next_offset if start else 0
-    progress_path = out_dir / PROGRESS_NAME
-    def save_progress() -> None:
-        _write_json(progress_path, {"fingerprint": source.fingerprint, "args": args_record,
-                                    "rule": {"val_end_doc": rule.end_doc},
-                                    "splits": {s: vars(st) for s, st in states.items()}})
+    skipped: list[str] = []  # the files that are not UTF-8, from the start of the stream
     started, new_tokens, doc_cursor = time.perf_counter(), 0, start
     with contextlib.ExitStack() as stack:
-        writers = {s: SplitWriter(out_dir, source.name, s, args.shard_size, states[s],
-                                  save_progress) for s in splits}
+        writers = {s: SplitWriter(out_dir, source.name, s, args.shard_size, states[s])
+                   for s in splits}
         for writer in writers.values():  # left on an error, it deletes the unfinished shard
             stack.enter_context(writer.open_shard)
         bar = stack.enter_context(tqdm(desc=source.name, unit="tok", unit_scale=True,
                                        disable=args.no_progress or None, dynamic_ncols=True))
-        for tokens, counts in tokenized_chunks(source.documents(start), args.num_proc):
+        for tokens, counts in tokenized_chunks(source.documents(start, skipped), args.num_proc):
             doc_index = np.arange(doc_cursor, doc_cursor + counts.size, dtype=np.int64)
             doc_cursor += counts.size
             is_val = rule.is_val(doc_index, counts)
+            closed_a_shard = False
             for split, taken in (("val", is_val), ("train", ~is_val)):
                 if split in writers:  # a split not asked for has none
-                    writers[split].add(tokens[np.repeat(taken, counts)], doc_index[taken],
-                                       counts[taken])
+                    closed_a_shard |= writers[split].add(tokens[np.repeat(taken, counts)],
+                                                         doc_index[taken], counts[taken])
+            if rule.end_doc is not None and "val" in writers:  # val is a finished prefix
+                closed_a_shard |= writers["val"].finish()
+            if closed_a_shard:
+                save_progress(out_dir, source, args_record, states)
             new_tokens += tokens.size
             bar.update(int(tokens.size))
             bar.set_postfix(docs=doc_cursor, refresh=False)
-            if rule.end_doc is not None:  # val is a finished prefix: close it right away
-                if "val" in writers:
-                    writers["val"].finish()
-                if "train" not in writers:
-                    break
+            if rule.end_doc is not None and "train" not in writers:
+                break
         if doc_cursor == 0 and not resume:
-            what = f"; {len(source.skipped)} files skipped as not UTF-8" if source.skipped else ""
-            raise PrepareError(f"{source.description.get('source', source.name)}: no documents "
-                               f"found{what}\nhint: check --dataset and --text-field")
+            what = f"; {len(skipped)} files skipped as not UTF-8" if skipped else ""
+            raise PrepareError(f"{source.description['source']}: no documents found{what}"
+                               "\nhint: check --dataset and --text-field")
         for writer in writers.values():
             writer.finish()
+        save_progress(out_dir, source, args_record, states)
     if "train" in splits and not states["train"].shards:
-        raise cli.UsageError(f"{source.name}: no training documents are left after the "
-                             f"validation split\nhint: lower --val-tokens (now "
-                             f"{args.val_tokens or 'the default'})")
+        now = args.val_tokens or "the default"
+        raise cli.UsageError(f"{source.name}: no training documents left after the validation "
+                             f"split\nhint: lower --val-tokens (now {now})")
     seconds = time.perf_counter() - started
-    _write_manifest(out_dir, source, args_record, {s: states[s] for s in splits})
-    progress_path.unlink(missing_ok=True)
+    write_manifest(out_dir, source, args_record, {s: states[s] for s in splits}, skipped)
+    (out_dir / PROGRESS_NAME).unlink()
     pieces = [f"{len(states[s].shards)} {s} shard{'s' if len(states[s].shards) > 1 else ''} "
               f"({states[s].tokens / 1e6:.2f}M tokens)" for s in splits if states[s].shards]
     rate = new_tokens / max(seconds, 1e-9) / 1e6
     resumed = ", resumed" if resume else ""
-    skipped = f"; skipped {len(source.skipped)} files that are not UTF-8" if source.skipped else ""
+    skipped_note = f"; skipped {len(skipped)} files that are not UTF-8" if skipped else ""
     print(f"{source.name}: wrote {' and '.join(pieces)} to {out_dir} in {seconds:.1f}s "
-          f"({rate:.2f}M tokens/s{resumed}){skipped}")
+          f"({rate:.2f}M tokens/s{resumed}){skipped_note}")
 
 
 @dataclass
 class SplitState:
     """One split's entry in progress.json: its finished shards and where the next begins."""
     shards: list[dict[str, Any]] = field(default_factory=list)
-    next_doc: int = 0  # where the unfinished shard begins: document index...
-    next_offset: int = 0  # ...and token offset inside that document
+    next_doc: int = 0  # the unfinished shard begins in this document...
+    next_offset: int = 0  # ...at this token of it
     done: bool = False
 
     @property
@@ -224,28 +212,30 @@ class SplitState:
 
 
 class SplitWriter:
-    """Streams one split's documents from where `state` stands straight into fixed-size shards
-    (a short last one's header count patched), so memory stays a chunk whatever the shard size."""
+    """Streams one split's documents, from where `state` stands, into shards of `shard_size`
+    tokens; only the open shard's temporary file grows, so memory stays one chunk."""
 
-    def __init__(self, out_dir: Path, name: str, split: str, shard_size: int, state: SplitState,
-                 save_progress: Callable[[], None]) -> None:
-        self.out_dir, self.name, self.split, self.shard_size = out_dir, name, split, shard_size
-        self.state, self.save_progress = state, save_progress
+    def __init__(self, out_dir: Path, name: str, split: str, shard_size: int,
+                 state: SplitState) -> None:
+        self.out_dir, self.name, self.split = out_dir, name, split
+        self.shard_size, self.state = shard_size, state
         self.open_shard = contextlib.ExitStack()  # the unfinished shard's atomic_output
         self.file: BinaryIO | None = None
         self.file_name = ""
         self.fill = self.eots = 0
 
-    def add(self, tokens: np.ndarray, doc_index: np.ndarray, doc_tokens: np.ndarray) -> None:
-        """Appends whole documents: this split's share of a chunk, in stream order."""
+    def add(self, tokens: np.ndarray, doc_index: np.ndarray, doc_tokens: np.ndarray) -> bool:
+        """Writes this split's documents of a chunk (stream indices, token counts with the
+        EOT) from state.next_doc on, and says whether that closed a shard."""
         state = self.state
         first = int(np.searchsorted(doc_index, state.next_doc))  # the first one not yet written
         if state.done or first == doc_index.size:
-            return
+            return False
         ends = np.cumsum(doc_tokens)
         starts = ends - doc_tokens
         pos = int(starts[first]) + (state.next_offset if doc_index[first] == state.next_doc else 0)
-        with self._writing():  # other outputs are open: the error names this one
+        closed = False
+        try:
             while pos < tokens.size:
                 if self.file is None:
                     self.file_name = data.shard_name(self.name, self.split, len(state.shards))
@@ -263,23 +253,23 @@ class SplitWriter:
                         self._close_shard(int(doc_index[-1]) + 1, 0)
                     else:
                         self._close_shard(int(doc_index[k]), pos - int(starts[k]))
+                    closed = True
+        except OSError as exc:  # named here: the other split's open shard would name itself
+            raise data.write_error(self.out_dir / self.file_name, exc) from None
+        return closed
 
-    def finish(self) -> None:
-        """Closes the last, short shard: nothing more comes to this split."""
-        if not self.state.done:
-            self.state.done = True  # before save_progress, which saves it
-            with self._writing():
-                if self.fill:
-                    self._close_shard(self.state.next_doc, self.state.next_offset)
-                else:
-                    self.save_progress()
-
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
+    def finish(self) -> bool:
+        """Closes the last, short shard, as nothing more comes to this split; says whether
+        the split was still open."""
+        if self.state.done:
+            return False
+        self.state.done = True
         try:
-            yield
+            if self.fill:
+                self._close_shard(self.state.next_doc, self.state.next_offset)
         except OSError as exc:
             raise data.write_error(self.out_dir / self.file_name, exc) from None
+        return True
 
     def _close_shard(self, next_doc: int, next_offset: int) -> None:
         assert self.file is not None
@@ -294,7 +284,6 @@ class SplitWriter:
                                   "sha256": sha256, "documents_started": self.eots})
         self.state.next_doc, self.state.next_offset = next_doc, next_offset
         self.fill = self.eots = 0
-        self.save_progress()
 
 
 def tokenized_chunks(documents: Iterable[str], num_proc: int,
@@ -334,8 +323,8 @@ def encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 # ------------------------------------------------------------ progress.json and the manifest
 def load_progress(out_dir: Path, source: Source, args_record: dict[str, Any],
                   ) -> tuple[dict[str, SplitState], int | None] | None:
-    """Returns each split's state and ValSplit.end_doc as an interrupted run with the same
-    input and arguments left them in progress.json, or None if its shards are not intact."""
+    """Returns each split's state and the val rule's end_doc as an interrupted run with the
+    same input and arguments saved them, or None if its shards are not intact."""
     saved = _read_json(out_dir / PROGRESS_NAME)
     if (saved.get("fingerprint") != source.fingerprint or saved.get("args") != args_record
             or not _shards_intact(out_dir, saved.get("splits"))):
@@ -345,6 +334,14 @@ def load_progress(out_dir: Path, source: Source, args_record: dict[str, Any],
                 saved.get("rule", {}).get("val_end_doc"))
     except (AttributeError, KeyError, TypeError):
         return None
+
+
+def save_progress(out_dir: Path, source: Source, args_record: dict[str, Any],
+                  states: dict[str, SplitState]) -> None:
+    _write_json(out_dir / PROGRESS_NAME, {
+        "fingerprint": source.fingerprint, "args": args_record,
+        "rule": {"val_end_doc": source.val.end_doc},
+        "splits": {split: vars(state) for split, state in states.items()}})
 
 
 def remove_outputs(out_dir: Path, name: str, keep: dict[str, SplitState] | None = None) -> None:
@@ -392,8 +389,8 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
         f.write(json.dumps(payload, indent=1).encode())
 
 
-def _write_manifest(out_dir: Path, source: Source, args_record: dict[str, Any],
-                    states: dict[str, SplitState]) -> None:
+def write_manifest(out_dir: Path, source: Source, args_record: dict[str, Any],
+                   states: dict[str, SplitState], skipped: list[str]) -> None:
     splits = {split: {"tokens": state.tokens,
                       "documents": sum(s["documents_started"] for s in state.shards),
                       "shards": state.shards} for split, state in states.items()}
@@ -404,7 +401,7 @@ def _write_manifest(out_dir: Path, source: Source, args_record: dict[str, Any],
         "format": {"magic": data.SHARD_MAGIC, "version": data.SHARD_VERSION,
                    "header_bytes": data.HEADER_BYTES, "dtype": "uint16"},
         "validation": source.val.description, "args": args_record, "splits": splits,
-        "skipped_not_utf8": source.skipped,
+        "skipped_not_utf8": skipped,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "complete": True,  # last key: a manifest without it is from an unfinished run
     })
@@ -413,14 +410,14 @@ def _write_manifest(out_dir: Path, source: Source, args_record: dict[str, Any],
 # ---------------------------------------------------------------------------- the sources
 @dataclass
 class Source:
-    """A named, ordered stream of documents: `documents(start)` yields the texts from index
-    `start` on, and `val` says which of them go to val."""
+    """What write_dataset needs of any source: `documents(start, skipped)` yields the texts
+    from index `start` on (listing in `skipped` the files that are not UTF-8), and `val`
+    says which of them go to val."""
     name: str
     description: dict[str, Any]
     fingerprint: str
-    documents: Callable[[int], Iterator[str]]
+    documents: Callable[[int, list[str]], Iterator[str]]
     val: ValSplit
-    skipped: list[str] = field(default_factory=list)
 
 
 def make_source(args: argparse.Namespace, data_root: Path) -> Source:
@@ -428,22 +425,27 @@ def make_source(args: argparse.Namespace, data_root: Path) -> Source:
     if spec in HUB_DATASETS:
         repo = HUB_DATASETS[spec]
         return Source(spec, {"source": f"hf://datasets/{repo}", "subset": args.subset},
-                      f"hub:{repo}:{args.subset}", lambda start: hub_documents(repo, args, start),
+                      f"hub:{repo}:{args.subset}",
+                      lambda start, _: hub_documents(repo, args, start),
                       val_split(args, HUB_VAL_TOKENS))
     if spec == "tinyshakespeare":
-        return tinyshakespeare_source(data_root, args.val_tokens or SMALL_VAL_FRACTION)
+        val_spec = args.val_tokens or SMALL_VAL_FRACTION
+        if not val_spec.strip().endswith("%"):
+            raise cli.UsageError(f"--val-tokens={val_spec}: tinyshakespeare is split by "
+                                 "position\nhint: give a percentage such as 10%")
+        val_fraction = Fraction(parse_val_tokens(val_spec))
+        cache = data_root / "tinyshakespeare" / "input.txt"
+        why = f"the last {float(val_fraction):.0%} of the text, cut at a line break"
+        return Source("tinyshakespeare", {"source": TINYSHAKESPEARE_URL, "cache": str(cache)},
+                      f"tinyshakespeare:{val_spec}",
+                      lambda start, _: iter(tinyshakespeare_texts(cache, val_fraction)[start:]),
+                      ValSplit(why, fraction=Fraction(1, 2)))  # the second of two documents
     if spec == "stdlib":
         files = stdlib_files()
         description = {"source": "python-stdlib", "python": sys.version.split()[0],
                        "path": sysconfig.get_paths()["stdlib"], "files": len(files)}
         return local_source("stdlib", files, description, args)
-    if not (os.sep in spec or "/" in spec or glob.has_magic(spec) or spec.startswith((".", "~"))
-            or Path(spec).suffix.lower() in LOCAL_SUFFIXES or Path(spec).exists()):
-        raise cli.UsageError(f"--dataset={spec}: unknown dataset\nhint: use one of "
-                             f"{', '.join(BUILTIN_NAMES)} or a path to local files")
     files = local_files(spec)
-    if not files:
-        raise cli.UsageError(f"--dataset={spec}: no {', '.join(LOCAL_SUFFIXES)} files there")
     name = args.name
     if name and (Path(name).is_absolute() or Path(name).name != name):
         raise cli.UsageError(f"--name={name}: a dataset name, not a path\nhint: pass a plain "
@@ -462,42 +464,30 @@ def local_source(name: str, files: list[Path], description: dict[str, Any],
     """The documents of `files`, fingerprinted by their paths, sizes and modification times."""
     stats = ((path, path.stat()) for path in files)
     listing = "".join(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n" for path, st in stats)
-    skipped: list[str] = []
-    def documents(start: int) -> Iterator[str]:
-        skipped.clear()  # a resume walks the skipped files again
-        # Skipping is cheap next to tokenizing: it only reads the files.
-        yield from itertools.islice(file_documents(files, args.text_field, args.strict,
-                                                   skipped), start, None)
+    def documents(start: int, skipped: list[str]) -> Iterator[str]:
+        # A resume walks the skipped files again: skipping is cheap next to tokenizing.
+        stream = file_documents(files, args.text_field, args.strict, skipped)
+        return itertools.islice(stream, start, None)
     rule = val_split(args, SMALL_VAL_FRACTION)
     if rule.fraction and "val" in parse_splits(args.splits):
         # Fewer than 1/fraction documents would give val none: it gets the last one then.
-        few = sum(1 for _ in itertools.islice(documents(0), int(1 / rule.fraction) + 1))
+        few = sum(1 for _ in itertools.islice(documents(0, []), int(1 / rule.fraction) + 1))
         if few == 1:
             raise PrepareError(f"{description['source']}: one document, so no validation "
-                               "split\nhint: split it into several files, or pass "
-                               "--splits=train")
+                               "split\nhint: split it into several files, or pass --splits=train")
         if 1 < few < 1 / rule.fraction:
             rule = every_kth(Fraction(1, few))
     return Source(name, description, f"files:{hashlib.sha256(listing.encode()).hexdigest()}",
-                  documents, rule, skipped)
+                  documents, rule)
 
 
-def tinyshakespeare_source(data_root: Path, val_spec: str) -> Source:
-    if not val_spec.strip().endswith("%"):
-        raise cli.UsageError(f"--val-tokens={val_spec}: tinyshakespeare is split by position"
-                             "\nhint: give a percentage such as 10%")
-    val_fraction = Fraction(parse_val_tokens(val_spec))
-    cache = data_root / "tinyshakespeare" / "input.txt"
-    def documents(start: int) -> Iterator[str]:
-        text = _utf8(data.download(TINYSHAKESPEARE_URL, cache).read_bytes(), str(cache))
-        # The cut: the first line break at or after (1 - val_fraction) of the characters.
-        newline = text.find("\n", int(len(text) * (1 - val_fraction)))
-        cut = len(text) if newline < 0 else newline + 1
-        yield from [d for d in (text[:cut], text[cut:]) if d][start:]
-    why = f"the last {float(val_fraction):.0%} of the text, cut at a line break"
-    return Source("tinyshakespeare", {"source": TINYSHAKESPEARE_URL, "cache": str(cache)},
-                  f"tinyshakespeare:{val_spec}", documents,
-                  ValSplit(why, fraction=Fraction(1, 2)))  # of the two documents, the tail
+def tinyshakespeare_texts(cache: Path, val_fraction: Fraction) -> list[str]:
+    """Downloads the text to `cache` once and cuts it in two (train, val) at the first line
+    break at or after 1 - `val_fraction` of its characters."""
+    text = decode_utf8(data.download(TINYSHAKESPEARE_URL, cache).read_bytes(), str(cache))
+    newline = text.find("\n", int(len(text) * (1 - val_fraction)))
+    cut = len(text) if newline < 0 else newline + 1
+    return [d for d in (text[:cut], text[cut:]) if d]
 
 
 def hub_documents(repo: str, args: argparse.Namespace, start: int) -> Iterator[str]:
@@ -513,9 +503,9 @@ def hub_documents(repo: str, args: argparse.Namespace, start: int) -> Iterator[s
     except Exception as exc:  # the hub client raises many types; all mean "cannot read it"
         err = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise data.DownloadError(f"--dataset={args.dataset}: cannot stream {repo} "
-                                 f"({args.subset}) from the Hugging Face Hub (no network?): "
-                                 f"{err}\nhint: offline, download its parquet files elsewhere "
-                                 "and pass --dataset=FOLDER --name=NAME") from exc
+                                 f"({args.subset}), no network? ({err})\nhint: offline, "
+                                 "download its parquet files elsewhere and pass "
+                                 "--dataset=FOLDER --name=NAME") from exc
 
 
 def stdlib_files() -> list[Path]:
@@ -524,13 +514,15 @@ def stdlib_files() -> list[Path]:
     found: list[Path] = []
     for folder, subfolders, names in os.walk(root):
         # Pruned, not filtered afterwards: site-packages can be far bigger than the stdlib.
-        subfolders[:] = [d for d in subfolders if d not in STDLIB_EXCLUDED]
+        subfolders[:] = [d for d in subfolders
+                         if d not in {"site-packages", "dist-packages", "__pycache__"}]
         found.extend(Path(folder, n) for n in names if n.endswith(".py"))
     return sorted(found, key=lambda path: path.relative_to(root).as_posix())
 
 
 def local_files(spec: str) -> list[Path]:
-    """The files a --dataset path names: a file, a folder (searched recursively) or a glob."""
+    """The text files a --dataset path names: a file, a folder (searched recursively) or a
+    glob."""
     path = Path(spec).expanduser()
     if path.is_file():
         files = [path]
@@ -539,10 +531,17 @@ def local_files(spec: str) -> list[Path]:
     elif glob.has_magic(spec):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)
                        if Path(p).is_file())
-    else:
+    elif (os.sep in spec or "/" in spec or spec.startswith((".", "~"))
+          or path.suffix.lower() in LOCAL_SUFFIXES or path.exists()):
         raise cli.UsageError(f"--dataset={spec}: no such file or folder\nhint: give an existing "
                              f"file, folder or glob, or one of {', '.join(BUILTIN_NAMES)}")
-    return [p for p in files if p.suffix.lower() in LOCAL_SUFFIXES]
+    else:
+        raise cli.UsageError(f"--dataset={spec}: unknown dataset\nhint: use one of "
+                             f"{', '.join(BUILTIN_NAMES)} or a path to local files")
+    files = [p for p in files if p.suffix.lower() in LOCAL_SUFFIXES]
+    if not files:
+        raise cli.UsageError(f"--dataset={spec}: no {', '.join(LOCAL_SUFFIXES)} files there")
+    return files
 
 
 def file_documents(files: list[Path], text_field: str, strict: bool,
@@ -554,12 +553,12 @@ def file_documents(files: list[Path], text_field: str, strict: bool,
         suffix = path.suffix.lower()
         try:
             if suffix == ".parquet":
-                yield from _parquet_documents(path, text_field)
+                yield from parquet_documents(path, text_field)
             elif suffix == ".jsonl":
                 # Read through first: a line that is not UTF-8 skips the file before any goes out.
-                deque(_jsonl_documents(path, text_field), maxlen=0)
-                yield from _jsonl_documents(path, text_field)
-            elif text := _utf8(path.read_bytes(), str(path)):
+                deque(jsonl_documents(path, text_field), maxlen=0)
+                yield from jsonl_documents(path, text_field)
+            elif text := decode_utf8(path.read_bytes(), str(path)):
                 yield text
         except NotUTF8 as exc:
             if strict:
@@ -568,17 +567,17 @@ def file_documents(files: list[Path], text_field: str, strict: bool,
             skipped.append(str(path))
 
 
-def _utf8(raw: bytes, where: str) -> str:
+def decode_utf8(raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise NotUTF8(f"{where}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+def jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
-            line = _utf8(raw, f"{path}:{lineno}").strip()
+            line = decode_utf8(raw, f"{path}:{lineno}").strip()
             if not line:
                 continue
             try:
@@ -598,7 +597,7 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
                 yield text
 
 
-def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
+def parquet_documents(path: Path, text_field: str) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
     try:
@@ -621,10 +620,8 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
 # ------------------------------------------------------------------------ the validation rule
 @dataclass
 class ValSplit:
-    """Which documents go to val, the rest going to train. With a `fraction` f, document i is
-    val when floor((i+1)*f) > floor(i*f): floor(n*f) of n, evenly spread. Without, val is the
-    first documents until they hold `prefix_tokens`: the rule counts `val_tokens` until it
-    meets the first train document, `end_doc`, which progress.json saves."""
+    """The rule that says which documents go to val (see the module docstring). A prefix rule
+    counts `val_tokens` until the first train document, `end_doc`, which progress.json saves."""
     description: str
     fraction: Fraction | None = None
     prefix_tokens: int = 0
