@@ -18,8 +18,11 @@ tokens. Multiple choice and schema examples pick the option whose scored tokens 
 lowest mean cross-entropy (multiple choice: the choices after their common token prefix;
 schema: the common token suffix after each context); a language-modelling example counts
 when greedy decoding reproduces every continuation token. Logits beyond GPT-2's 50257
-tokens (a padded vocabulary's extra rows) take part in no softmax. Under torchrun rank r
-scores examples r, r + world_size, ...; the counts are summed with all_reduce.
+tokens (a padded vocabulary's extra rows) take part in no softmax. A multiple-choice
+example's options share their context, so a GPT or ModernGPT scores them as HellaSwag's
+endings are scored: one packed row, the context once (eval_hellaswag.packed_logits; the same
+scores with fewer tokens). Under torchrun rank r scores examples r, r + world_size, ...; the
+counts are summed with all_reduce.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from tqdm import tqdm
 
 import checkpoint
 import cli
+import eval_hellaswag
 import runtime
 from data import (
     EOT_TOKEN,
@@ -61,6 +65,8 @@ from data import (
     get_tokenizer,
     write_error,
 )
+from model import GPT
+from model_modern import ModernGPT
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 BUNDLE_DIR = "eval_bundle"
@@ -435,29 +441,43 @@ def context_length(model: nn.Module) -> int | None:
 
 
 @torch.no_grad()
-def score_rows(model: nn.Module, rows: Sequence[Row], device: torch.device | str,
-               precision: runtime.Precision | None = None) -> tuple[list[float], list[bool]]:
-    """For each row, from one forward pass over the right-padded batch: the mean
-    cross-entropy of its scored tokens, and whether greedy decoding reproduces them all.
-    Padding comes after every scored token, so causal attention never sees it."""
+def score_rows(model: nn.Module, examples: Sequence[Sequence[Row]], device: torch.device | str,
+               precision: runtime.Precision | None = None,
+               packed: bool = False) -> tuple[list[float], list[bool]]:
+    """For each row of each example, from one forward pass: the mean cross-entropy of its
+    scored tokens, and whether greedy decoding reproduces them all. Each row is a sequence of
+    its own, right-padded: padding comes after every scored token, so causal attention never
+    sees it. `packed` (a GPT or ModernGPT whose examples' rows share their tokens before
+    `start`): one row per example instead, the shared context once and each option after it,
+    as eval_hellaswag.packed_logits packs HellaSwag's endings (the same scores, fewer tokens)."""
     device = torch.device(device)
-    idx = pad_sequence([torch.tensor(r.tokens) for r in rows], batch_first=True,
-                       padding_value=BOS_ID).to(device)
-    autocast = precision.autocast(device) if precision is not None else torch.autocast(
-        device.type, enabled=False)
-    with autocast:
-        output = model(idx)
-    logits = output[0] if isinstance(output, tuple) else output
+    rows = [row for example in examples for row in example]
+    spans = [range(r.start, r.end) for r in rows]
+    targets = torch.tensor([r.tokens[p] for r, span in zip(rows, spans, strict=True)
+                            for p in span], dtype=torch.long, device=device)
+    if packed:
+        if not isinstance(model, GPT | ModernGPT):
+            raise TypeError(f"packed scoring needs a GPT or ModernGPT, got {type(model).__name__}")
+        logits = eval_hellaswag.packed_logits(
+            model, [(example[0].tokens[:example[0].start],
+                     [r.tokens[r.start:r.end] for r in example]) for example in examples],
+            device, precision)
+    else:
+        idx = pad_sequence([torch.tensor(r.tokens) for r in rows], batch_first=True,
+                           padding_value=BOS_ID).to(device)
+        autocast = precision.autocast(device) if precision is not None else torch.autocast(
+            device.type, enabled=False)
+        with autocast:
+            output = model(idx)
+        logits = output[0] if isinstance(output, tuple) else output
+        which = torch.tensor([i for i, span in enumerate(spans) for _ in span], dtype=torch.long)
+        before = torch.tensor([p - 1 for span in spans for p in span], dtype=torch.long)
+        logits = logits[which.to(device), before.to(device)]
     if logits.size(-1) < VOCAB_SIZE:
         raise ValueError(f"the model has {logits.size(-1)} output logits, fewer than GPT-2's "
                          f"{VOCAB_SIZE} tokens")
-    spans = [range(r.start, r.end) for r in rows]
-    which = torch.tensor([i for i, span in enumerate(spans) for _ in span], dtype=torch.long)
-    before = torch.tensor([p - 1 for span in spans for p in span], dtype=torch.long)
-    targets = torch.tensor([r.tokens[p] for r, span in zip(rows, spans, strict=True)
-                            for p in span], dtype=torch.long, device=device)
     # Only GPT-2's real tokens: a padded vocabulary's extra rows are no possible answer.
-    picked = logits[which.to(device), before.to(device), :VOCAB_SIZE].float()
+    picked = logits[:, :VOCAB_SIZE].float()
     losses = F.cross_entropy(picked, targets, reduction="none").cpu()
     hits = (picked.argmax(dim=-1) == targets).cpu()
     lengths = [len(span) for span in spans]
@@ -475,11 +495,14 @@ def judge(task: Task, index: int, means: list[float], greedy: list[bool]) -> boo
     return bool(pick == task.examples[index]["gold"])
 
 
-def batches(items: list[tuple[int, list[Row]]], max_rows: int) -> list[list[tuple[int,
-                                                                                 list[Row]]]]:
+# An example to score: its index in the task, its rows, whether they go in one packed row.
+Scored = tuple[int, list[Row], bool]
+
+
+def batches(items: list[Scored], max_rows: int) -> list[list[Scored]]:
     """Consecutive examples grouped so a group holds at most `max_rows` rows (an example
     with more rows goes alone): an example's options stay in one forward pass."""
-    groups: list[list[tuple[int, list[Row]]]] = []
+    groups: list[list[Scored]] = []
     rows = 0
     for item in items:
         if not groups or rows + len(item[1]) > max_rows:
@@ -514,36 +537,51 @@ def centered(accuracy: float, random_baseline: float) -> float:
 def evaluate(model: nn.Module, tasks: Sequence[Task], device: torch.device | str,
              precision: runtime.Precision | None = None, rank: int = 0, world_size: int = 1,
              batch_size: int = 16, progress: bool = False,
-             report: Callable[[str, float, float, float], None] | None = None) -> CoreResult:
+             report: Callable[[str, float, float, float], None] | None = None,
+             pack: bool = True) -> CoreResult:
     """Every task scored by `model` (forward(idx) -> (logits, None)); this rank takes examples
     rank::world_size and the counts are summed over initialised ranks. `batch_size` is rows
     per forward pass; `report(label, accuracy, centred, seconds)` is called as each task
-    finishes.
-    The model's train/eval mode is restored afterwards."""
+    finishes. A GPT or ModernGPT scores an example whose options share their context in one
+    packed row (score_rows); pack=False scores every option as a row of its own instead,
+    for comparison. The model's train/eval mode is restored afterwards."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
     device = torch.device(device)
     runner, max_len = _inner(model), context_length(model)
+    # Packing needs hidden_states that take positions and an attention mask.
+    packable = pack and isinstance(runner, GPT | ModernGPT)
     was_training = model.training
     model.eval()
     result = CoreResult({}, {})
     try:
         for task in tasks:
             started = time.perf_counter()
-            mine = [(i, example_rows(task, i, max_len))
-                    for i in range(rank, len(task.examples), world_size)]
+            mine: list[Scored] = []
+            for i in range(rank, len(task.examples), world_size):
+                rows = example_rows(task, i, max_len)
+                # Multiple choice: the options follow one context, unless the crop cut them
+                # by different amounts. Schema rows differ in context, language modelling
+                # has one row: those keep a row per option.
+                shared = len(rows) > 1 and len({tuple(r.tokens[:r.start]) for r in rows}) == 1
+                mine.append((i, rows, packable and shared))
             mine.sort(key=lambda item: max(len(r.tokens) for r in item[1]))  # less padding
             correct = 0
             with tqdm(total=len(mine), desc=task.label, unit="ex", disable=not progress,
                       file=sys.stderr, leave=False) as bar:
                 for group in batches(mine, batch_size):
-                    rows = [row for _, example in group for row in example]
-                    means, greedy = score_rows(runner, rows, device, precision)
-                    offset = 0
-                    for index, example in group:
-                        span = slice(offset, offset + len(example))
-                        correct += judge(task, index, means[span], greedy[span])
-                        offset += len(example)
+                    for packed in (True, False):
+                        part = [(index, rows) for index, rows, shared in group
+                                if shared == packed]
+                        if not part:
+                            continue
+                        means, greedy = score_rows(runner, [rows for _, rows in part], device,
+                                                   precision, packed)
+                        offset = 0
+                        for index, rows in part:
+                            span = slice(offset, offset + len(rows))
+                            correct += judge(task, index, means[span], greedy[span])
+                            offset += len(rows)
                     bar.update(len(group))
             total = torch.tensor([correct], dtype=torch.float64, device=device)
             if world_size > 1:

@@ -3,12 +3,14 @@
     python eval_hellaswag.py --pretrained=gpt2          # acc_norm 0.2955, acc 0.2859
 
 An ending is scored by the cross-entropy of its own tokens in `encode(ctx) + encode(" " +
-ending)`; pick_answers says which ending acc and acc_norm choose. One packed row per example
-holds the context once, then the endings, each attending to the context and itself with the
-positions it would have alone (same scores, about half the tokens); rows are batched,
-right-padded and masked. Under torchrun each rank scores `examples[rank::world_size]` and
-the totals are all-reduced once. The validation file is downloaded once into
-`<data root>/hellaswag/` (or `--cache-dir`) and checked (10042 examples) before it is kept.
+ending)`: acc picks the ending with the lowest summed loss, acc_norm the lowest mean loss per
+token. One packed row per example holds the context once, then the endings, each attending to
+the context and itself with the positions it would have alone (same scores, about half the
+tokens, and the output head only where an ending token is predicted); rows are batched,
+right-padded and masked; eval_core.py packs multiple-choice options the same way. Under
+torchrun each rank scores `examples[rank::world_size]` and the totals are all-reduced once.
+The validation file is downloaded once into `<data root>/hellaswag/` (or `--cache-dir`) and
+checked (10042 examples) before it is kept.
 """
 
 from __future__ import annotations
@@ -105,136 +107,11 @@ def ensure_validation_file(cache_dir: str | os.PathLike[str] | None,
         raise DownloadError(f"{exc}, or pass --data=JSONL with a local copy") from None
 
 
-@dataclass(frozen=True)
-class RenderedExample:
-    context: list[int]
-    endings: list[list[int]]
-    label: int
-    where: str = "a HellaSwag example"  # file:line, for errors
-
-
-def render_example(example: dict[str, Any]) -> RenderedExample:
-    """Tokens of the context and of each ending, " " + ending encoded on its own."""
-    enc = get_tokenizer()
-    return RenderedExample(context=enc.encode_ordinary(example["ctx"]),
-                           endings=[enc.encode_ordinary(" " + e) for e in example["endings"]],
-                           label=int(example["label"]),
-                           where=example.get("where", RenderedExample.where))
-
-
 # -------------------------------------------------------------------------------- scoring
 @dataclass
-class PackedExample:
-    """One example as a single model row: each context once, then every ending but its last
-    token. `segment` and `branch` say what a token may attend to (its segment's context,
-    branch 0, and earlier tokens of its own branch); `positions` restart after the context
-    for each ending, so every ending sees exactly the positions it would in a row of its own.
-    `predicts[j]` lists the row offsets whose outputs predict ending j's tokens."""
-    tokens: list[int]
-    positions: list[int]
-    segment: list[int]
-    branch: list[int]
-    predicts: list[list[int]]
-
-    def add(self, tokens: Sequence[int], first_position: int, segment: int, branch: int) -> range:
-        offsets = range(len(self.tokens), len(self.tokens) + len(tokens))
-        self.tokens.extend(tokens)
-        self.positions.extend(range(first_position, first_position + len(tokens)))
-        self.segment.extend([segment] * len(tokens))
-        self.branch.extend([branch] * len(tokens))
-        return offsets
-
-
-def pack_example(example: RenderedExample, block_size: int) -> PackedExample:
-    """The example's row for score_batch. A context plus ending over block_size + 1 tokens
-    keeps its last block_size + 1, so each ending then gets its own copy of the context."""
-    context, endings = example.context, example.endings
-    if not context:
-        raise ValueError(f"{example.where}: a HellaSwag example needs at least one context "
-                         "token")
-    for ending in endings:
-        if len(ending) > block_size:
-            raise ValueError(f"{example.where}: an ending of {len(ending)} tokens does not fit "
-                             f"the model's block_size {block_size}")
-    cuts = [max(0, len(context) + len(ending) - (block_size + 1)) for ending in endings]
-    # Segments: (the context they keep, the endings that share it).
-    segments = ([(context[cut:], [j]) for j, cut in enumerate(cuts)] if any(cuts)
-                else [(context, list(range(len(endings))))])
-    packed = PackedExample([], [], [], [], [[] for _ in endings])
-    for segment, (kept, members) in enumerate(segments):
-        last_context = packed.add(kept, 0, segment, branch=0)[-1]
-        for j in members:
-            inputs = packed.add(endings[j][:-1], len(kept), segment, branch=j + 1)
-            packed.predicts[j] = [last_context, *inputs]
-    return packed
-
-
-def _packed_inputs(packed: Sequence[PackedExample]) -> tuple[torch.Tensor, ...]:
-    """Token ids, positions (B, W) and mask (B, 1, W, W) of right-padded rows; padding and
-    real tokens never attend to each other."""
-    def padded(rows: list[list[int]], fill: int) -> torch.Tensor:
-        return pad_sequence([torch.tensor(r) for r in rows], batch_first=True,
-                            padding_value=fill)
-
-    idx = padded([p.tokens for p in packed], PAD_ID)
-    positions = padded([p.positions for p in packed], 0)
-    segment = padded([p.segment for p in packed], -1)
-    branch = padded([p.branch for p in packed], -1)
-    causal = torch.ones((idx.shape[1], idx.shape[1]), dtype=torch.bool).tril()
-    same_segment = segment[:, :, None] == segment[:, None, :]
-    visible_branch = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
-    return idx, positions, (causal & same_segment & visible_branch).unsqueeze(1)
-
-
-def _unwrap(model: nn.Module) -> GPT | ModernGPT:
-    """The plain model inside a DDP wrapper and/or torch.compile module."""
-    inner: Any = getattr(model, "module", model)
-    inner = getattr(inner, "_orig_mod", inner)
-    if not isinstance(inner, GPT | ModernGPT):
-        raise TypeError(f"expected a GPT or ModernGPT model, got {type(inner).__name__}")
-    return inner
-
-
-@torch.no_grad()
-def score_batch(model: nn.Module, batch: Sequence[RenderedExample], device: torch.device | str,
-                precision: runtime.Precision | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum and mean of each ending's token cross-entropies, both (len(batch), 4) float32 on
-    CPU, from one forward pass with one row per example (see PackedExample)."""
-    gpt = _unwrap(model)
-    device = torch.device(device)
-    packed = [pack_example(example, gpt.config.block_size) for example in batch]
-    idx, positions, mask = _packed_inputs(packed)
-    # Which output predicts which ending token, flattened over the batch and its endings.
-    rows = [r for r, p in enumerate(packed) for predicts in p.predicts for _ in predicts]
-    offsets = [o for p in packed for predicts in p.predicts for o in predicts]
-    targets = [t for example in batch for ending in example.endings for t in ending]
-    lengths = torch.tensor([len(ending) for example in batch for ending in example.endings])
-    autocast = precision.autocast(device) if precision is not None else torch.autocast(
-        device.type, enabled=False)
-    with autocast:
-        hidden = gpt.hidden_states(idx.to(device), positions=positions.to(device),
-                                   attn_mask=mask.to(device))
-        # The output head only where an ending token is predicted: most outputs are not.
-        logits = gpt.lm_head(hidden[torch.tensor(rows, device=device),
-                                    torch.tensor(offsets, device=device)]).float()
-    losses = F.cross_entropy(logits, torch.tensor(targets, device=device), reduction="none")
-    ending_of_token = torch.arange(len(lengths)).repeat_interleave(lengths).to(device)
-    sums = torch.zeros(len(lengths), device=device).index_add_(0, ending_of_token, losses).cpu()
-    return sums.view(-1, NUM_ENDINGS), (sums / lengths).view(-1, NUM_ENDINGS)
-
-
-def pick_answers(sums: torch.Tensor, means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ending each example picks, for acc and for acc_norm, from score_batch's losses.
-    acc takes the ending with the highest log-likelihood (lowest summed loss over its
-    tokens), which favours short endings; acc_norm the highest length-normalised one
-    (lowest mean loss per token)."""
-    return sums.argmin(dim=1), means.argmin(dim=1)
-
-
-@dataclass
 class HellaSwagScore:
-    correct: int
-    correct_norm: int
+    correct: int  # acc: the ending with the lowest summed loss is the label
+    correct_norm: int  # acc_norm: the ending with the lowest mean loss per token is the label
     total: int
 
     @property
@@ -257,9 +134,10 @@ def evaluate(model: nn.Module, examples: Sequence[dict[str, Any]], device: torch
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
     if not examples:
         raise ValueError("no HellaSwag examples to score\nhint: pass a file with examples")
-    mine = [render_example(e) for e in examples[rank::world_size]]
     # Similar lengths side by side waste less compute on padding; totals do not depend on order.
-    mine.sort(key=lambda r: len(r.context) + sum(map(len, r.endings)))
+    # Characters stand in for tokens here, which score_batch counts.
+    mine = sorted(examples[rank::world_size],
+                  key=lambda e: len(e["ctx"]) + sum(map(len, e["endings"])))
     was_training = model.training
     model.eval()
     correct = correct_norm = 0
@@ -272,10 +150,11 @@ def evaluate(model: nn.Module, examples: Sequence[dict[str, Any]], device: torch
             if not bool(sums.isfinite().all()):
                 raise ValueError(f"{source}: its HellaSwag losses are NaN or infinite\nhint: its "
                                  "weights overflow or are damaged; pass another checkpoint")
-            pred, pred_norm = pick_answers(sums, means)
-            labels = torch.tensor([e.label for e in batch])
-            correct += int((pred == labels).sum())
-            correct_norm += int((pred_norm == labels).sum())
+            # acc takes the ending with the highest log-likelihood, which favours short
+            # endings; acc_norm the highest per token, which is why it is the headline figure.
+            labels = torch.tensor([int(e["label"]) for e in batch])
+            correct += int((sums.argmin(dim=1) == labels).sum())
+            correct_norm += int((means.argmin(dim=1) == labels).sum())
             bar.update(len(batch))
             bar.set_postfix(acc_norm=f"{correct_norm / (begin + len(batch)):.4f}")
     finally:
@@ -285,6 +164,106 @@ def evaluate(model: nn.Module, examples: Sequence[dict[str, Any]], device: torch
     if world_size > 1:
         torch.distributed.all_reduce(totals)  # summed over the ranks
     return HellaSwagScore(*totals.tolist())
+
+
+@torch.no_grad()
+def score_batch(model: nn.Module, batch: Sequence[dict[str, Any]], device: torch.device | str,
+                precision: runtime.Precision | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and mean of each ending's token cross-entropies, both (len(batch), 4) float32 on
+    CPU, for examples as load_examples gives them, from one forward pass (packed_logits).
+    An ending is scored as `encode(" " + ending)` after `encode(ctx)`: encoded on its own, so
+    every ending starts at the same token boundary."""
+    gpt: Any = getattr(model, "module", model)  # inside DDP
+    # Inside torch.compile: hidden_states of the compiled module would recompile for every
+    # new batch shape.
+    gpt = getattr(gpt, "_orig_mod", gpt)
+    if not isinstance(gpt, GPT | ModernGPT):
+        raise TypeError(f"expected a GPT or ModernGPT model, got {type(gpt).__name__}")
+    enc = get_tokenizer()
+    tokens = []
+    for example in batch:
+        where = example.get("where", "a HellaSwag example")
+        context = enc.encode_ordinary(example["ctx"])
+        endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
+        if not context:
+            raise ValueError(f"{where}: a HellaSwag example needs at least one context token")
+        for ending in endings:
+            if len(ending) > gpt.config.block_size:
+                raise ValueError(f"{where}: an ending of {len(ending)} tokens does not fit "
+                                 f"the model's block_size {gpt.config.block_size}")
+        tokens.append((context, endings))
+    logits = packed_logits(gpt, tokens, device, precision)
+    device = logits.device
+    targets = torch.tensor([t for _, endings in tokens for ending in endings for t in ending],
+                           device=device)
+    losses = F.cross_entropy(logits, targets, reduction="none")
+    lengths = torch.tensor([len(ending) for _, endings in tokens for ending in endings])
+    ending_of_token = torch.arange(len(lengths)).repeat_interleave(lengths).to(device)
+    sums = torch.zeros(len(lengths), device=device).index_add_(0, ending_of_token, losses).cpu()
+    return sums.view(-1, NUM_ENDINGS), (sums / lengths).view(-1, NUM_ENDINGS)
+
+
+def packed_logits(gpt: GPT | ModernGPT,
+                  examples: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+                  device: torch.device | str,
+                  precision: runtime.Precision | None = None) -> torch.Tensor:
+    """The float32 logits that predict every ending token of `examples` (context tokens,
+    endings' tokens), in order of example, ending and token, from one forward pass with one
+    packed row per example (rows right-padded to one width). A row holds the context once,
+    then each ending but its last token (only ever predicted), each ending attending to the
+    context and to itself with the positions it would have in a row of its own. A context
+    plus ending over block_size + 1 tokens keeps its last block_size + 1, so that each ending
+    then gets its own copy of the context. Contexts must not be empty, nor endings longer
+    than block_size. eval_core.py packs a multiple-choice example's options the same way."""
+    device = torch.device(device)
+    block_size = gpt.config.block_size
+    # Per row: token ids, position ids, and for the attention mask each token's span (the
+    # offset where its context or ending starts) and the context span it also sees.
+    rows: list[tuple[list[int], list[int], list[int], list[int]]] = []
+    scored: list[tuple[int, int]] = []  # (row, offset) of the output predicting each token
+    for row, (context, endings) in enumerate(examples):
+        tokens: list[int] = []
+        positions: list[int] = []
+        span: list[int] = []
+        sees: list[int] = []
+        predictors: list[list[int]] = [[] for _ in endings]
+        cuts = [max(0, len(context) + len(ending) - (block_size + 1)) for ending in endings]
+        # (the context kept, the endings that follow it): one copy for all unless cut.
+        groups = ([(context[cut:], [j]) for j, cut in enumerate(cuts)] if any(cuts)
+                  else [(context, range(len(endings)))])
+        for kept, members in groups:
+            context_start = len(tokens)
+            tokens += kept
+            positions += range(len(kept))
+            span += [context_start] * len(kept)
+            sees += [context_start] * len(kept)
+            for j in members:
+                inputs, ending_start = endings[j][:-1], len(tokens)
+                if endings[j]:  # an empty ending (eval_core) predicts nothing
+                    predictors[j] = [len(kept) + context_start - 1,
+                                     *range(ending_start, ending_start + len(inputs))]
+                tokens += inputs
+                positions += range(len(kept), len(kept) + len(inputs))
+                span += [ending_start] * len(inputs)
+                sees += [context_start] * len(inputs)
+        scored += [(row, offset) for offsets in predictors for offset in offsets]
+        rows.append((tokens, positions, span, sees))
+    # Padding gets span -1, so it attends only to padding and no real token attends to it.
+    idx, position_ids, span_ids, sees_ids = (
+        pad_sequence([torch.tensor(r[k]) for r in rows], batch_first=True, padding_value=fill)
+        for k, fill in enumerate((PAD_ID, 0, -1, -1)))
+    width = idx.size(1)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    key_span = span_ids[:, None, :]
+    mask = causal & ((key_span == span_ids[:, :, None]) | (key_span == sees_ids[:, :, None]))
+    outputs = torch.tensor([row * width + offset for row, offset in scored], dtype=torch.long)
+    autocast = precision.autocast(device) if precision is not None else torch.autocast(
+        device.type, enabled=False)
+    with autocast:
+        hidden = gpt.hidden_states(idx.to(device), positions=position_ids.to(device),
+                                   attn_mask=mask.unsqueeze(1).to(device))
+        # The output head only where an ending token is predicted: most outputs are not.
+        return gpt.lm_head(hidden.flatten(0, 1)[outputs.to(device)]).float()
 
 
 # ------------------------------------------------------------------------------------ CLI

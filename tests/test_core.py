@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.server
 import io
 import json
+import math
 import os
 import random
 import re
@@ -32,6 +33,7 @@ import cli
 import eval_core as core
 from data import DownloadError, get_tokenizer
 from model import GPT, GPTConfig
+from model_modern import ModernConfig, ModernGPT
 
 WORDS = ("the a man woman dog runs jumps into water kitchen knife cuts onion slowly then "
          "quickly and gets ball throws camera shows close up of her his bike rope grass "
@@ -159,7 +161,7 @@ def reference_example(model: nn.Module, kind: str, spans: list[tuple[list[int], 
         tokens, start, end = tokens[cut:], start - cut, end - cut
         with torch.no_grad():
             logits = model(torch.tensor([tokens]))[0][0, :, :VOCAB]
-        targets = torch.tensor(tokens[start:end])
+        targets = torch.tensor(tokens[start:end], dtype=torch.long)
         means.append(F.cross_entropy(logits[start - 1:end - 1], targets).item())
         greedy = bool((logits[start - 1:end - 1].argmax(-1) == targets).all())
     return means, greedy
@@ -196,7 +198,7 @@ def test_every_task_type_matches_the_reference(tiny: GPT, bundle: Path, specs):
         if spec[0] != "language_modeling":
             assert 0 < accuracy < 1, f"{task.label}: the data must tell right from wrong"
             for i, expected in enumerate(means):  # the losses themselves, not just the pick
-                got, _ = core.score_rows(tiny, core.example_rows(task, i, 64), "cpu")
+                got, _ = core.score_rows(tiny, [core.example_rows(task, i, 64)], "cpu")
                 assert got == pytest.approx(expected, abs=1e-5)
         baseline = spec[3] / 100
         centred.append((accuracy - baseline) / (1 - baseline))
@@ -237,6 +239,57 @@ def test_language_modelling_counts_exact_greedy_continuations(tmp_path: Path):
     result = core.evaluate(model, core.load_tasks(tmp_path / "b"), "cpu", batch_size=2)
     assert result.results == {"lm": 3 / 5}
     assert result.core == pytest.approx(3 / 5)
+
+
+def random_modern() -> ModernGPT:
+    """A tiny ModernGPT with every weight random: at its own init the output projections are
+    zero, every block the identity, and the options' losses would barely differ."""
+    torch.manual_seed(0)
+    model = ModernGPT(ModernConfig(n_layer=2, n_head=2, n_embd=16, vocab_size=50304,
+                                   block_size=64))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(std=0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt", "modern"])
+def test_packed_options_score_as_rows_of_their_own(kind: str, tiny: GPT, specs,
+                                                   tmp_path: Path):
+    """A multiple-choice example's options in one packed row (the shared context once) give
+    the per-option mean losses and greedy flags of one padded row per option, and the same
+    accuracies, which equal the one-sequence-at-a-time reference. The few-shot prompts are
+    cropped to the context (some options by different amounts: those keep a row each); in
+    mc_prefix one choice is all shared prefix, so it scores no token (a nan mean) either way."""
+    model = tiny if kind == "gpt" else random_modern()
+    rows = specs["mc_few"][4]
+    prefix_rows = [dict(row, choices=["dog dog", "dog", "dog runs", "dog cuts onion"])
+                   for row in rows]
+    mc = {"mc_zero": specs["mc_zero"], "mc_few": specs["mc_few"],
+          "mc_six": ("multiple_choice", 6, "\nAnswer: ", 25.0, rows),
+          "mc_prefix": ("multiple_choice", 0, None, 25.0, prefix_rows)}
+    tasks = core.load_tasks(write_bundle(tmp_path / "b", mc))
+    shared = cut_apart = 0
+    for task in tasks:
+        for i in range(len(task.examples)):
+            example = core.example_rows(task, i, 64)
+            if len({tuple(r.tokens[:r.start]) for r in example}) > 1:
+                assert any(len(r.tokens) > 64 for r in core.example_rows(task, i, None))
+                cut_apart += 1
+                continue
+            shared += 1
+            packed = core.score_rows(model, [example], "cpu", packed=True)
+            alone = core.score_rows(model, [example], "cpu")
+            assert packed[0] == pytest.approx(alone[0], abs=1e-5, nan_ok=True)
+            assert packed[1] == alone[1]
+            assert (task.label == "mc_prefix") == any(math.isnan(m) for m in packed[0])
+    assert shared > 10 and cut_apart > 0
+    result = core.evaluate(model, tasks, "cpu", batch_size=7)
+    assert result.as_json() == core.evaluate(model, tasks, "cpu", batch_size=7,
+                                             pack=False).as_json()
+    for label, spec in mc.items():
+        accuracy, _ = reference_accuracy(model, spec)
+        assert result.results[label] == accuracy, label
 
 
 def test_left_crop_keeps_the_last_tokens(tiny: GPT, specs, tmp_path: Path):

@@ -83,19 +83,9 @@ def reference_totals(model: GPT, examples: list[dict[str, Any]]) -> tuple[int, i
     return correct, correct_norm
 
 
-def test_rendered_tokens_are_context_then_each_ending_encoded_alone(examples):
-    enc = get_tokenizer()
-    for example in examples:
-        rendered = hs.render_example(example)
-        assert rendered.context == enc.encode(example["ctx"])
-        assert rendered.endings == [enc.encode(" " + e) for e in example["endings"]]
-        assert rendered.label == example["label"]
-
-
 def test_scores_and_predictions_match_per_example_reference(tiny, examples):
-    batch = [hs.render_example(e) for e in examples[:8]]
-    sums, means = hs.score_batch(tiny, batch, "cpu")
-    pred, pred_norm = hs.pick_answers(sums, means)
+    sums, means = hs.score_batch(tiny, examples[:8], "cpu")
+    pred, pred_norm = sums.argmin(dim=1), means.argmin(dim=1)
     for i, example in enumerate(examples[:8]):
         ref_sums, ref_means = reference_scores(tiny, example)
         torch.testing.assert_close(sums[i], torch.tensor(ref_sums), rtol=1e-5, atol=1e-5)
@@ -105,9 +95,8 @@ def test_scores_and_predictions_match_per_example_reference(tiny, examples):
 
 
 def test_batched_equals_unbatched(tiny, examples):
-    rendered = [hs.render_example(e) for e in examples]
-    batched = hs.score_batch(tiny, rendered, "cpu")
-    for i, example in enumerate(rendered):
+    batched = hs.score_batch(tiny, examples, "cpu")
+    for i, example in enumerate(examples):
         alone = hs.score_batch(tiny, [example], "cpu")
         for got, want in zip(batched, alone, strict=True):
             torch.testing.assert_close(got[i], want[0], rtol=1e-5, atol=1e-5)
@@ -119,23 +108,21 @@ def test_batched_equals_unbatched(tiny, examples):
 
 
 def test_padding_and_batch_composition_do_not_change_scores(tiny, examples):
-    rendered = [hs.render_example(e) for e in examples]
-    short = min(rendered, key=lambda r: len(r.context))
-    long = hs.RenderedExample(context=short.context * 6, endings=short.endings, label=0)
+    short = min(examples, key=lambda e: len(e["ctx"]))
+    long = dict(short, ctx=" ".join([short["ctx"]] * 6))
     alone = hs.score_batch(tiny, [short], "cpu")
-    # Next to a much longer example the short one's rows are mostly padding.
+    # Next to a much longer example the short one's row is mostly padding.
     for batch, position in (([long, short], 1), ([short, long], 0),
-                            ([rendered[3], short, long, rendered[5]], 1)):
+                            ([examples[3], short, long, examples[5]], 1)):
         mixed = hs.score_batch(tiny, batch, "cpu")
         for got, want in zip(mixed, alone, strict=True):
             torch.testing.assert_close(got[position], want[0], rtol=1e-5, atol=1e-5)
 
 
 def test_padding_id_does_not_matter(tiny, examples, monkeypatch):
-    rendered = [hs.render_example(e) for e in examples[:6]]
-    before = hs.score_batch(tiny, rendered, "cpu")
+    before = hs.score_batch(tiny, examples[:6], "cpu")
     monkeypatch.setattr(hs, "PAD_ID", 50000)
-    after = hs.score_batch(tiny, rendered, "cpu")
+    after = hs.score_batch(tiny, examples[:6], "cpu")
     for got, want in zip(after, before, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -156,12 +143,39 @@ def test_evaluate_restores_training_mode(tiny, examples):
         tiny.eval()
 
 
-def test_context_is_packed_once_per_example(examples):
-    for example in map(hs.render_example, examples):
-        packed = hs.pack_example(example, block_size=1024)
-        assert len(packed.tokens) == len(example.context) + sum(len(e) - 1
-                                                                for e in example.endings)
-        assert packed.tokens[:len(example.context)] == example.context
+def test_context_is_packed_once_per_example(tiny, examples, monkeypatch):
+    """The model's input row: the context once, then each ending without its last token."""
+    enc = get_tokenizer()
+    rows = []
+    real = tiny.hidden_states
+
+    def recording(idx: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        rows.append(idx[0].tolist())
+        return real(idx, **kwargs)
+
+    monkeypatch.setattr(tiny, "hidden_states", recording)
+    for example in examples[:6]:
+        hs.score_batch(tiny, [example], "cpu")
+        context = enc.encode(example["ctx"])
+        endings = [enc.encode(" " + e) for e in example["endings"]]
+        assert rows.pop() == context + [t for ending in endings for t in ending[:-1]]
+
+
+def test_packed_logits_equal_each_sequence_alone(tiny):
+    """Arbitrary token ids, including a one-token and an empty ending (eval_core can give
+    one), against the model's own logits over context + ending with default positions."""
+    torch.manual_seed(3)
+    examples = [(torch.randint(0, 50257, (n,)).tolist(),
+                 [torch.randint(0, 50257, (m,)).tolist() for m in lengths])
+                for n, lengths in ((9, (3, 1, 5)), (2, (4, 0, 2, 7)), (20, (1,)))]
+    got = hs.packed_logits(tiny, examples, "cpu")
+    expected = []
+    for context, endings in examples:
+        for ending in endings:
+            with torch.no_grad():
+                logits, _ = tiny(torch.tensor([context + ending]))
+            expected.append(logits[0, len(context) - 1:-1])
+    torch.testing.assert_close(got, torch.cat(expected), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("block_size", [32, 70])
@@ -172,13 +186,15 @@ def test_long_context_keeps_its_last_tokens(examples, block_size):
     example = dict(examples[0], ctx=" ".join(examples[0]["ctx"].split()[:30]) * 2,
                    endings=["ran.", "the dog runs into the water and gets the ball slowly.",
                             "a man", "his bike rope grass paints wall smiles at people."])
-    rendered = hs.render_example(example)
-    lengths = [len(rendered.context) + len(e) for e in rendered.endings]
+    enc = get_tokenizer()
+    context = enc.encode(example["ctx"])
+    endings = [enc.encode(" " + e) for e in example["endings"]]
+    lengths = [len(context) + len(e) for e in endings]
     if block_size == 70:
         assert min(lengths) <= block_size + 1 < max(lengths)
-    sums, _ = hs.score_batch(model, [rendered], "cpu")
-    for j, ending in enumerate(rendered.endings):
-        row = (rendered.context + ending)[-(block_size + 1):]
+    sums, _ = hs.score_batch(model, [example], "cpu")
+    for j, ending in enumerate(endings):
+        row = (context + ending)[-(block_size + 1):]
         with torch.no_grad():
             logits, _ = model(torch.tensor([row[:-1]]))
         ref = F.cross_entropy(logits[0, -len(ending):], torch.tensor(ending), reduction="sum")
@@ -187,8 +203,8 @@ def test_long_context_keeps_its_last_tokens(examples, block_size):
 
 def test_one_token_endings_match_reference(tiny, examples):
     example = dict(examples[2], endings=["a", "dog", "b.", "the man runs."])
-    assert [len(e) for e in hs.render_example(example).endings][:2] == [1, 1]
-    sums, means = hs.score_batch(tiny, [hs.render_example(example)], "cpu")
+    assert [len(get_tokenizer().encode(" " + e)) for e in example["endings"]][:2] == [1, 1]
+    sums, means = hs.score_batch(tiny, [example], "cpu")
     ref_sums, ref_means = reference_scores(tiny, example)
     torch.testing.assert_close(sums[0], torch.tensor(ref_sums), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(means[0], torch.tensor(ref_means), rtol=1e-5, atol=1e-5)
