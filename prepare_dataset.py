@@ -100,11 +100,10 @@ def prepare(args: argparse.Namespace) -> None:
     out_dir = data_root / source.name
     if is_prepared(data_root, source.name) and not args.force:
         earlier = _read_json(out_dir / MANIFEST_NAME).get("args") or {}
-        changed = sorted(k for k in args_record if earlier.get(k) != args_record[k])
+        changed = ", ".join(k for k in sorted(args_record) if earlier.get(k) != args_record[k])
         if changed:
             raise cli.UsageError(f"{out_dir}: already holds {source.name} prepared with other "
-                                 f"{', '.join(changed)}\nhint: pass --force to redo it, or "
-                                 "--name=OTHER to keep both")
+                                 f"{changed}\nhint: --force redoes it; --name=OTHER keeps both")
         print(f"{source.name}: already prepared in {out_dir} (--force redoes it)")
         return
     # The folder is made if need be and held for this run alone: a second run would delete
@@ -188,7 +187,7 @@ def write_dataset(source: Source, out_dir: Path, args: argparse.Namespace,
                              f"split\nhint: lower --val-tokens (now {now})")
     seconds = time.perf_counter() - started
     write_manifest(out_dir, source, args_record, {s: states[s] for s in splits}, skipped)
-    (out_dir / PROGRESS_NAME).unlink()
+    (out_dir / PROGRESS_NAME).unlink(missing_ok=True)
     pieces = [f"{len(states[s].shards)} {s} shard{'s' if len(states[s].shards) > 1 else ''} "
               f"({states[s].tokens / 1e6:.2f}M tokens)" for s in splits if states[s].shards]
     rate = new_tokens / max(seconds, 1e-9) / 1e6
@@ -225,8 +224,7 @@ class SplitWriter:
         self.fill = self.eots = 0
 
     def add(self, tokens: np.ndarray, doc_index: np.ndarray, doc_tokens: np.ndarray) -> bool:
-        """Writes this split's documents of a chunk (stream indices, token counts with the
-        EOT) from state.next_doc on, and says whether that closed a shard."""
+        """Writes this split's share of a chunk from state.next_doc on; says if a shard closed."""
         state = self.state
         first = int(np.searchsorted(doc_index, state.next_doc))  # the first one not yet written
         if state.done or first == doc_index.size:
@@ -259,8 +257,7 @@ class SplitWriter:
         return closed
 
     def finish(self) -> bool:
-        """Closes the last, short shard, as nothing more comes to this split; says whether
-        the split was still open."""
+        """Closes the short last shard: nothing more comes. Says whether the split was open."""
         if self.state.done:
             return False
         self.state.done = True
@@ -323,8 +320,7 @@ def encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 # ------------------------------------------------------------ progress.json and the manifest
 def load_progress(out_dir: Path, source: Source, args_record: dict[str, Any],
                   ) -> tuple[dict[str, SplitState], int | None] | None:
-    """Returns each split's state and the val rule's end_doc as an interrupted run with the
-    same input and arguments saved them, or None if its shards are not intact."""
+    """The split states and val end_doc an interrupted run of the same command saved, or None."""
     saved = _read_json(out_dir / PROGRESS_NAME)
     if (saved.get("fingerprint") != source.fingerprint or saved.get("args") != args_record
             or not _shards_intact(out_dir, saved.get("splits"))):
@@ -364,8 +360,7 @@ def is_prepared(data_root: Path, name: str) -> bool:
 
 
 def _shards_intact(out_dir: Path, splits: Any) -> bool:
-    """Says whether every shard that `splits` (a manifest's or progress.json's) lists is there
-    with the size its token count implies; a malformed listing is not."""
+    """Says whether the shards a manifest's or progress.json's `splits` lists are all there."""
     try:
         shards = [s for split in splits.values() for s in split["shards"]]
         sizes = {out_dir / s["file"]: data.HEADER_BYTES + 2 * s["tokens"] for s in shards}
@@ -410,9 +405,8 @@ def write_manifest(out_dir: Path, source: Source, args_record: dict[str, Any],
 # ---------------------------------------------------------------------------- the sources
 @dataclass
 class Source:
-    """What write_dataset needs of any source: `documents(start, skipped)` yields the texts
-    from index `start` on (listing in `skipped` the files that are not UTF-8), and `val`
-    says which of them go to val."""
+    """What write_dataset needs of any source: `documents(start, skipped)` yields the texts from
+    index `start` on, listing the files that are not UTF-8 in `skipped`."""
     name: str
     description: dict[str, Any]
     fingerprint: str
@@ -502,10 +496,9 @@ def hub_documents(repo: str, args: argparse.Namespace, start: int) -> Iterator[s
         yield from filter(None, (row.get(args.text_field) for row in stream))
     except Exception as exc:  # the hub client raises many types; all mean "cannot read it"
         err = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        raise data.DownloadError(f"--dataset={args.dataset}: cannot stream {repo} "
-                                 f"({args.subset}), no network? ({err})\nhint: offline, "
-                                 "download its parquet files elsewhere and pass "
-                                 "--dataset=FOLDER --name=NAME") from exc
+        raise data.DownloadError(f"--dataset={args.dataset}: cannot stream {repo} ({err}); no "
+                                 "network?\nhint: download its parquet files elsewhere, then "
+                                 "pass --dataset=FOLDER --name=NAME") from exc
 
 
 def stdlib_files() -> list[Path]:
@@ -521,8 +514,7 @@ def stdlib_files() -> list[Path]:
 
 
 def local_files(spec: str) -> list[Path]:
-    """The text files a --dataset path names: a file, a folder (searched recursively) or a
-    glob."""
+    """The text files a --dataset path names: a file, a folder (recursively) or a glob."""
     path = Path(spec).expanduser()
     if path.is_file():
         files = [path]
@@ -546,9 +538,8 @@ def local_files(spec: str) -> list[Path]:
 
 def file_documents(files: list[Path], text_field: str, strict: bool,
                    skipped: list[str]) -> Iterator[str]:
-    """Yields the documents of local files in order: a text file, a .jsonl line or a .parquet
-    row is one, and empty ones are dropped. A file that is not UTF-8 is skipped whole and
-    listed in `skipped` (with `strict` it is an error)."""
+    """Yields the non-empty documents of `files`: a text file, a .jsonl line, a .parquet row.
+    A file that is not UTF-8 is skipped whole and listed in `skipped` (an error if `strict`)."""
     for path in files:
         suffix = path.suffix.lower()
         try:
