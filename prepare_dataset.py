@@ -160,14 +160,14 @@ def write_dataset(source: Source, out_dir: Path, args: argparse.Namespace,
             doc_index = np.arange(doc_cursor, doc_cursor + counts.size, dtype=np.int64)
             doc_cursor += counts.size
             is_val = rule.is_val(doc_index, counts)
-            closed_a_shard = False
+            progress_changed = False
             for split, taken in (("val", is_val), ("train", ~is_val)):
                 if split in writers:  # a split not asked for has none
-                    closed_a_shard |= writers[split].add(tokens[np.repeat(taken, counts)],
-                                                         doc_index[taken], counts[taken])
+                    progress_changed |= writers[split].add(tokens[np.repeat(taken, counts)],
+                                                           doc_index[taken], counts[taken])
             if rule.end_doc is not None and "val" in writers:  # val is a finished prefix
-                closed_a_shard |= writers["val"].finish()
-            if closed_a_shard:
+                progress_changed |= writers["val"].finish()
+            if progress_changed:
                 save_progress(out_dir, source, args_record, states)
             new_tokens += tokens.size
             bar.update(int(tokens.size))
