@@ -114,15 +114,36 @@ def resume_point(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:
 
 
 def open_run(out_dir: Path, resumed: Path | None, step: int) -> None:
-    """Ready the folder for a run (rank 0 only): afresh, it loses its checkpoints and log;
-    resumed from checkpoint `step`, its log is cut back to that step. Temp files a kill left
-    go either way."""
+    """Ready the folder for a run (rank 0 only). Afresh, it loses its checkpoints and log.
+    Resumed from checkpoint `resumed` at `step`, its log is cut back (atomically) to the lines
+    with a lower step, then that checkpoint's line, written anew because a kill can land
+    between the checkpoint's rename and its log line. A kill tears at most the last line,
+    which goes; any other line that is not an event stops the resume, naming the line, before
+    the log is touched. Temp files a kill left go either way."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    log = out_dir / LOG_NAME
     if resumed is None:
-        for old in [*find(out_dir), out_dir / LOG_NAME]:
+        for old in [*find(out_dir), log]:
             remove(old)
     else:
-        cut_log(out_dir / LOG_NAME, resumed, step)
+        lines = log.read_bytes().splitlines() if log.exists() else []
+        kept = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                event = json.loads(line.decode("utf-8"))
+            except ValueError:  # JSONDecodeError, UnicodeDecodeError
+                if number == len(lines):
+                    continue  # torn by a kill mid-write
+                event = None
+            if not isinstance(event, dict) or type(event.get("step", 0)) is not int:
+                raise ValueError(f"{log}:{number}: not an event of train_gpt2.py's log (a JSON "
+                                 "object with an integer step)\nhint: delete that line, or "
+                                 "start afresh with --overwrite")
+            if event.get("step", 0) < step:
+                kept.append(line.decode("utf-8") + "\n")
+        kept.append(json.dumps({"step": step, "checkpoint": str(resumed)}) + "\n")
+        with data.atomic_output(log) as f:
+            f.write("".join(kept).encode("utf-8"))
     for stale in [p for pattern in STALE_GLOBS for p in out_dir.glob(pattern)]:
         remove(stale)
 
@@ -182,9 +203,45 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_dir() and not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint file not found\nhint: pass the path of a "
                                 "ckpt_*.pt file written by train_gpt2.py")
-    if path.is_dir():
-        return _load_folder(path)
-    return check(path, _load_file(path))
+    # A --fsdp folder's train_state.pt holds all but the weights, and each file's checksum.
+    state_file = path / STATE_NAME if path.is_dir() else path
+    if not state_file.is_file():
+        inside = find(path)  # a run folder (--out-dir) instead of one of its checkpoints?
+        hint = (f"pass one of its checkpoints, e.g. {inside[-1]}" if inside else
+                "pass a ckpt_NNNNNNN folder of train_gpt2.py --fsdp, whole")
+        raise ValueError(f"{path}: no {STATE_NAME}\nhint: {hint}")
+    try:
+        damaged = None
+        if zipfile.is_zipfile(state_file):  # torch.load does not check the records' CRC-32s
+            with zipfile.ZipFile(state_file) as archive:
+                damaged = archive.testzip()
+        if damaged is None:
+            with warnings.catch_warnings():  # torch warns about foreign pickle protocols
+                warnings.simplefilter("ignore")
+                state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling fails in many types
+        raise ValueError(f"{state_file}: not a readable train_gpt2.py checkpoint "
+                         f"({type(exc).__name__})\nhint: pass a ckpt_*.pt file") from None
+    if damaged is not None:
+        raise ValueError(f"{state_file}: its record {damaged} is damaged (its CRC-32 differs)"
+                         "\nhint: restore the checkpoint from a copy or pass another one")
+    if not path.is_dir():
+        return check(path, state)
+    sums = state.get("sha256", {}) if isinstance(state, dict) else {}
+    for name, digest in sums.items() if isinstance(sums, dict) else [("", None)]:
+        file = path / str(name)
+        if not file.is_file() or data.file_sha256(file) != digest:
+            what = "missing" if not file.is_file() else "not the file train_gpt2.py wrote"
+            raise ValueError(f"{file}: {what} (its checksum differs)\nhint: the checkpoint is "
+                             "damaged; restore it from a copy or pass another one")
+    with reading(path, "shards"):
+        shapes = {key.removeprefix("model."): getattr(item, "size", ())
+                  for key, item in sharding.read_metadata(path).state_dict_metadata.items()
+                  if key.startswith("model.")}
+        state = check(state_file, state, (path, shapes))
+        model_class, config_class = MODELS[state["model_kind"]]
+        empty = model_class(config_class(**state["model_config"]))  # type: ignore[arg-type]
+        return {**state, "model": sharding.load_full_weights(path, empty)}
 
 
 def _damaged(path: Path, what: str) -> ValueError:
@@ -192,9 +249,12 @@ def _damaged(path: Path, what: str) -> ValueError:
                       "checkpoint; pass another one")
 
 
-def check(path: Path, state: Any) -> dict[str, Any]:
+def check(path: Path, state: Any, shards: tuple[Path, dict[str, Any]] | None = None
+          ) -> dict[str, Any]:
     """`state` if it is a checkpoint to build a model from (and, where it holds the training
-    state, to resume from). Else a ValueError naming the file and the key."""
+    state, to resume from), its weights' names and shapes those its model_config calls for:
+    those of state["model"], or of `shards`, (folder, shapes) of a --fsdp checkpoint. Else a
+    ValueError naming the file (or the folder) and the key."""
     if not isinstance(state, dict) or not isinstance(state.get("model_config"), dict):
         raise _damaged(path, "no model_config entry")
     kind = state.setdefault("model_kind", "gpt2")
@@ -211,7 +271,7 @@ def check(path: Path, state: Any) -> dict[str, Any]:
             raise _damaged(path, f"model_config[{switch!r}] is {config[switch]!r}, not True "
                            "or False")
         config.pop(switch, None)  # off (the check above refused on): what GPT-2 is
-    config_class = MODELS[kind][1]
+    model_class, config_class = MODELS[kind]
     # The config class's own fields say what each entry must be: "int" fields are the shape
     # (positive, always present), "bool" and "float" ones settings with defaults.
     field_types = {f.name: f.type for f in dataclasses.fields(config_class)}
@@ -250,40 +310,37 @@ def check(path: Path, state: Any) -> dict[str, Any]:
     leaves = state.get("optimizer_leaves", [])  # train_jax.py's optax state
     if not isinstance(leaves, list) or not all(isinstance(t, torch.Tensor) for t in leaves):
         raise _damaged(path, "optimizer_leaves is not a list of tensors")
-    for name, tensor in _tensors(state, ""):
+    # Every tensor in the nested dicts and lists, by its key path (model['wte.weight']).
+    pending: list[tuple[str, Any]] = [("", state)]
+    for name, value in pending:  # the list grows as the walk goes: breadth first, in order
         # A sum is finite only if every value is; the full test runs only when it is not.
-        if tensor.is_floating_point() and not (tensor.sum().isfinite() or tensor.isfinite().all()):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not (
+                value.sum().isfinite() or value.isfinite().all()):
             raise _damaged(path, f"{name} holds NaN or infinite values")
-    if state["model"]:
-        check_shapes(path, state, {k: t.shape for k, t in state["model"].items()})
-    return state
-
-
-def check_shapes(path: Path, state: dict[str, Any], stored: dict[str, Any]) -> None:
-    """The stored weights' names and shapes are those `config` calls for. The layer count is
-    compared first, and the model is laid out on the meta device, so a config that asks for
-    far more than the file holds is refused before anything is allocated."""
-    config = state["model_config"]
-    layers = {key.split(".")[2] for key in stored if key.startswith("transformer.h.")}
+        items = value.items() if isinstance(value, dict) else \
+            enumerate(value) if isinstance(value, list | tuple) else ()
+        pending += [(f"{name}[{key!r}]" if name else str(key), item) for key, item in items]
+    if shards is None and not state["model"]:
+        return state  # no weights to check: loading them names what is missing
+    where, shapes = shards or (path, {k: t.shape for k, t in state["model"].items()})
+    # The layer count first, and the model laid out on the meta device: a config that asks
+    # for far more than the file holds is refused before anything is allocated.
+    layers = {key.split(".")[2] for key in shapes if key.startswith("transformer.h.")}
     if len(layers) != config["n_layer"]:
-        raise _damaged(path, f"model_config[{'n_layer'!r}] is {config['n_layer']}, its weights "
+        raise _damaged(where, f"model_config[{'n_layer'!r}] is {config['n_layer']}, its weights "
                        f"hold {len(layers)} layers")
     with torch.device("meta"):
-        expected = {k: t.shape for k, t in build_empty(state).state_dict().items()}
-    for key in sorted(expected.keys() - stored.keys()):
-        raise _damaged(path, f"model[{key!r}] is missing")
-    for key in sorted(stored.keys() - expected.keys()):
-        raise _damaged(path, f"model[{key!r}] is not a weight of its model_config")
+        empty = model_class(config_class(**config))  # type: ignore[arg-type]
+        expected = {k: t.shape for k, t in empty.state_dict().items()}
+    for key in sorted(expected.keys() - shapes.keys()):
+        raise _damaged(where, f"model[{key!r}] is missing")
+    for key in sorted(shapes.keys() - expected.keys()):
+        raise _damaged(where, f"model[{key!r}] is not a weight of its model_config")
     for key, shape in expected.items():
-        if tuple(stored[key]) != tuple(shape):
-            raise _damaged(path, f"model[{key!r}] has shape {tuple(stored[key])}, its "
+        if tuple(shapes[key]) != tuple(shape):
+            raise _damaged(where, f"model[{key!r}] has shape {tuple(shapes[key])}, its "
                            f"model_config gives {tuple(shape)}")
-
-
-def build_empty(state: dict[str, Any]) -> GPT | ModernGPT:
-    """A freshly initialised model of the class and config a checked checkpoint names."""
-    model_class, config_class = MODELS[state["model_kind"]]
-    return model_class(config_class(**state["model_config"]))  # type: ignore[arg-type]
+    return state
 
 
 def build_model(state: dict[str, Any]) -> GPT | ModernGPT:
@@ -305,59 +362,6 @@ def load_model(pretrained: str | None, checkpoint: str | None,
     return model.to(device).eval()
 
 
-def _tensors(value: Any, name: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor in nested dicts and lists, with its key path (model['wte.weight'])."""
-    if isinstance(value, torch.Tensor):
-        yield name, value
-    items = value.items() if isinstance(value, dict) else \
-        enumerate(value) if isinstance(value, list | tuple) else ()
-    for key, item in items:
-        yield from _tensors(item, f"{name}[{key!r}]" if name else str(key))
-
-
-def _load_file(path: Path) -> Any:
-    try:
-        damaged = None
-        if zipfile.is_zipfile(path):  # torch.load does not check the records' CRC-32s
-            with zipfile.ZipFile(path) as archive:
-                damaged = archive.testzip()
-        if damaged is None:
-            with warnings.catch_warnings():  # torch warns about foreign pickle protocols
-                warnings.simplefilter("ignore")
-                return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling fails in many types
-        raise ValueError(f"{path}: not a readable train_gpt2.py checkpoint "
-                         f"({type(exc).__name__})\nhint: pass a ckpt_*.pt file") from None
-    raise ValueError(f"{path}: its record {damaged} is damaged (its CRC-32 differs)\nhint: "
-                     "restore the checkpoint from a copy or pass another one")
-
-
-def _load_folder(path: Path) -> dict[str, Any]:
-    """train_state.pt, its files checked against the checksums it holds (a folder written
-    before them has none), and the shards' weights gathered. On resume this check covers
-    the optimizer state too: it lies in the same shard files."""
-    state_file = path / STATE_NAME
-    if not state_file.is_file():
-        inside = find(path)  # a run folder (--out-dir) instead of one of its checkpoints?
-        hint = (f"pass one of its checkpoints, e.g. {inside[-1]}" if inside else
-                "pass a ckpt_NNNNNNN folder of train_gpt2.py --fsdp, whole")
-        raise ValueError(f"{path}: no {STATE_NAME}\nhint: {hint}")
-    state = check(state_file, _load_file(state_file))
-    sums = state.get("sha256", {})
-    for name, digest in sums.items() if isinstance(sums, dict) else [("", None)]:
-        file = path / str(name)
-        if not file.is_file() or data.file_sha256(file) != digest:
-            what = "missing" if not file.is_file() else "not the file train_gpt2.py wrote"
-            raise ValueError(f"{file}: {what} (its checksum differs)\nhint: the checkpoint is "
-                             "damaged; restore it from a copy or pass another one")
-    with reading(path, "shards"):
-        stored = {key.removeprefix("model."): getattr(item, "size", ())
-                  for key, item in sharding.read_metadata(path).state_dict_metadata.items()
-                  if key.startswith("model.")}
-        check_shapes(path, state, stored)
-        return {**state, "model": sharding.load_full_weights(path, build_empty(state))}
-
-
 @contextlib.contextmanager
 def reading(path: Path, what: str) -> Iterator[None]:
     """What reading `what` of the checkpoint `path` raises (its content is not what
@@ -372,23 +376,6 @@ def reading(path: Path, what: str) -> Iterator[None]:
         detail = ": ".join([type(inner).__name__, *str(inner).strip().splitlines()[-1:]])
         raise RuntimeError(f"{path}: cannot read its {what} ({detail})\nhint: the checkpoint "
                            "is damaged or of another run; pass another one") from None
-
-
-def loader_state_for(state: dict[str, Any], path: Path, rank: int, world_size: int,
-                 batch_size: int) -> dict[str, Any]:
-    """This rank's loader position in a checkpoint saved by any number of ranks: a step is a
-    global batch of world_size x batch_size samples (rank r takes the r-th slice), so another
-    world size continues at the same sample and order if that global micro-batch is unchanged."""
-    saved_world = state.get("world_size", len(state["loader_states"]))
-    if saved_world == world_size:
-        return dict(state["loader_states"][rank])
-    saved = state["loader_states"][0]
-    if saved["batch_size"] * saved_world != batch_size * world_size:
-        raise ValueError(f"{path}: saved by {saved_world} processes with --batch-size="
-                         f"{saved['batch_size']}\nhint: with {world_size} processes resume "
-                         f"with --batch-size={saved['batch_size'] * saved_world / world_size:g}"
-                         ", so that the global micro-batch, and the data order, stay the same")
-    return {**saved, "rank": rank, "world_size": world_size, "batch_size": batch_size}
 
 
 def save_training(out_dir: Path, step: int, config: Any, env: runtime.DistEnv,
@@ -447,60 +434,42 @@ def restore_training(state: dict[str, Any], path: Path, fsdp: bool, env: runtime
         raise RuntimeError(f"{path}: a .pt checkpoint cannot resume under --fsdp yet\nhint: "
                            "resume it without --fsdp")
     with reading(path, "optimizer, scaler or loader state"):
-        loader_state = loader_state_for(state, path, env.rank, env.world_size, loader.batch_size)
+        # A step is a global batch of world_size x batch_size samples, rank r taking the r-th
+        # slice: another world size continues at the same sample, in the same order, if the
+        # global micro-batch is unchanged.
+        world_size, batch_size = env.world_size, loader.batch_size
+        saved_world = state.get("world_size", len(state["loader_states"]))
+        saved = state["loader_states"][env.rank if saved_world == world_size else 0]
+        if saved_world != world_size:
+            if saved["batch_size"] * saved_world != batch_size * world_size:
+                raise ValueError(
+                    f"{path}: saved by {saved_world} processes with --batch-size="
+                    f"{saved['batch_size']}\nhint: with {world_size} processes resume with "
+                    f"--batch-size={saved['batch_size'] * saved_world / world_size:g}, so that "
+                    "the global micro-batch, and the data order, stay the same")
+            saved = {**saved, "rank": env.rank, "world_size": world_size,
+                     "batch_size": batch_size}
         if sharded:
             sharding.load_optimizer_state(path, model, optimizer)
         else:
             optimizer.load_state_dict(state["optimizer"])
-        check_optimizer_state(path, optimizer)
         scaler.load_state_dict(state["scaler"])
-    try:
-        loader.load_state_dict(loader_state)
-    except ValueError as exc:
-        raise RuntimeError(f"{path}: {exc}") from None
-    return state["step"], state.get("skipped_steps", 0)
-
-
-def check_optimizer_state(path: Path, optimizer: torch.optim.Optimizer) -> None:
-    """Each parameter's restored moments have the parameter's shape (the optimizer's
-    load_state_dict does not check it, and the first step would fail naming nothing)."""
+    # optimizer.load_state_dict does not compare the moments' shapes with the parameters',
+    # and the first step would fail naming nothing.
     for param, moments in optimizer.state.items():
         for name, value in moments.items():
-            if not isinstance(value, torch.Tensor) or value.dim() == 0:
-                continue  # the step count
-            if value.shape != param.shape:
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
                 raise ValueError(f"{path}: its optimizer state {name!r} has shape "
                                  f"{tuple(value.shape)} for a parameter of shape "
                                  f"{tuple(param.shape)}")
+    try:
+        loader.load_state_dict(saved)
+    except ValueError as exc:
+        raise RuntimeError(f"{path}: {exc}") from None
+    return state["step"], state.get("skipped_steps", 0)
 
 
 def append_log(out_dir: Path, step: int, **values: Any) -> None:
     """One event in log.jsonl; a line per call, so a kill tears at most the last one."""
     with open(out_dir / LOG_NAME, "a", encoding="utf-8") as f:
         f.write(json.dumps({"step": step, **values}) + "\n")
-
-
-def cut_log(path: Path, checkpoint: Path, resume_step: int) -> None:
-    """Cut the log back (atomically) to the checkpoint a run resumes from: the lines with
-    step < resume_step, then that checkpoint's line, written anew because a kill can land
-    between the checkpoint's rename and its log line; the resumed run writes the rest.
-    A kill tears at most the last line, which goes; any other line that is not an event
-    stops the resume, naming the line, before the log is touched."""
-    lines = path.read_bytes().splitlines() if path.exists() else []
-    kept = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            event = json.loads(line.decode("utf-8"))
-        except ValueError:  # JSONDecodeError, UnicodeDecodeError
-            if number == len(lines):
-                continue  # torn by a kill mid-write
-            event = None
-        if not isinstance(event, dict) or type(event.get("step", 0)) is not int:
-            raise ValueError(f"{path}:{number}: not an event of train_gpt2.py's log (a JSON "
-                             "object with an integer step)\nhint: delete that line, or start "
-                             "afresh with --overwrite")
-        if event.get("step", 0) < resume_step:
-            kept.append(line.decode("utf-8") + "\n")
-    kept.append(json.dumps({"step": resume_step, "checkpoint": str(checkpoint)}) + "\n")
-    with data.atomic_output(path) as f:
-        f.write("".join(kept).encode("utf-8"))

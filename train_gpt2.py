@@ -108,8 +108,8 @@ class TrainConfig:
                                  "finewebedu if prepared, else the built-in stdlib quickstart)")
     data_dir: str | None = option(None, "any folder of *_train_* and *_val_* shards "
                                   "(.bin or .npy) instead of --dataset (default: off)")
-    data_root: str | None = option(None, "root of prepared datasets (default: "
-                                   "$NANO_GPT_DATA_ROOT or ~/.cache/nano-gpt/data)")
+    data_root: str = option("", "root of prepared datasets (default: "
+                            "$NANO_GPT_DATA_ROOT or ~/.cache/nano-gpt/data)")
     loader_backend: str = option("auto", "data.ShardLoader backend (auto: native when built)",
                                  choices=("auto", "native", "numpy"))
     shuffle: bool = option(True, "seeded shuffle of training shards and samples each epoch")
@@ -300,15 +300,16 @@ def configure(config: TrainConfig, argv: list[str]) -> TrainConfig:
     """The parsed flags `config` of `argv`, checked, with the flags of --recipe placed first.
     With no data flag and no prepared finewebedu, or with --dataset=stdlib, the quickstart:
     its flags go first of all. Settings whose default is another setting's value are
-    resolved here, so each has one name from now on."""
+    resolved here (the data root too), so each has one value from now on."""
     validate(config)
+    root = Path(config.data_root).expanduser() if config.data_root else data.default_data_root()
     flags, quickstart = RECIPES[config.recipe], config.quickstart
     if config.dataset is None and not config.data_dir:
-        if data.find_shards(data_root(config) / DEFAULT_DATASET, "train"):
+        if data.find_shards(root / DEFAULT_DATASET, "train"):
             flags = [f"--dataset={DEFAULT_DATASET}", *flags]
         else:
             print0(f"No prepared {DEFAULT_DATASET} shards in "
-                   f"{data_root(config) / DEFAULT_DATASET}; running the built-in quickstart "
+                   f"{root / DEFAULT_DATASET}; running the built-in quickstart "
                    "instead.")
             print0(f"To train GPT-2 124M, prepare FineWeb-Edu first: "
                    f"{prepare_command(DEFAULT_DATASET, config)}")
@@ -322,7 +323,8 @@ def configure(config: TrainConfig, argv: list[str]) -> TrainConfig:
         print0(f"Quickstart: {config.model} on the {QUICKSTART_DATASET} corpus, "
                f"{config.max_steps} steps of {config.total_batch_size} tokens.")
     return dataclasses.replace(
-        config, hellaswag_interval=(config.eval_interval if config.hellaswag_interval is None
+        config, data_root=str(root),
+        hellaswag_interval=(config.eval_interval if config.hellaswag_interval is None
                             else config.hellaswag_interval),
         sample_interval=(config.eval_interval if config.sample_interval is None
                          else config.sample_interval))
@@ -331,15 +333,12 @@ def configure(config: TrainConfig, argv: list[str]) -> TrainConfig:
 # ------------------------------------------------------------------------------------ data
 
 
-def data_root(config: TrainConfig) -> Path:
-    return Path(config.data_root).expanduser() if config.data_root else data.default_data_root()
-
-
 def prepare_command(name: str, config: TrainConfig) -> str:
     """The command that writes dataset `name` (from the user's text if not a built-in)."""
     import prepare_dataset
 
-    root = f" --data-root={config.data_root}" if config.data_root else ""
+    given = config.data_root and Path(config.data_root) != data.default_data_root()
+    root = f" --data-root={config.data_root}" if given else ""
     source = name if name in prepare_dataset.BUILTIN_NAMES else f"PATH/TO/TEXT --name={name}"
     return f"python prepare_dataset.py --dataset={source}{root}"
 
@@ -352,7 +351,7 @@ def find_data(config: TrainConfig, env: runtime.DistEnv) -> tuple[list[Path], li
                "(python prepare_dataset.py writes them)")
     else:
         assert config.dataset is not None
-        root = data_root(config)
+        root = Path(config.data_root)
         directory = root / config.dataset
         ready = ", ".join(p.name for p in sorted(root.glob("*")) if data.find_shards(p, "train"))
         fix = (f"prepare it first: {prepare_command(config.dataset, config)} (prepared in "
@@ -371,7 +370,7 @@ def prepare_quickstart(config: TrainConfig, env: runtime.DistEnv) -> None:
     """Tokenize the offline stdlib corpus once (rank 0) if it is not prepared yet."""
     import prepare_dataset
 
-    root = data_root(config)
+    root = Path(config.data_root)
     if env.is_main and not prepare_dataset.is_prepared(root, QUICKSTART_DATASET):
         print0(f"Preparing the {QUICKSTART_DATASET} corpus in {root / QUICKSTART_DATASET} "
             "(one time, offline) ...")
@@ -382,14 +381,6 @@ def prepare_quickstart(config: TrainConfig, env: runtime.DistEnv) -> None:
                                f"{status}); run {prepare_command(QUICKSTART_DATASET, config)}")
     if env.is_distributed:
         torch.distributed.barrier()
-
-
-def make_loader(files: list[Path], config: TrainConfig, env: runtime.DistEnv,
-                device: torch.device, shuffle: bool, vocab_size: int) -> data.ShardLoader:
-    return data.ShardLoader(files, config.micro_batch, config.seq_len, rank=env.rank,
-                            world_size=env.world_size, shuffle=shuffle, seed=config.seed,
-                            device=device, backend=config.loader_backend,
-                            vocab_size=vocab_size)
 
 
 # ---------------------------------------------------------------------- model and optimizer
@@ -576,17 +567,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return StepResult(loss_sum, sharding.full_norm(norm), scale, scaler.get_scale() < scale)
 
 
-def read_step(result: StepResult, stop: bool, env: runtime.DistEnv) -> tuple[float, float, bool]:
-    """(mean loss over ranks, gradient norm, whether any rank was asked to stop): one
-    all_reduce and one read back, once the whole step is queued."""
-    loss = result.loss.float()
-    loss_and_stop = torch.stack([loss, torch.tensor(float(stop), device=loss.device)])
-    if env.is_distributed:
-        torch.distributed.all_reduce(loss_and_stop)
-    loss_sum, stops, norm = torch.cat([loss_and_stop, result.grad_norm.float()[None]]).tolist()
-    return loss_sum / env.world_size, norm, stops > 0
-
-
 def format_step(step: int, max_steps: int, loss: float, lr: float, norm: float, dt: float,
                 tok_per_s: float, mfu: float | None, loss_scale: float | None = None,
                 skipped_steps: int = 0) -> str:
@@ -653,10 +633,10 @@ def load_core(config: TrainConfig, env: runtime.DistEnv) -> list[eval_core.Task]
         return None
     bundle = config.core_bundle
     if bundle is None:  # rank 0 downloads (if need be) while the other ranks wait
-        bundle = str(data_root(config) / eval_core.BUNDLE_DIR)
+        bundle = str(Path(config.data_root) / eval_core.BUNDLE_DIR)
         if env.is_main:
             with contextlib.suppress(Exception):  # load_tasks below says why, on every rank
-                eval_core.ensure_bundle(data_root(config))
+                eval_core.ensure_bundle(config.data_root)
         if env.is_distributed:
             torch.distributed.barrier()
     try:
@@ -669,49 +649,13 @@ def load_core(config: TrainConfig, env: runtime.DistEnv) -> list[eval_core.Task]
         return None
 
 
-def run_log(config: TrainConfig, env: runtime.DistEnv, out_dir: Path) -> Callable[..., None]:
-    """log(step, **values): one event into log.jsonl (the record of the run) and, with
-    --wandb-project, the same to W&B; rank 0 only."""
-    if not env.is_main:
-        return lambda step, **values: None
-    send = None
-    if config.wandb_project:
-        import tracking
-
-        send = tracking.start_wandb(config.wandb_project, config.wandb_run_name,
-                                    dataclasses.asdict(config), out_dir)
-
-    def log(step: int, **values: Any) -> None:
-        checkpoint.append_log(out_dir, step, **values)
-        if send is not None:
-            send(step, values)
-    return log
-
-
 # ------------------------------------------------------------------------------ the recipe
 
 
-@dataclass
-class Run:
-    """What the loop works with, made once by train()."""
-    config: TrainConfig
-    env: runtime.DistEnv
-    device: torch.device
-    precision: runtime.Precision
-    model: GPT | ModernGPT  # the plain model: evaluations, samples and checkpoints read it
-    train_model: torch.nn.Module  # what the step runs: the model compiled and/or under DDP
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    loader: data.ShardLoader
-    val_loader: data.ShardLoader
-    grad_accum: int
-    out_dir: Path
-    argv: list[str]
-    log: Callable[..., None]
-
-
 def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
-    """Setup, top to bottom, then the loop."""
+    """Setup, top to bottom, then the loop. Each iteration: the evaluations due at `step`,
+    then (unless it is the last) one optimizer step, its log line, and the checkpoint when
+    due or asked for by a signal."""
     device, precision = cli.resolve_runtime(config.device, config.dtype)
     device = runtime.distributed_device(env, device)
     # A total batch that does not split into whole micro-batches is refused before any work.
@@ -765,6 +709,8 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
                    "(estimated from one timed step; other work on the CPU makes it longer)")
         if config.compile is None:
             config = dataclasses.replace(config, compile=device.type == "cuda")
+        # The step runs train_model (compiled and/or under DDP); evaluations, samples and
+        # checkpoints read the plain model.
         train_model: torch.nn.Module = model
         if config.compile:
             train_model = torch.compile(model)  # type: ignore[assignment]
@@ -797,7 +743,20 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
             checkpoint.open_run(out_dir, resume_path, start_step)
         if env.is_distributed:
             torch.distributed.barrier()
-        log = run_log(config, env, out_dir)
+        # log.jsonl is the record of the run; with --wandb-project W&B gets the same. Rank 0.
+        send_to_wandb = None
+        if config.wandb_project and env.is_main:
+            import tracking
+
+            send_to_wandb = tracking.start_wandb(config.wandb_project, config.wandb_run_name,
+                                                 dataclasses.asdict(config), out_dir)
+
+        def log(step: int, **values: Any) -> None:
+            if env.is_main:
+                checkpoint.append_log(out_dir, step, **values)
+            if send_to_wandb is not None:
+                send_to_wandb(step, values)
+
         if auto_micro_batch and resume is None:
             log(start_step, micro_batch=config.micro_batch, grad_accum=grad_accum)
         print0(f"data: {source} ({len(train_files)} train, {len(val_files)} val shards)")
@@ -805,30 +764,24 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
                f"device {device}, {precision.name}, world size {env.world_size}")
         print0(f"batch: {config.micro_batch} x {config.seq_len} tokens x {env.world_size} "
                f"ranks x {grad_accum} accumulation = {config.total_batch_size} tokens per step")
-        run = Run(config, env, device, precision, model, train_model, optimizer, scaler, loader,
-                  val_loader, grad_accum, out_dir, argv, log)
-        return training_loop(run, start_step, skipped, resume_path)
 
-
-def training_loop(run: Run, start_step: int, skipped: int, last_checkpoint: Path | None) -> int:
-    """Each iteration: the evaluations due at `step`, then (unless it is the last) one
-    optimizer step, its log line, and the checkpoint when due or asked for by a signal."""
-    config, env, device, model, log = run.config, run.env, run.device, run.model, run.log
-    # configure() resolved them from --eval-interval.
-    assert config.hellaswag_interval is not None and config.sample_interval is not None
-    if start_step >= config.max_steps:
-        print0(f"already trained to step {start_step} (--max-steps={config.max_steps})")
-        return 0
-    hellaswag = load_hellaswag(config, env)
-    core_tasks = load_core(config, env)
-    flops_per_token = model.flops_per_token(config.seq_len)
-    peak = runtime.gpu_peak_flops(device)
-    with runtime.StopFlag().installed() as stop:
+        # ------------------------------------------------------------------------ loop
+        # configure() resolved them from --eval-interval.
+        assert config.hellaswag_interval is not None and config.sample_interval is not None
+        if start_step >= config.max_steps:
+            print0(f"already trained to step {start_step} (--max-steps={config.max_steps})")
+            return 0
+        hellaswag = load_hellaswag(config, env)
+        core_tasks = load_core(config, env)
+        flops_per_token = model.flops_per_token(config.seq_len)
+        peak = runtime.gpu_peak_flops(device)
+        last_checkpoint = resume_path
+        stop = stack.enter_context(runtime.StopFlag().installed())
         for step in range(start_step, config.max_steps + 1):
             # ---------------------------------------------------------- evaluations
             if due(config.eval_interval, step, config.max_steps):
-                val = evaluate_val_loss(model, run.val_loader, config.val_steps,
-                                        run.precision, device, env)
+                val = evaluate_val_loss(model, val_loader, config.val_steps, precision, device,
+                                        env)
                 print0(f"step {step:6d} | val loss {val:.4f}")
                 log(step, val_loss=val)
             run_hellaswag = hellaswag is not None and due(config.hellaswag_interval, step,
@@ -845,14 +798,14 @@ def training_loop(run: Run, start_step: int, skipped: int, last_checkpoint: Path
                     eval_model = sharding.full_weights_copy(model, device)
                 if hellaswag is not None and run_hellaswag:
                     score = eval_hellaswag.evaluate(eval_model, hellaswag, device,
-                                                    precision=run.precision, rank=env.rank,
+                                                    precision=precision, rank=env.rank,
                                                     world_size=env.world_size)
                     print0(f"step {step:6d} | HellaSwag acc_norm {score.correct_norm}/"
                            f"{score.total} = {score.acc_norm:.4f}")
                     log(step, hellaswag_acc_norm=score.acc_norm, hellaswag_acc=score.acc)
                 if core_tasks is not None and run_core:
                     core = eval_core.evaluate(eval_model, core_tasks, device,
-                                              precision=run.precision, rank=env.rank,
+                                              precision=precision, rank=env.rank,
                                               world_size=env.world_size)
                     print0(f"step {step:6d} | CORE {core.core:.4f} ({len(core_tasks)} tasks, "
                            f"at most {config.core_limit} examples each)")
@@ -861,7 +814,7 @@ def training_loop(run: Run, start_step: int, skipped: int, last_checkpoint: Path
                     texts = sample.generate_text(
                         eval_model, config.sample_prompt, config.num_samples,
                         min(config.sample_length, model.config.block_size), seed=config.seed,
-                        device=device, precision=run.precision)
+                        device=device, precision=precision)
                     print(f"step {step:6d} | samples:", *(f"> {t}" for t in texts), sep="\n",
                           flush=True)
                     log(step, samples=texts)
@@ -871,19 +824,27 @@ def training_loop(run: Run, start_step: int, skipped: int, last_checkpoint: Path
 
             # ------------------------------------------------------------------ step
             t0 = time.perf_counter()
-            # One schedule for every group: a multiplier of its peak rate (initial_lr).
+            # One schedule for every group: a multiplier of its peak rate (initial_lr); Muon's
+            # momentum warms up, and eases off over the LR's warmdown.
             cooldown_frac = config.cooldown_frac if config.lr_schedule == "wsd" else None
             multiplier = get_lr(step, 1.0, config.final_lr_frac, config.warmup_steps,
                                 config.max_steps, cooldown_frac)
-            optim.set_lr_multiplier(run.optimizer, multiplier)
-            warmdown_steps = round(config.max_steps * (cooldown_frac or 0))
-            optim.set_muon_momentum(run.optimizer, optim.muon_momentum(
-                step, config.max_steps, warmdown_steps))
-            lr = run.optimizer.param_groups[0]["lr"]  # gpt2: AdamW's; modern: the embedding's
-            result = train_step(run.train_model, run.optimizer, run.scaler,
-                                run.loader.next_batch, run.grad_accum, run.precision, device,
-                                config.grad_clip)
-            loss, grad_norm, stop_requested = read_step(result, stop.requested, env)
+            momentum = optim.muon_momentum(step, config.max_steps,
+                                           round(config.max_steps * (cooldown_frac or 0)))
+            optim.set_lr_multiplier(optimizer, multiplier)
+            optim.set_muon_momentum(optimizer, momentum)
+            lr = optimizer.param_groups[0]["lr"]  # gpt2: AdamW's; modern: the embedding's
+            result = train_step(train_model, optimizer, scaler, loader.next_batch, grad_accum,
+                                precision, device, config.grad_clip)
+            # One all_reduce and one read back, once the whole step is queued: the mean loss
+            # over ranks and whether any rank was asked to stop.
+            loss_and_stop = torch.stack([result.loss.float(),
+                                         torch.tensor(float(stop.requested), device=device)])
+            if env.is_distributed:
+                torch.distributed.all_reduce(loss_and_stop)
+            loss_sum, stops, grad_norm = torch.cat(
+                [loss_and_stop, result.grad_norm.float()[None]]).tolist()
+            loss, stop_requested = loss_sum / env.world_size, stops > 0
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
@@ -894,7 +855,7 @@ def training_loop(run: Run, start_step: int, skipped: int, last_checkpoint: Path
             problem = None
             if not math.isfinite(loss):
                 problem = f"loss is {loss}"
-            elif not run.scaler.is_enabled() and not math.isfinite(grad_norm):
+            elif not scaler.is_enabled() and not math.isfinite(grad_norm):
                 problem = f"gradient norm is {grad_norm}"
             if problem is not None:
                 print(f"error: {problem} at step {step}; stopping. Last good checkpoint: "
@@ -906,7 +867,7 @@ def training_loop(run: Run, start_step: int, skipped: int, last_checkpoint: Path
             tok_per_s = config.total_batch_size / dt
             mfu = runtime.model_flops_utilization(flops_per_token, tok_per_s, peak,
                                                   env.world_size)
-            loss_scale = result.loss_scale if run.scaler.is_enabled() else None
+            loss_scale = result.loss_scale if scaler.is_enabled() else None
             print0(format_step(step, config.max_steps, loss, lr, grad_norm, dt, tok_per_s, mfu,
                                loss_scale, skipped))
             record = dict(loss=loss, lr=lr, grad_norm=grad_norm, dt_ms=dt * 1000,
@@ -917,8 +878,8 @@ def training_loop(run: Run, start_step: int, skipped: int, last_checkpoint: Path
             # ------------------------------------------------------------ checkpoint
             if due(config.checkpoint_interval, step + 1, config.max_steps) or stop_requested:
                 last_checkpoint = checkpoint.save_training(
-                    run.out_dir, step + 1, config, env, model, run.optimizer, run.scaler,
-                    run.loader, skipped, run.argv)
+                    out_dir, step + 1, config, env, model, optimizer, scaler, loader, skipped,
+                    argv)
                 log(step + 1, checkpoint=str(last_checkpoint))
             if stop_requested:
                 print0(f"stopped at step {step + 1}; continue with --resume")

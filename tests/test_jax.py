@@ -218,7 +218,7 @@ def test_every_train_gpt2_flag_is_used_or_refused_by_train_jax() -> None:
 
     shared = (train_gpt2.configure, train_gpt2.validate, train_gpt2.find_data,
               train_gpt2.prepare_quickstart, train_gpt2.build_model, train_gpt2.model_config,
-              train_gpt2.data_root, train_gpt2.TrainConfig)
+              train_gpt2.TrainConfig)
     source = inspect.getsource(train_jax) + "".join(inspect.getsource(f) for f in shared)
     refused = set(train_jax.NOT_APPLICABLE)
     for field in dataclasses.fields(train_gpt2.TrainConfig):

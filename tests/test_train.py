@@ -165,18 +165,18 @@ def test_quickstart_prepares_stdlib_trains_and_samples(
     assert model.config.n_layer == 4 and model.config.n_embd == 128  # gpt2-mini
 
 
-def test_truncate_log_cuts_back_to_the_resumed_checkpoint(tmp_path: Path) -> None:
+def test_open_run_cuts_the_log_back_to_the_resumed_checkpoint(tmp_path: Path) -> None:
     log = tmp_path / "log.jsonl"
     ckpt = tmp_path / "ckpt_0000002.pt"
     events = [{"step": 0, "val_loss": 5.0}, {"step": 0, "loss": 5.1}, {"step": 1, "loss": 5.0},
               {"step": 2, "checkpoint": str(ckpt)}, {"step": 2, "val_loss": 4.9},
               {"step": 2, "loss": 4.8}, {"step": 3, "loss": 4.7}]
     log.write_text("".join(json.dumps(e) + "\n" for e in events) + '{"step": 4, "lo')
-    checkpoint.cut_log(log, ckpt, 2)
+    checkpoint.open_run(tmp_path, ckpt, 2)
     assert [json.loads(line) for line in log.read_text().splitlines()] == events[:4]
     # A kill after the checkpoint's rename but before its log line: the line is restored.
     log.write_text("".join(json.dumps(e) + "\n" for e in events[:3]))
-    checkpoint.cut_log(log, ckpt, 2)
+    checkpoint.open_run(tmp_path, ckpt, 2)
     assert [json.loads(line) for line in log.read_text().splitlines()] == events[:4]
 
 
