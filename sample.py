@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import contextlib
 import sys
 from collections.abc import Callable
 from typing import TextIO
@@ -73,10 +72,11 @@ def generate_text(model: GPT | ModernGPT, prompt: str, num_samples: int, max_len
     a time. Weights whose logits on the prompt are not finite (`source` names them) are
     refused: every draw from them would be noise."""
     device = torch.device(device)
+    precision = precision or runtime.Precision("fp32", None, False)
     prompt_tokens = encode_prompt(prompt)
     max_new = new_token_count(model, prompt_tokens, max_length)
     idx = torch.tensor([prompt_tokens] * num_samples, dtype=torch.long, device=device)
-    with torch.no_grad(), autocast(precision, device):
+    with torch.no_grad(), precision.autocast(device):
         logits, _ = model(idx[:1])
     if not bool(logits.isfinite().all()):
         raise ValueError(f"{source}: its logits on the prompt are NaN or infinite\nhint: its "
@@ -85,16 +85,10 @@ def generate_text(model: GPT | ModernGPT, prompt: str, num_samples: int, max_len
     on_token = None
     if stream is not None:
         on_token = text_writer(stream, max_new, 1 if device.type == "cpu" else STREAM_CHUNK)
-    with autocast(precision, device):
+    with precision.autocast(device):
         out = model.generate(idx, max_new, temperature, top_k, top_p, generator, on_token)
     start = 0 if prompt else 1  # a bare <|endoftext|> start is not shown
     return [get_tokenizer().decode(row[start:]) for row in out.tolist()]
-
-
-def autocast(precision: runtime.Precision | None,
-             device: torch.device) -> contextlib.AbstractContextManager[object]:
-    """The precision's autocast, or nothing when no precision is given (plain fp32)."""
-    return precision.autocast(device) if precision is not None else contextlib.nullcontext()
 
 
 def text_writer(stream: TextIO, new_tokens: int, chunk: int) -> Callable[[torch.Tensor], None]:
