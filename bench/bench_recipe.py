@@ -328,7 +328,7 @@ def time_steps(args: argparse.Namespace, runs: dict[str, Run]) -> dict[str, list
                  config: train_gpt2.TrainConfig = config) -> None:
             result = train_gpt2.train_step(model, optimizer, scaler, lambda: (x, y), 1,
                                            precision, device, config.grad_clip)
-            result.loss.item()  # waits for the device, as the trainer's read_step does
+            result.loss.item()  # waits for the device, as the trainer's loss read-back does
         steps[label] = step
     labels = list(runs)
     seconds: dict[str, list[float]] = {label: [] for label in labels}
