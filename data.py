@@ -521,8 +521,16 @@ class ShardLoader:
         x, y = self.next_batch()
         return x.cpu().numpy(), y.cpu().numpy()
 
-    def reset(self) -> None:
-        self._seek(0)
+    def reset(self, step: int = 0) -> None:
+        """Move to batch `step` (the first by default): the next batch is that one."""
+        if not self._consumer.acquire(blocking=False):
+            raise RuntimeError(SECOND_CONSUMER)
+        try:
+            self.step = step
+            if isinstance(self._source, _NativeBackend):  # the NumPy one reads no batch ahead
+                self._source.seek(step)
+        finally:
+            self._consumer.release()
 
     def state_dict(self) -> dict[str, Any]:
         """Plain ints/str/lists: all that exact resume needs, plus what must match."""
@@ -549,7 +557,7 @@ class ShardLoader:
         step = state.get("step")
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"ShardLoader.load_state_dict: bad step {step!r}")
-        self._seek(step)
+        self.reset(step)
 
     def close(self) -> None:
         if isinstance(self._source, _NativeBackend):
@@ -561,13 +569,3 @@ class ShardLoader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _seek(self, step: int) -> None:
-        if not self._consumer.acquire(blocking=False):
-            raise RuntimeError(SECOND_CONSUMER)
-        try:
-            self.step = step
-            if isinstance(self._source, _NativeBackend):  # the NumPy one reads no batch ahead
-                self._source.seek(step)
-        finally:
-            self._consumer.release()

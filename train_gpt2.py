@@ -403,19 +403,19 @@ def model_config(config: TrainConfig) -> GPTConfig | ModernConfig:
 def build_model(config: TrainConfig, resume: dict[str, Any] | None,
                 resume_path: Path | None) -> GPT | ModernGPT:
     """The resumed checkpoint's model, else (--init-from) a fresh model, pretrained GPT-2
-    weights or a checkpoint's weights."""
+    weights or a checkpoint's weights; a checkpoint's model must be the one the flags ask for."""
     source = Path(config.init_from).expanduser()  # a .pt file, or an --fsdp folder
     from_checkpoint = (source.is_file() or source.suffix == ".pt"
                        or source.name.startswith("ckpt_")
                        or (source / checkpoint.STATE_NAME).is_file())
     model: GPT | ModernGPT
+    state, path = None, source
     if resume is not None and resume_path is not None:
-        model = checkpoint.build_model(resume)
-        check_same_model(config, model, resume, resume_path, resuming=True)
+        state, path = resume, resume_path
+        model = checkpoint.build_model(state)
     elif from_checkpoint:
         state = checkpoint.load(source)
         model = checkpoint.build_model(state)
-        check_same_model(config, model, state, source, resuming=False)
     elif config.init_from == "scratch":
         shape = model_config(config)
         model = ModernGPT(shape) if isinstance(shape, ModernConfig) else GPT(shape)
@@ -425,43 +425,38 @@ def build_model(config: TrainConfig, resume: dict[str, Any] | None,
                          "--recipe=gpt2 (or finetune) to start from them")
     else:
         model = GPT.from_pretrained(config.init_from)
+    if state is not None:
+        # When resuming, the checkpoint must also have been trained with this run's
+        # optimizer, whose state it holds.
+        resuming = resume is not None
+        ours = model_config(config)
+        if type(ours) is not type(model.config):
+            diffs = [f"a {state['model_kind']} model (this run: --recipe={config.recipe})"]
+        else:
+            diffs = [f"{k}={v} (this run: {getattr(ours, k)})"
+                     for k, v in dataclasses.asdict(model.config).items()
+                     if getattr(ours, k) != v]
+        saved: dict[str, Any] = state["config"] if isinstance(state.get("config"), dict) else {}
+        if resuming and saved.get("optimizer", "adamw") != "adamw":
+            raise RuntimeError(f"{path}: trained with --optimizer={saved['optimizer']}, which "
+                               "the recipes no longer have\nhint: start from its weights with "
+                               f"--init-from={path} and a new --out-dir")
+        matrices = saved.get("matrix_optimizer", config.matrix_optimizer)
+        if resuming and isinstance(model, ModernGPT) and matrices != config.matrix_optimizer:
+            diffs.append(f"matrix_optimizer={matrices} (this run: {config.matrix_optimizer})")
+        if diffs:
+            args = state.get("args")
+            flags = "unknown: the checkpoint does not record them"
+            if isinstance(args, list) and args and all(isinstance(a, str) for a in args):
+                flags = " ".join(args)
+            raise RuntimeError(f"{path}: checkpoint of another model: {', '.join(diffs)}\nhint: "
+                               f"pass the flags it was trained with ({flags}) or another "
+                               "--out-dir")
     if config.seq_len > model.config.block_size:
         raise UsageError(f"--seq-len={config.seq_len} exceeds the model's block size "
                          f"{model.config.block_size}\nhint: lower --seq-len or raise "
                          "--block-size")
     return model
-
-
-def check_same_model(config: TrainConfig, model: GPT | ModernGPT, state: dict[str, Any],
-                     path: Path, resuming: bool) -> None:
-    """The checkpoint's model is the one this run's flags describe, and, when resuming, it
-    was trained with this run's optimizer (whose state it holds)."""
-    ours = model_config(config)
-    if type(ours) is not type(model.config):
-        diffs = [f"a {state['model_kind']} model (this run: --recipe={config.recipe})"]
-    else:
-        diffs = [f"{k}={v} (this run: {getattr(ours, k)})"
-                 for k, v in dataclasses.asdict(model.config).items() if getattr(ours, k) != v]
-    saved: dict[str, Any] = state["config"] if isinstance(state.get("config"), dict) else {}
-    if resuming and saved.get("optimizer", "adamw") != "adamw":
-        raise RuntimeError(f"{path}: trained with --optimizer={saved['optimizer']}, which the "
-                           "recipes no longer have\nhint: start from its weights with "
-                           f"--init-from={path} and a new --out-dir")
-    matrices = saved.get("matrix_optimizer", config.matrix_optimizer)
-    if resuming and isinstance(model, ModernGPT) and matrices != config.matrix_optimizer:
-        diffs.append(f"matrix_optimizer={matrices} (this run: {config.matrix_optimizer})")
-    if diffs:
-        raise RuntimeError(f"{path}: checkpoint of another model: {', '.join(diffs)}\nhint: pass "
-                           f"the flags it was trained with ({flags_of(state)}) or another "
-                           "--out-dir")
-
-
-def flags_of(state: dict[str, Any]) -> str:
-    """The command-line flags a checkpoint was trained with, as the user can pass them."""
-    args = state.get("args")
-    if isinstance(args, list) and args and all(isinstance(a, str) for a in args):
-        return " ".join(args)
-    return "unknown: the checkpoint does not record them"
 
 
 def build_optimizer(model: GPT | ModernGPT, config: TrainConfig,
