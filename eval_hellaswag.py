@@ -150,8 +150,8 @@ def evaluate(model: nn.Module, examples: Sequence[dict[str, Any]], device: torch
             if not bool(sums.isfinite().all()):
                 raise ValueError(f"{source}: its HellaSwag losses are NaN or infinite\nhint: its "
                                  "weights overflow or are damaged; pass another checkpoint")
-            # acc takes the ending with the highest log-likelihood, which favours short
-            # endings; acc_norm the highest per token, which is why it is the headline figure.
+            # The lowest summed loss (acc) favours short endings; the lowest mean per token
+            # (acc_norm) does not.
             labels = torch.tensor([int(e["label"]) for e in batch])
             correct += int((sums.argmin(dim=1) == labels).sum())
             correct_norm += int((means.argmin(dim=1) == labels).sum())
@@ -237,11 +237,12 @@ def packed_logits(gpt: GPT | ModernGPT,
             positions += range(len(kept))
             span += [context_start] * len(kept)
             sees += [context_start] * len(kept)
+            last_context = len(tokens) - 1  # its output predicts each ending's first token
             for j in members:
                 inputs, ending_start = endings[j][:-1], len(tokens)
-                if endings[j]:  # an empty ending (eval_core) predicts nothing
-                    predictors[j] = [len(kept) + context_start - 1,
-                                     *range(ending_start, ending_start + len(inputs))]
+                if endings[j]:  # an empty ending (eval_core can give one) predicts nothing
+                    predictors[j] = [last_context, *range(ending_start,
+                                                          ending_start + len(inputs))]
                 tokens += inputs
                 positions += range(len(kept), len(kept) + len(inputs))
                 span += [ending_start] * len(inputs)
