@@ -15,7 +15,11 @@ decoupled weight decay) with three changes to how it runs: the iteration is in b
 GPU that computes bf16 natively and in fp32 elsewhere (torch casts to bf16 always: slow on
 CPUs without bf16 instructions); the matrices of one shape go through it as one batch
 (torch: one at a time); and under torch.distributed each rank orthogonalises its share of
-each batch and the results are all-gathered (torch: every rank repeats all of it).
+each batch and the results are all-gathered (torch: every rank repeats all of it). The
+modern recipe's group adds nanochat's two refinements, each a group setting: NorMuon
+(`beta2`: the orthogonal update's rows, or columns when it is wider, each divided by the
+root of its running mean square, the update's norm kept) and cautious weight decay (only
+where update and weight agree in sign).
 """
 
 from __future__ import annotations
@@ -58,9 +62,11 @@ MOMENTUM_WARMUP_STEPS = 400
 
 ADAMW_DEFAULTS: dict[str, Any] = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                                       fused=False)
+# beta2 None and plain decay: torch.optim.Muon's update. The modern recipe's Muon group sets
+# both as nanochat's does (NorMuon's per-row second moment, cautious weight decay).
 MUON_DEFAULTS: dict[str, Any] = dict(momentum=0.95, nesterov=True, weight_decay=0.1,
                                      ns_coefficients=NS_COEFFICIENTS, ns_steps=NS_STEPS,
-                                     eps=NS_EPS)
+                                     eps=NS_EPS, beta2=None, cautious_weight_decay=False)
 
 
 # ------------------------------------------------------------------------- Newton-Schulz
@@ -122,7 +128,8 @@ class MuonAdamW(torch.optim.Optimizer):
 
     Under DDP every rank holds the same averaged gradients and steps every parameter the same
     way; only the Newton-Schulz work is split between the ranks. Its state is per parameter
-    (AdamW's step, exp_avg, exp_avg_sq; Muon's momentum_buffer), as torch's optimizers keep
+    (AdamW's step, exp_avg, exp_avg_sq; Muon's momentum_buffer and, with beta2, NorMuon's
+    second_moment per row or column), as torch's optimizers keep
     it, so state_dict and torch.distributed.checkpoint treat it as theirs."""
 
     def __init__(self, groups: Iterable[dict[str, Any]]) -> None:
@@ -187,8 +194,31 @@ class MuonAdamW(torch.optim.Optimizer):
             orthogonal = shared_orthogonalize(
                 torch.stack([updates[i] for i in indices]), dtype, group["ns_steps"],
                 group["ns_coefficients"], group["eps"])
-            torch._foreach_mul_(same, 1 - lr * group["weight_decay"])
-            torch._foreach_add_(same, list(orthogonal.to(same[0].dtype).unbind(0)),
+            update = orthogonal.to(same[0].dtype)
+            if group["beta2"] is not None:
+                # NorMuon (nanochat's Muon): the update's Frobenius norm set to
+                # sqrt(min(rows, cols)), then each row (or column: along the longer side)
+                # divided by the root of its running mean square, the total norm kept.
+                update = update * (min(rows, cols) ** 0.5 / update.norm(
+                    dim=(-2, -1), keepdim=True).clamp(min=1e-6))
+                mean_square = update.square().mean(dim=-1 if rows >= cols else -2, keepdim=True)
+                for p, square in zip(same, mean_square, strict=True):
+                    self.state[p].setdefault("second_moment", torch.zeros_like(square))
+                seconds = torch.stack([self.state[p]["second_moment"] for p in same])
+                seconds.lerp_(mean_square, 1 - group["beta2"])
+                for p, second in zip(same, seconds, strict=True):
+                    self.state[p]["second_moment"].copy_(second)
+                normalized = update * seconds.clamp(min=1e-10).rsqrt()
+                update = normalized * (update.norm(dim=(-2, -1), keepdim=True) / normalized.norm(
+                    dim=(-2, -1), keepdim=True).clamp(min=1e-10))
+            decay = lr * group["weight_decay"]
+            if group["cautious_weight_decay"]:
+                # Decay only where the update and the weight agree in sign (nanochat's Muon).
+                for p, u in zip(same, update.unbind(0), strict=True):
+                    p.sub_(p * (u * p >= 0), alpha=decay)
+            else:
+                torch._foreach_mul_(same, 1 - decay)
+            torch._foreach_add_(same, list(update.unbind(0)),
                                 alpha=-lr * math.sqrt(max(1.0, rows / cols)))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -215,9 +245,12 @@ class MuonAdamW(torch.optim.Optimizer):
         saved_ids = chain.from_iterable(g["params"] for g in saved)
         params = chain.from_iterable(g["params"] for g in ours)
         for index, param in zip(saved_ids, params, strict=True):
+            rows, cols = (param.shape if param.dim() == 2 else (0, 0))
             for key, value in state_dict["state"].get(index, {}).items():
-                if key != "step" and isinstance(value, torch.Tensor) and \
-                        value.shape != param.shape:
+                # NorMuon's second moment is one value per row (or per column when wider).
+                shape = ((rows, 1) if rows >= cols else (1, cols)) if key == "second_moment" \
+                    else param.shape
+                if key != "step" and isinstance(value, torch.Tensor) and value.shape != shape:
                     raise ValueError(f"optimizer state: {key} of parameter {index} has shape "
                                      f"{tuple(value.shape)}, the parameter "
                                      f"{tuple(param.shape)}")
@@ -323,8 +356,9 @@ def modern_groups(model: nn.Module, embedding_lr: float = EMBEDDING_LR,
         "value_embedding": dict(**adam, lr=embedding_lr * scale * 0.5, betas=(0.8, 0.995),
                                 weight_decay=0.01),
         "head": dict(**adam, lr=head_lr * scale, betas=(0.8, 0.96), weight_decay=0.01),
-        "matrix": (dict(kind="muon", lr=matrix_lr, momentum=0.95,
-                        weight_decay=matrix_weight_decay) if matrix_optimizer == "muon" else
+        "matrix": (dict(kind="muon", lr=matrix_lr, momentum=0.95, beta2=0.9,
+                        cautious_weight_decay=True, weight_decay=matrix_weight_decay)
+                   if matrix_optimizer == "muon" else
                    dict(**adam, lr=matrix_lr, betas=(0.8, 0.95),
                         weight_decay=matrix_weight_decay)),
         "resid_lambda": dict(**adam, lr=scalar_lr * 0.01, betas=(0.8, 0.95),

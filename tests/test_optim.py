@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn as nn
 import torch.optim._muon as torch_muon
 
 import optim
@@ -179,10 +180,51 @@ def make_grads(model: GPT | ModernGPT, seed: int) -> None:
     loss.backward()
 
 
+class ReferenceNorMuon:
+    """The modern recipe's Muon written out one matrix at a time in float64: Nesterov momentum,
+    the Newton-Schulz iteration, the update's Frobenius norm set to sqrt(min(rows, cols)),
+    each row (each column of a wide matrix) divided by the root of the running mean (beta2)
+    of its mean square, the norm restored, then decay where update and weight agree in sign
+    and the step lr * sqrt(max(1, rows / cols))."""
+
+    def __init__(self, params: list[nn.Parameter], lr: float, weight_decay: float,
+                 momentum: float, beta2: float) -> None:
+        self.params, self.weight_decay, self.momentum, self.beta2 = (
+            params, weight_decay, momentum, beta2)
+        self.param_groups = [{"lr": lr}]
+        self.buffers = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+        self.seconds: list[torch.Tensor | None] = [None] * len(params)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        lr = self.param_groups[0]["lr"]
+        for i, p in enumerate(self.params):
+            assert p.grad is not None
+            grad = p.grad.double()
+            self.buffers[i] = self.momentum * self.buffers[i] + (1 - self.momentum) * grad
+            update = (1 - self.momentum) * grad + self.momentum * self.buffers[i]
+            rows, cols = p.shape
+            o = reference_newton_schulz(update)
+            # The floors keep an all-zero update (a zero-initialised layer's first) at zero.
+            o = o * math.sqrt(min(rows, cols)) / torch.linalg.matrix_norm(o).clamp(min=1e-6)
+            mean_square = (o ** 2).mean(dim=1 if rows >= cols else 0, keepdim=True)
+            previous = self.seconds[i]
+            second = (1 - self.beta2) * mean_square + (
+                0 if previous is None else self.beta2 * previous)
+            self.seconds[i] = second
+            n = o / second.clamp(min=1e-10).sqrt()
+            n = n * torch.linalg.matrix_norm(o) / torch.linalg.matrix_norm(n).clamp(min=1e-10)
+            w = p.double()
+            w = w - lr * self.weight_decay * w * (n * w >= 0)
+            w = w - lr * math.sqrt(max(1.0, rows / cols)) * n
+            p.copy_(w)
+
+
 def reference_step_by_group(model: ModernGPT, optimizer: optim.MuonAdamW,
                             multipliers: list[float], monkeypatch) -> dict[str, torch.Tensor]:
     """The weights after stepping a copy of `model` group by group with torch's own AdamW and
-    Muon, each at the group's hyperparameters and the schedule's `multipliers`."""
+    Muon (ReferenceNorMuon where the group has NorMuon's beta2), each at the group's
+    hyperparameters and the schedule's `multipliers`."""
     monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", fp32_torch_newton_schulz)
     ref = copy.deepcopy(model)
     ref_params = dict(ref.named_parameters())
@@ -194,6 +236,11 @@ def reference_step_by_group(model: ModernGPT, optimizer: optim.MuonAdamW,
             torch_optimizers.append(torch.optim.AdamW(
                 params, lr=group["initial_lr"], betas=group["betas"], eps=group["eps"],
                 weight_decay=group["weight_decay"]))
+        elif group["beta2"] is not None:
+            assert group["cautious_weight_decay"]
+            torch_optimizers.append(ReferenceNorMuon(  # type: ignore[arg-type]
+                params, group["initial_lr"], group["weight_decay"], group["momentum"],
+                group["beta2"]))
         else:
             torch_optimizers.append(torch.optim.Muon(
                 params, lr=group["initial_lr"], weight_decay=group["weight_decay"],
