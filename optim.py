@@ -52,8 +52,8 @@ SCALAR_LR = 0.5
 REFERENCE_WIDTH = 768  # AdamW rates scale by (width / 768) ** -0.5 (nanochat/gpt.py)
 ADAM_EPS = 1e-10
 # nanochat's Muon decays weights "cautiously" (only where update and weight agree in sign),
-# 0.28 scaled by batch and horizon, cosine-annealed; this Muon keeps torch.optim.Muon's plain
-# decoupled decay, so its default stays torch's (and the earlier modern recipe's) 0.1.
+# as the modern recipe's Muon group does here, by 0.28 scaled by batch and horizon and
+# cosine-annealed; that scaling is not ported, so the value stays torch.optim.Muon's 0.1.
 MATRIX_WEIGHT_DECAY = 0.1
 # Muon momentum: 0.85 warmed to 0.97 over 400 steps, down to 0.90 over the LR warmdown
 # (nanochat scripts/base_train.py get_muon_momentum).

@@ -168,7 +168,7 @@ class TrainConfig:
     scalar_lr: float = option(optim.SCALAR_LR, "modern: the embedding-shortcut scalars' peak "
                               "AdamW rate (the residual scalars at 1%% of it)", minimum=0)
     matrix_weight_decay: float = option(optim.MATRIX_WEIGHT_DECAY, "modern: the blocks' "
-                                        "matrices' decoupled weight decay", minimum=0)
+                                        "matrices' weight decay (with Muon: cautious)", minimum=0)
     matrix_optimizer: str = option("muon", "modern: muon, or adamw for the blocks' matrices",
                                    choices=("muon", "adamw"))
     grad_clip: float = option(1.0, "max global grad norm; 0 disables clipping", minimum=0)
