@@ -108,6 +108,15 @@ def ours_muon(params: list[torch.Tensor]) -> optim.MuonAdamW:
                                  momentum=MOMENTUM)])
 
 
+def ours_normuon(params: list[torch.Tensor]) -> optim.MuonAdamW:
+    """The modern recipe's Muon: NorMuon's second moment and cautious decay."""
+    return optim.MuonAdamW([dict(kind="muon", params=params, lr=LR, weight_decay=WD,
+                                 momentum=MOMENTUM, beta2=0.9, cautious_weight_decay=True)])
+
+
+MUONS = {"plain": ours_muon, "normuon": ours_normuon}
+
+
 def test_muon_matches_torch_muon_in_fp32(monkeypatch):
     start = matrices(SHAPES, seed=5)
     ours = run_muon(ours_muon, start, steps=4)
@@ -130,7 +139,7 @@ def test_muon_in_bf16_matches_unmodified_torch_muon(monkeypatch):
         assert (o - t).abs().max() <= 0.03 * moved
 
 
-def _muon_rank(rank: int, store: str, out: str) -> None:
+def _muon_rank(rank: int, store: str, out: str, muon: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                                          world_size=2)
     try:
@@ -141,16 +150,17 @@ def _muon_rank(rank: int, store: str, out: str) -> None:
             counted.append(updates.size(0))
             return real(updates, *args)
         optim.orthogonalize = counting  # type: ignore[assignment]
-        params = run_muon(ours_muon, matrices(SHAPES, seed=7), steps=3)
+        params = run_muon(MUONS[muon], matrices(SHAPES, seed=7), steps=3)
         torch.save({"params": params, "counted": counted}, f"{out}/rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
-def test_two_gloo_ranks_share_the_work_and_equal_one_process(tmp_path: Path):
-    mp.spawn(_muon_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
-    single = run_muon(ours_muon, matrices(SHAPES, seed=7), steps=3)
+@pytest.mark.parametrize("muon", MUONS)
+def test_two_gloo_ranks_share_the_work_and_equal_one_process(tmp_path: Path, muon: str):
+    mp.spawn(_muon_rank, args=(str(tmp_path / "store"), str(tmp_path), muon), nprocs=2)
+    single = run_muon(MUONS[muon], matrices(SHAPES, seed=7), steps=3)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for result in ranks:
         for p, q in zip(result["params"], single, strict=True):
