@@ -195,7 +195,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 torch.stack([updates[i] for i in indices]), dtype, group["ns_steps"],
                 group["ns_coefficients"], group["eps"])
             update = orthogonal.to(same[0].dtype)
-            if group["beta2"] is not None:
+            # .get: a state saved before these settings existed loads groups without them.
+            if group.get("beta2") is not None:
                 # NorMuon (nanochat's Muon): the update's Frobenius norm set to
                 # sqrt(min(rows, cols)), then each row (or column: along the longer side)
                 # divided by the root of its running mean square, the total norm kept.
@@ -212,7 +213,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 update = normalized * (update.norm(dim=(-2, -1), keepdim=True) / normalized.norm(
                     dim=(-2, -1), keepdim=True).clamp(min=1e-10))
             decay = lr * group["weight_decay"]
-            if group["cautious_weight_decay"]:
+            if group.get("cautious_weight_decay", False):
                 # Decay only where the update and the weight agree in sign (nanochat's Muon).
                 for p, u in zip(same, update.unbind(0), strict=True):
                     p.sub_(p * (u * p >= 0), alpha=decay)

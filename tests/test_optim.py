@@ -419,3 +419,23 @@ def test_gpt2_optimizer_resumes_a_state_saved_without_initial_lr():
     assert [g["lr"] for g in ours.param_groups] == [3e-4, 3e-4]
     assert all(torch.equal(ours.state[p]["exp_avg"], old.state[p]["exp_avg"])
                for p in model.parameters())
+
+
+def test_a_state_saved_before_normuon_resumes_as_plain_muon():
+    """A modern checkpoint's optimizer state from before NorMuon has Muon groups without
+    beta2 and cautious_weight_decay: it loads and steps as the plain Muon it was."""
+    start = matrices(SHAPES, seed=3)
+    plain = run_muon(ours_muon, start, steps=2)
+    params = [p.clone().requires_grad_() for p in start]
+    old = ours_muon(params).state_dict()
+    for group in old["param_groups"]:
+        del group["beta2"], group["cautious_weight_decay"]
+    optimizer = ours_normuon(params)
+    optimizer.load_state_dict(old)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        optimizer.step()
+    for p, q in zip(params, plain, strict=True):
+        torch.testing.assert_close(p.detach(), q)
