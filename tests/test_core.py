@@ -365,6 +365,7 @@ def _rank_worker(rank: int, world_size: int, port: int, state: dict[str, Any], b
         tasks = core.load_tasks(bundle, ["mc_few", "lm_few"], limit=7)
         out.put((rank, core.evaluate(model.eval(), tasks, "cpu", rank=rank,
                                      world_size=world_size).as_json()))
+        torch.distributed.barrier()  # no rank tears gloo down under another (test_optim.py)
     finally:
         torch.distributed.destroy_process_group()
 

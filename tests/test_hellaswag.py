@@ -229,6 +229,7 @@ def _rank_worker(rank: int, world_size: int, port: int, state: dict[str, Any],
         score = hs.evaluate(model.eval(), examples, "cpu", batch_size=3, rank=rank,
                             world_size=world_size)
         out.put((rank, score.correct, score.correct_norm, score.total))
+        torch.distributed.barrier()  # no rank tears gloo down under another (test_optim.py)
     finally:
         torch.distributed.destroy_process_group()
 

@@ -152,6 +152,9 @@ def _muon_rank(rank: int, store: str, out: str, muon: str) -> None:
         optim.orthogonalize = counting  # type: ignore[assignment]
         params = run_muon(MUONS[muon], matrices(SHAPES, seed=7), steps=3)
         torch.save({"params": params, "counted": counted}, f"{out}/rank{rank}.pt")
+        # Both ranks past every collective before either tears gloo down: a rank that left
+        # early once aborted the other in CI ("terminate called without an active exception").
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
