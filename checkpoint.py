@@ -454,17 +454,6 @@ def restore_training(state: dict[str, Any], path: Path, fsdp: bool, env: runtime
         else:
             optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-    # torch's optimizer.load_state_dict does not compare the moments' shapes with the
-    # parameters', and the first step would fail naming nothing. (NorMuon's second_moment,
-    # one value per row, MuonAdamW.load_state_dict checked.)
-    for param, moments in optimizer.state.items():
-        for name, value in moments.items():
-            if name == "second_moment" or not isinstance(value, torch.Tensor):
-                continue
-            if value.dim() > 0 and value.shape != param.shape:
-                raise ValueError(f"{path}: its optimizer state {name!r} has shape "
-                                 f"{tuple(value.shape)} for a parameter of shape "
-                                 f"{tuple(param.shape)}")
     try:
         loader.load_state_dict(saved)
     except ValueError as exc:

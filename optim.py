@@ -243,18 +243,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 raise ValueError(f"optimizer state: group {group['name']!r} holds "
                                  f"{len(theirs['params'])} parameters, this optimizer's "
                                  f"{len(group['params'])}")
-        saved_ids = chain.from_iterable(g["params"] for g in saved)
-        params = chain.from_iterable(g["params"] for g in ours)
-        for index, param in zip(saved_ids, params, strict=True):
-            rows, cols = (param.shape if param.dim() == 2 else (0, 0))
-            for key, value in state_dict["state"].get(index, {}).items():
-                # NorMuon's second moment is one value per row (or per column when wider).
-                shape = ((rows, 1) if rows >= cols else (1, cols)) if key == "second_moment" \
-                    else param.shape
-                if key != "step" and isinstance(value, torch.Tensor) and value.shape != shape:
-                    raise ValueError(f"optimizer state: {key} of parameter {index} has shape "
-                                     f"{tuple(value.shape)}, the parameter "
-                                     f"{tuple(param.shape)}")
+        check_moment_shapes(self, state_dict)
         super().load_state_dict(state_dict)
 
 
@@ -311,7 +300,34 @@ def gpt2_optimizer(model: nn.Module, lr: float, weight_decay: float,
     optimizer = torch.optim.AdamW(gpt2_groups(model, lr, weight_decay, betas, eps), lr=lr,
                                   betas=betas, eps=eps, fused=device_type == "cuda")
     optimizer.register_load_state_dict_pre_hook(_keep_initial_lrs)
+    optimizer.register_load_state_dict_pre_hook(check_moment_shapes)
     return optimizer
+
+
+def check_moment_shapes(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    """A ValueError naming the first state tensor of `state_dict` whose shape is not its
+    parameter's: torch's load_state_dict does not compare them, and the first step would fail
+    naming nothing. NorMuon's second moment holds one value per row (per column when wider).
+    Groups that do not pair up are left to torch's load, which refuses them."""
+    saved = state_dict.get("param_groups")
+    states = state_dict.get("state")
+    ours = optimizer.param_groups
+    if not (isinstance(saved, list) and isinstance(states, dict) and len(saved) == len(ours)
+            and all(isinstance(g, dict) and len(g.get("params", ())) == len(group["params"])
+                    for g, group in zip(saved, ours, strict=True))):
+        return
+    saved_ids = chain.from_iterable(g["params"] for g in saved)
+    params = chain.from_iterable(g["params"] for g in ours)
+    for index, param in zip(saved_ids, params, strict=True):
+        moments = states.get(index, {})
+        rows, cols = (param.shape if param.dim() == 2 else (0, 0))
+        for key, value in moments.items() if isinstance(moments, dict) else ():
+            shape = param.shape
+            if key == "second_moment":
+                shape = torch.Size((rows, 1) if rows >= cols else (1, cols))
+            if key != "step" and isinstance(value, torch.Tensor) and value.shape != shape:
+                raise ValueError(f"optimizer state: {key} of parameter {index} has shape "
+                                 f"{tuple(value.shape)}, the parameter {tuple(param.shape)}")
 
 
 def _keep_initial_lrs(optimizer: torch.optim.Optimizer,

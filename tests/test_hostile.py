@@ -490,7 +490,8 @@ PROBE_CASES = {
         "ckpt_0000002.pt: world_size is 0"),
     "train: --resume with optimizer state of the wrong shape (M-2)": Case(
         train_gpt2.main, lambda r: resume_args(r, wrong_optimizer_shape), 1,
-        "ckpt_0000002.pt: its optimizer state 'exp_avg' has shape"),
+        "ckpt_0000002.pt: cannot read its optimizer, scaler or loader state (ValueError: "
+        "optimizer state: exp_avg of parameter 0 has shape"),
     "sample: a checkpoint whose n_layer is 200000 (M-1)": Case(
         sample.main, lambda r: sample_ckpt(spoiled(r, set_config(n_layer=200_000))), 1,
         "bad.pt: model_config['n_layer'] is 200000, its weights hold 2 layers"),
