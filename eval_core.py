@@ -425,16 +425,9 @@ def example_rows(task: Task, index: int, max_len: int | None) -> list[Row]:
 
 
 # ------------------------------------------------------------------------------- scoring
-def _inner(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper and/or torch.compile: it is called with a new shape
-    every batch, which a compiled module would recompile for."""
-    inner = getattr(model, "module", model)
-    return getattr(inner, "_orig_mod", inner)
-
-
 def context_length(model: nn.Module) -> int | None:
     """The longest sequence the model takes: config.block_size, or a max_seq_len attribute."""
-    inner = _inner(model)
+    inner = eval_hellaswag.unwrap(model)
     config = getattr(inner, "config", None)
     length = getattr(config, "block_size", None) or getattr(inner, "max_seq_len", None)
     return int(length) if length else None
@@ -548,7 +541,7 @@ def evaluate(model: nn.Module, tasks: Sequence[Task], device: torch.device | str
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
     device = torch.device(device)
-    runner, max_len = _inner(model), context_length(model)
+    runner, max_len = eval_hellaswag.unwrap(model), context_length(model)
     # Packing needs hidden_states that take positions and an attention mask.
     packable = pack and isinstance(runner, GPT | ModernGPT)
     was_training = model.training

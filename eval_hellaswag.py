@@ -167,16 +167,20 @@ def evaluate(model: nn.Module, examples: Sequence[dict[str, Any]], device: torch
 
 
 @torch.no_grad()
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper and/or torch.compile. Evaluation calls it with a new
+    shape every batch, which the compiled module would recompile for."""
+    inner = getattr(model, "module", model)
+    return getattr(inner, "_orig_mod", inner)
+
+
 def score_batch(model: nn.Module, batch: Sequence[dict[str, Any]], device: torch.device | str,
                 precision: runtime.Precision | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum and mean of each ending's token cross-entropies, both (len(batch), 4) float32 on
     CPU, for examples as load_examples gives them, from one forward pass (packed_logits).
     An ending is scored as `encode(" " + ending)` after `encode(ctx)`: encoded on its own, so
     every ending starts at the same token boundary."""
-    gpt: Any = getattr(model, "module", model)  # inside DDP
-    # Inside torch.compile: hidden_states of the compiled module would recompile for every
-    # new batch shape.
-    gpt = getattr(gpt, "_orig_mod", gpt)
+    gpt = unwrap(model)
     if not isinstance(gpt, GPT | ModernGPT):
         raise TypeError(f"expected a GPT or ModernGPT model, got {type(gpt).__name__}")
     enc = get_tokenizer()
