@@ -60,12 +60,13 @@ def new_token_count(model: GPT | ModernGPT, prompt: list[int], max_length: int,
     return max_length - len(prompt)
 
 
-def generate_text(model: GPT | ModernGPT, prompt: str, num_samples: int, max_length: int,
-                  top_k: int | None = 50, top_p: float | None = None, temperature: float = 1.0,
-                  seed: int = 42, device: torch.device | str = "cpu",
+def generate_text(model: GPT | ModernGPT, prompt: list[int], new_tokens: int,
+                  num_samples: int, top_k: int | None = 50, top_p: float | None = None,
+                  temperature: float = 1.0, seed: int = 42, device: torch.device | str = "cpu",
                   precision: runtime.Precision | None = None,
                   stream: TextIO | None = None, source: str = "the model") -> list[str]:
-    """Prompt plus sampled continuation for each of `num_samples` samples (one batch).
+    """Prompt plus `new_tokens` sampled tokens for each of `num_samples` samples (one batch),
+    the prompt as encode_prompt gives it and new_tokens as new_token_count checked it.
 
     With `stream` (a text file such as sys.stdout), sample 0's new text is also written
     there while it is generated: from CPU token by token, from a GPU STREAM_CHUNK tokens at
@@ -73,9 +74,7 @@ def generate_text(model: GPT | ModernGPT, prompt: str, num_samples: int, max_len
     refused: every draw from them would be noise."""
     device = torch.device(device)
     precision = precision or runtime.Precision("fp32", None, False)
-    prompt_tokens = encode_prompt(prompt)
-    max_new = new_token_count(model, prompt_tokens, max_length)
-    idx = torch.tensor([prompt_tokens] * num_samples, dtype=torch.long, device=device)
+    idx = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)
     with torch.no_grad(), precision.autocast(device):
         logits, _ = model(idx[:1])
     if not bool(logits.isfinite().all()):
@@ -84,10 +83,10 @@ def generate_text(model: GPT | ModernGPT, prompt: str, num_samples: int, max_len
     generator = torch.Generator(device=device).manual_seed(seed)
     on_token = None
     if stream is not None:
-        on_token = text_writer(stream, max_new, 1 if device.type == "cpu" else STREAM_CHUNK)
+        on_token = text_writer(stream, new_tokens, 1 if device.type == "cpu" else STREAM_CHUNK)
     with precision.autocast(device):
-        out = model.generate(idx, max_new, temperature, top_k, top_p, generator, on_token)
-    start = 0 if prompt else 1  # a bare <|endoftext|> start is not shown
+        out = model.generate(idx, new_tokens, temperature, top_k, top_p, generator, on_token)
+    start = 1 if prompt == [EOT_TOKEN] else 0  # the empty prompt's <|endoftext|> is not shown
     return [get_tokenizer().decode(row[start:]) for row in out.tolist()]
 
 
@@ -153,12 +152,14 @@ def run(args: argparse.Namespace) -> None:
         # This model only samples: weights kept in the compute dtype are read at half the
         # bytes per token and are not re-cast by autocast in every step.
         model = model.to(precision.autocast_dtype)
+    prompt = encode_prompt(args.prompt)
+    new_tokens = new_token_count(model, prompt, args.max_length)
     if args.stream:
         print("> " + args.prompt, end="", flush=True)
     try:
-        texts = generate_text(model, args.prompt, args.num_samples, args.max_length,
-                              args.top_k or None, args.top_p, args.temperature, args.seed,
-                              device, precision, stream=sys.stdout if args.stream else None,
+        texts = generate_text(model, prompt, new_tokens, args.num_samples, args.top_k or None,
+                              args.top_p, args.temperature, args.seed, device, precision,
+                              stream=sys.stdout if args.stream else None,
                               source=args.checkpoint or args.pretrained)
     except (MemoryError, RuntimeError) as exc:
         if not isinstance(exc, MemoryError) and not runtime.is_out_of_memory(exc):

@@ -654,8 +654,8 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
     device, precision = cli.resolve_runtime(config.device, config.dtype)
     device = runtime.distributed_device(env, device)
     # A total batch that does not split into whole micro-batches is refused before any work.
-    config.samples_per_rank(env.world_size, 1 if config.batch_size == AUTO else
-                            config.micro_batch)
+    rank_samples = config.samples_per_rank(env.world_size, 1 if config.batch_size == AUTO else
+                                           config.micro_batch)
     check_fsdp(config, env, precision, device)
     runtime.init_distributed(env, device)
     with contextlib.ExitStack() as stack:
@@ -675,11 +675,14 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
         if device.type == "cuda":
             runtime.enable_tf32()
         model = build_model(config, resume, resume_path).to(device)
+        # The samples' prompt and length must fit the model: refused now, not mid-run.
+        sample_prompt: list[int] = []
+        sample_tokens = 0
         if config.sample_interval and config.max_steps > 0:
-            # The samples' prompt and length must fit the model: refused now, not mid-run.
-            length = min(config.sample_length, model.config.block_size)
-            sample.new_token_count(model, sample.encode_prompt(config.sample_prompt), length,
-                                   ("--sample-prompt", "--sample-length"))
+            sample_prompt = sample.encode_prompt(config.sample_prompt)
+            sample_tokens = sample.new_token_count(
+                model, sample_prompt, min(config.sample_length, model.config.block_size),
+                ("--sample-prompt", "--sample-length"))
         model.activation_checkpointing = config.activation_checkpointing
         if config.fsdp:
             # Sharded in place: the optimizer built below holds only this rank's shards, and
@@ -692,8 +695,7 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
                 chosen = f"the micro-batch of {resume_path.name}"
             else:
                 size, chosen = runtime.auto_micro_batch(
-                    model, config.samples_per_rank(env.world_size), config.seq_len, precision,
-                    device, env)
+                    model, rank_samples, config.seq_len, precision, device, env)
             config = dataclasses.replace(config, batch_size=size)
             print0(f"--batch-size=auto: micro-batch {size} ({chosen})")
         grad_accum = config.grad_accum(env.world_size)
@@ -807,9 +809,8 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
                     log(step, core_metric=core.core, core_results=core.results)
                 if samples and env.is_main:
                     texts = sample.generate_text(
-                        eval_model, config.sample_prompt, config.num_samples,
-                        min(config.sample_length, model.config.block_size), seed=config.seed,
-                        device=device, precision=precision)
+                        eval_model, sample_prompt, sample_tokens, config.num_samples,
+                        seed=config.seed, device=device, precision=precision)
                     print(f"step {step:6d} | samples:", *(f"> {t}" for t in texts), sep="\n",
                           flush=True)
                     log(step, samples=texts)

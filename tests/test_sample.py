@@ -42,6 +42,14 @@ def device(request: pytest.FixtureRequest) -> Iterator[str]:
     torch.set_float32_matmul_precision(precision)
 
 
+def sampled(model: GPT, prompt: str, num_samples: int, max_length: int,
+            **options: Any) -> list[str]:
+    """sample.py's texts for `prompt` and --max-length, as its run() makes them."""
+    tokens = sample.encode_prompt(prompt)
+    return sample.generate_text(model, tokens, sample.new_token_count(model, tokens, max_length),
+                                num_samples, **options)
+
+
 def on(device: str, model: GPT) -> GPT:
     """`model` on `device`, leaving the shared CPU fixture where it is."""
     return model if device == "cpu" else copy.deepcopy(model).to(device)
@@ -171,9 +179,9 @@ def test_greedy_decoding_equals_uncached_reference_and_transformers(
 
 def test_sampling_is_deterministic_under_a_seed(tiny: GPT, device: str) -> None:
     model = on(device, tiny)
-    first = sample.generate_text(model, PROMPT, 3, 24, seed=7, device=device)
-    again = sample.generate_text(model, PROMPT, 3, 24, seed=7, device=device)
-    other = sample.generate_text(model, PROMPT, 3, 24, seed=8, device=device)
+    first = sampled(model, PROMPT, 3, 24, seed=7, device=device)
+    again = sampled(model, PROMPT, 3, 24, seed=7, device=device)
+    other = sampled(model, PROMPT, 3, 24, seed=8, device=device)
     assert first == again
     assert first != other
     assert len(set(first)) == 3  # the batch rows are independent samples
@@ -213,10 +221,10 @@ def test_generated_tokens_come_from_the_top_k_and_top_p_sets(
 
 
 def test_max_length_counts_prompt_and_new_tokens(tiny: GPT) -> None:
-    """generate_text is GPT.generate of max_length - prompt tokens, seeded, with top-k 50."""
+    """Samples are GPT.generate of max_length - prompt tokens, seeded, with top-k 50."""
     enc = get_tokenizer()
     prompt = enc.encode(PROMPT)
-    texts = sample.generate_text(tiny, PROMPT, 2, len(prompt) + 9, seed=1)
+    texts = sampled(tiny, PROMPT, 2, len(prompt) + 9, seed=1)
     out = tiny.generate(torch.tensor([prompt] * 2), 9, top_k=50,
                         generator=torch.Generator().manual_seed(1))
     assert out.shape == (2, len(prompt) + 9)
@@ -237,8 +245,8 @@ def test_streamed_text_is_sample_0_whatever_the_chunk(tiny: GPT) -> None:
     continuation, exactly as returned, UTF-8 pieces split across tokens included."""
     length = len(get_tokenizer().encode(PROMPT)) + 12
     written = io.StringIO()
-    texts = sample.generate_text(tiny, PROMPT, 3, length, seed=3, stream=written)
-    assert texts == sample.generate_text(tiny, PROMPT, 3, length, seed=3)
+    texts = sampled(tiny, PROMPT, 3, length, seed=3, stream=written)
+    assert texts == sampled(tiny, PROMPT, 3, length, seed=3)
     assert PROMPT + written.getvalue() == texts[0]
     idx = torch.tensor([get_tokenizer().encode(PROMPT)] * 3)
     for chunk in (1, 5, 12, 100):  # a short last chunk, one exact chunk, more than needed
@@ -419,7 +427,7 @@ def test_cli_samples_in_bf16_with_bf16_weights(tmp_path: Path, tiny: GPT,
                         "--dtype=bf16", "--num-samples=2", PROMPT]) == 0
     bf16 = copy.deepcopy(tiny).to(torch.bfloat16)
     precision = runtime.resolve_precision(torch.device("cpu"), "bf16")
-    expected = sample.generate_text(bf16, PROMPT, 2, 16, precision=precision)
+    expected = sampled(bf16, PROMPT, 2, 16, precision=precision)
     assert capsys.readouterr().out == "".join(f"> {text}\n\n" for text in expected)
 
 
@@ -441,7 +449,7 @@ def test_cli_prints_each_sample_behind_a_marker(tmp_path, tiny, capsys):
             "--num-samples=3", "--device=cpu", PROMPT]
     assert sample.main(args) == 0
     out = capsys.readouterr().out
-    expected = sample.generate_text(tiny, PROMPT, 3, 20, seed=42)
+    expected = sampled(tiny, PROMPT, 3, 20, seed=42)
     assert out == "".join(f"> {text}\n\n" for text in expected)
     assert sample.main(args + ["--stream"]) == 0
     assert capsys.readouterr().out == out  # streaming prints the very same text
@@ -454,7 +462,7 @@ def test_cli_checkpoint_and_sampling_flags(tmp_path, tiny, capsys):
                         "--temperature=0.7", "--num-samples=2", "--max-length=16",
                         "--device=cpu", "A"]) == 0
     out = capsys.readouterr().out
-    expected = sample.generate_text(tiny, "A", 2, 16, top_k=None, top_p=0.8, temperature=0.7)
+    expected = sampled(tiny, "A", 2, 16, top_k=None, top_p=0.8, temperature=0.7)
     assert out == "".join(f"> {text}\n\n" for text in expected)
 
 
