@@ -166,7 +166,6 @@ def evaluate(model: nn.Module, examples: Sequence[dict[str, Any]], device: torch
     return HellaSwagScore(*totals.tolist())
 
 
-@torch.no_grad()
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DDP wrapper and/or torch.compile. Evaluation calls it with a new
     shape every batch, which the compiled module would recompile for."""
@@ -174,6 +173,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(inner, "_orig_mod", inner)
 
 
+@torch.no_grad()
 def score_batch(model: nn.Module, batch: Sequence[dict[str, Any]], device: torch.device | str,
                 precision: runtime.Precision | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum and mean of each ending's token cross-entropies, both (len(batch), 4) float32 on

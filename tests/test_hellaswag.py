@@ -94,6 +94,13 @@ def test_scores_and_predictions_match_per_example_reference(tiny, examples):
         assert int(pred_norm[i]) == min(range(4), key=ref_means.__getitem__)
 
 
+def test_scoring_keeps_no_autograd_graph(tiny, examples):
+    """Scoring under autograd would hold every activation of the batch until it returned."""
+    assert torch.is_grad_enabled()
+    sums, means = hs.score_batch(tiny, examples[:2], "cpu")
+    assert not sums.requires_grad and not means.requires_grad
+
+
 def test_batched_equals_unbatched(tiny, examples):
     batched = hs.score_batch(tiny, examples, "cpu")
     for i, example in enumerate(examples):
