@@ -1,5 +1,5 @@
-"""The run folder (--out-dir) that train_gpt2.py and train_jax.py write, sample.py and
-eval_hellaswag.py read:
+"""The run folder (--out-dir) that train_gpt2.py and train_jax.py write, and whose checkpoints
+sample.py, eval_hellaswag.py, eval_core.py and export.py read:
 
     ckpt_0000040.pt   one torch.save dict: model_config, model, optimizer, scaler, step,
                       loader_states, world_size, config, ...
@@ -45,7 +45,6 @@ from model_modern import ModernConfig, ModernGPT
 
 LOG_NAME = "log.jsonl"
 STATE_NAME = "train_state.pt"
-# A checkpoint's model_config holds these; the switches beyond GPT-2 came later (default off).
 # A checkpoint's "model_kind" names its model class; checkpoints without one are GPT-2's.
 MODELS: dict[str, tuple[type[GPT] | type[ModernGPT], Any]] = {
     "gpt2": (GPT, GPTConfig), MODERN: (ModernGPT, ModernConfig)}

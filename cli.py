@@ -5,7 +5,7 @@
     nano-gpt eval --pretrained=gpt2         # python eval_hellaswag.py --pretrained=gpt2
     nano-gpt core --pretrained=gpt2         # python eval_core.py --pretrained=gpt2
     nano-gpt prepare_dataset --dataset=stdlib
-    nano-gpt export --checkpoint=out/ckpt_000075.pt --out=hf/
+    nano-gpt export --checkpoint=out/ckpt_0000075.pt --out=hf/
 
 Error policy: bad input ends as one line on stderr naming the flag or file and what is wrong,
 then, where there is one, a `hint:` line with the fix;

@@ -1,6 +1,6 @@
 """Export a checkpoint to a Hugging Face folder that transformers loads and the hub accepts.
 
-    python export.py --checkpoint=out/ckpt_000075.pt --out=hf/    # or: nano-gpt export ...
+    python export.py --checkpoint=out/ckpt_0000075.pt --out=hf/    # or: nano-gpt export ...
 
 model.safetensors and config.json (GPT.save_hf), and GPT-2's tokenizer files rebuilt offline
 from the tiktoken ranks in assets/. What GPT-2's format cannot hold is refused, unwritten.

@@ -65,7 +65,8 @@ class ModernConfig:
     n_head: int = 12
     n_embd: int = 768
     # The parts the ablations switch off; the rest (rotary, QK-norm, ReLU^2, untied head, no
-    # biases, parameter-free norms) is what this model is.
+    # biases, parameter-free norms) is what this model is. A checkpoint without a switch's key
+    # loads with its default, so a switch added later defaults to the model saved before it.
     value_embeddings: bool = True
     lambdas: bool = True  # per-layer residual and x0 (embedding shortcut) scalars
     logit_softcap: float = 15.0  # 0: no cap
@@ -85,7 +86,9 @@ class ModernConfig:
                          n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd)
 
 
-CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(ModernConfig))
+# The modern model's settings beyond GPT-2's shape; train_gpt2.py has a flag of each name.
+SWITCHES = tuple(f.name for f in dataclasses.fields(ModernConfig)
+                 if f.name not in {g.name for g in dataclasses.fields(GPTConfig)})
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,8 @@
 Every group stores its `initial_lr`; the training loop applies one schedule to all of them
 as a multiplier, `set_lr_multiplier(optimizer, m)`: group["lr"] = group["initial_lr"] * m.
 
-- gpt2: `gpt2_optimizer`, torch.optim.AdamW over GPT.configure_optimizers' two groups (decay
-  on 2-D weights, none on biases and norms): the 2019 recipe, unchanged.
+- gpt2: `gpt2_optimizer`, torch.optim.AdamW over `gpt2_groups`' two groups (decay on
+  2-D weights, none on biases and norms): the 2019 recipe, unchanged.
 - modern: `modern_optimizer`, a MuonAdamW over model_modern.ModernGPT's groups by kind
   (`modern_groups`): token embedding, value embeddings, head, residual lambdas, x0 lambdas
   with AdamW, each at its own rate, betas, eps and weight decay; block matrices with Muon.

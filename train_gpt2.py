@@ -37,6 +37,7 @@ import cli
 import data
 import eval_core
 import eval_hellaswag
+import model_modern
 import optim
 import runtime
 import sample
@@ -393,8 +394,8 @@ def model_config(config: TrainConfig) -> GPTConfig | ModernConfig:
              **{k: getattr(config, k) for k in given}}
     try:
         if config.recipe == "modern":
-            return ModernConfig(**shape, value_embeddings=config.value_embeddings,
-                                lambdas=config.lambdas, logit_softcap=config.logit_softcap)
+            switches = {name: getattr(config, name) for name in model_modern.SWITCHES}
+            return ModernConfig(**shape, **switches)
         return GPTConfig(**shape)
     except ValueError as exc:
         raise UsageError(str(exc)) from None

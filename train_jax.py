@@ -36,6 +36,7 @@ import checkpoint
 import cli
 import data
 import model_jax
+import model_modern
 import runtime
 import sample
 from cli import UsageError
@@ -62,8 +63,8 @@ NOT_APPLICABLE = {
     "core_bundle": "train_jax.py runs no CORE evaluation",
     "fsdp": "train_jax.py replicates the weights on its local devices",
     **{name: "model_jax.py is GPT-2's model, trained with AdamW (optax)" for name in (
-        "value_embeddings", "lambdas", "logit_softcap", "embedding_lr", "head_lr", "matrix_lr",
-        "scalar_lr", "matrix_weight_decay", "matrix_optimizer")},
+        *model_modern.SWITCHES, "embedding_lr", "head_lr", "matrix_lr", "scalar_lr",
+        "matrix_weight_decay", "matrix_optimizer")},
     "wandb_project": "train_jax.py writes log.jsonl only",
     "wandb_run_name": "train_jax.py writes log.jsonl only",
 }
