@@ -311,8 +311,8 @@ class _NumpyBackend:
         self.B, self.T, self.rank, self.W = batch_size, seq_len, rank, world_size
         self.shuffle, self.seed, self.vocab_size, self.device = shuffle, seed, vocab_size, device
         # Only the orders being read are kept: a batch spans few epochs and shards.
-        self._shards = functools.lru_cache(maxsize=2)(self._shard_order)
-        self._windows = functools.lru_cache(maxsize=4)(self._window_order)
+        self._cached_shard_order = functools.lru_cache(maxsize=2)(self._shard_order)
+        self._cached_window_order = functools.lru_cache(maxsize=4)(self._window_order)
 
     def next_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
@@ -354,11 +354,11 @@ class _NumpyBackend:
 
     def _place(self, sample: int) -> tuple[int, int]:
         epoch, index = divmod(sample, self.per_epoch)
-        order, starts = self._shards(epoch)
+        order, starts = self._cached_shard_order(epoch)
         k = bisect.bisect_right(starts, index) - 1  # empty shards share a start: take the last
         shard, window = order[k], index - starts[k]
         if self.shuffle:
-            window = int(self._windows(epoch, shard)[window])
+            window = int(self._cached_window_order(epoch, shard)[window])
         return shard, window * self.T
 
     def _shard_order(self, epoch: int) -> tuple[list[int], list[int]]:

@@ -361,9 +361,9 @@ def find_data(config: TrainConfig, env: runtime.DistEnv) -> tuple[list[Path], li
         prepare_quickstart(config, env)
     train, val = data.find_shards(directory, "train"), data.find_shards(directory, "val")
     if not train:
-        raise RuntimeError(f"no training shards (*_train_*.bin/.npy) in {directory}; {fix}")
+        raise RuntimeError(f"{directory}: no training shards (*_train_*.bin/.npy)\nhint: {fix}")
     if not val:
-        raise RuntimeError(f"no validation shards (*_val_*.bin/.npy) in {directory}; {fix}")
+        raise RuntimeError(f"{directory}: no validation shards (*_val_*.bin/.npy)\nhint: {fix}")
     return train, val, directory
 
 
