@@ -473,21 +473,22 @@ def build_optimizer(model: GPT | ModernGPT, config: TrainConfig,
                                 (config.beta1, config.beta2), config.adam_eps, device.type)
 
 
-def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int,
-           cooldown_frac: float | None = None) -> float:
-    """Linear warmup to max_lr over warmup_steps, then a cosine down to min_lr at max_steps;
-    with `cooldown_frac` (wsd), max_lr until that fraction of max_steps is left, then a
-    straight line down to min_lr."""
+def lr_multiplier(step: int, final_frac: float, warmup_steps: int, max_steps: int,
+                  cooldown_frac: float | None = None) -> float:
+    """The learning-rate schedule as a fraction of the peak rate: a linear warmup to 1 over
+    warmup_steps, then a cosine down to final_frac at max_steps. With `cooldown_frac` (wsd)
+    it stays 1 until that fraction of max_steps is left, then falls in a straight line to
+    final_frac."""
     if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
+        return (step + 1) / warmup_steps
     if step >= max_steps:
-        return min_lr
+        return final_frac
     if cooldown_frac is not None:
         decay_start = max(warmup_steps, max_steps * (1 - cooldown_frac))
         progress = max(0.0, step - decay_start) / max(1.0, max_steps - decay_start)
-        return max_lr + progress * (min_lr - max_lr)
+        return 1.0 + progress * (final_frac - 1.0)
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+    return final_frac + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - final_frac)
 
 
 def check_fsdp(config: TrainConfig, env: runtime.DistEnv, precision: runtime.Precision,
@@ -821,13 +822,15 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
 
             # ------------------------------------------------------------------ step
             t0 = time.perf_counter()
-            # One schedule for every group: a multiplier of its peak rate (initial_lr); Muon's
-            # momentum warms up, and eases off over the LR's warmdown.
-            cooldown_frac = config.cooldown_frac if config.lr_schedule == "wsd" else None
-            multiplier = get_lr(step, 1.0, config.final_lr_frac, config.warmup_steps,
-                                config.max_steps, cooldown_frac)
-            momentum = optim.muon_momentum(step, config.max_steps,
-                                           round(config.max_steps * (cooldown_frac or 0)))
+            # One schedule for every group: a multiplier of its peak rate (initial_lr). Muon's
+            # momentum warms up, and eases off over the wsd schedule's warmdown.
+            cooldown_frac, warmdown_steps = None, 0
+            if config.lr_schedule == "wsd":
+                cooldown_frac = config.cooldown_frac
+                warmdown_steps = round(config.max_steps * cooldown_frac)
+            multiplier = lr_multiplier(step, config.final_lr_frac, config.warmup_steps,
+                                       config.max_steps, cooldown_frac)
+            momentum = optim.muon_momentum(step, config.max_steps, warmdown_steps)
             optim.set_lr_multiplier(optimizer, multiplier)
             optim.set_muon_momentum(optimizer, momentum)
             lr = optimizer.param_groups[0]["lr"]  # gpt2: AdamW's; modern: the embedding's

@@ -48,7 +48,7 @@ from train_gpt2 import (
     due,
     find_data,
     format_step,
-    get_lr,
+    lr_multiplier,
     parse_args,
 )
 
@@ -115,7 +115,7 @@ def resolve_devices(name: str) -> list[jax.Device]:
 
 def build_optimizer(config: TrainConfig, params: model_jax.Params) -> optax.GradientTransformation:
     """torch.optim.AdamW as train_gpt2.py configures it: decay on the 2-D weights only. The
-    learning rate is a hyperparameter in the state, set at every step from get_lr."""
+    learning rate is a hyperparameter in the state, set at every step from lr_multiplier."""
     decay = {key: value.ndim >= 2 for key, value in params.items()}
     return optax.inject_hyperparams(optax.adamw)(
         learning_rate=config.max_lr, b1=config.beta1, b2=config.beta2, eps=config.adam_eps,
@@ -303,9 +303,8 @@ def training_loop(*, config: TrainConfig, mesh: Mesh, n_head: int, dtype: Any,
 
             t0 = time.perf_counter()
             cooldown_frac = config.cooldown_frac if config.lr_schedule == "wsd" else None
-            lr = get_lr(step, config.max_lr, config.max_lr * config.final_lr_frac,
-                        config.warmup_steps,
-                        config.max_steps, cooldown_frac)
+            lr = config.max_lr * lr_multiplier(step, config.final_lr_frac, config.warmup_steps,
+                                               config.max_steps, cooldown_frac)
             batches = [loader.next_arrays() for _ in range(grad_accum)]
             xs = on_devices(np.stack([x for x, _ in batches]), mesh, None, "data")
             ys = on_devices(np.stack([y for _, y in batches]), mesh, None, "data")

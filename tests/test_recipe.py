@@ -26,7 +26,7 @@ from model_modern import ModernConfig, ModernGPT
 
 
 def test_wsd_schedule_warms_up_holds_then_decays_linearly() -> None:
-    lr = [train_gpt2.get_lr(s, 1.0, 0.1, 10, 100, cooldown_frac=0.4) for s in range(101)]
+    lr = [train_gpt2.lr_multiplier(s, 0.1, 10, 100, cooldown_frac=0.4) for s in range(101)]
     assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)
     assert lr[10:61] == [1.0] * 51
     assert lr[80] == pytest.approx(1.0 + 0.5 * (0.1 - 1.0))

@@ -98,9 +98,9 @@ def newest_ckpt(out_dir: Path) -> Path:
 # ------------------------------------------------------------------------------ schedule
 
 
-def test_get_lr_warmup_cosine_and_floor() -> None:
+def test_lr_schedule_warmup_cosine_and_floor() -> None:
     max_lr, min_lr, warmup, total = 6e-4, 6e-5, 10, 110
-    lr = lambda step: train_gpt2.get_lr(step, max_lr, min_lr, warmup, total)  # noqa: E731
+    lr = lambda step: max_lr * train_gpt2.lr_multiplier(step, 0.1, warmup, total)  # noqa: E731
     assert lr(0) == pytest.approx(max_lr / 10)
     assert lr(4) == pytest.approx(max_lr * 5 / 10)
     assert lr(9) == pytest.approx(max_lr)
