@@ -541,22 +541,23 @@ class ShardLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != LOADER_STATE_FORMAT:
-            raise ValueError(f"ShardLoader.load_state_dict: format {state.get('format')!r}, "
-                             f"expected {LOADER_STATE_FORMAT!r}")
+            raise ValueError(f"loader state: format {state.get('format')!r}, expected "
+                             f"{LOADER_STATE_FORMAT!r}")
         mine = self.state_dict()
         names = [Path(p).name for p in state.get("files", [])]
         if names != [p.name for p in self.paths] or state.get("num_tokens") != mine["num_tokens"]:
-            raise ValueError("ShardLoader.load_state_dict: the state was saved for different "
-                             f"shard files ({len(names)} files, first {names[:1]}); resume "
-                             "with the same data")
-        for key in ("batch_size", "seq_len", "world_size", "shuffle", "seed"):
+            raise ValueError(f"loader state: saved for other shard files ({len(names)} files, "
+                             f"first {names[:1]})\nhint: resume with the data it was trained on")
+        # The flag that sets each (world_size: the number of processes).
+        flags = {"batch_size": "--batch-size", "seq_len": "--seq-len", "shuffle": "--shuffle",
+                 "seed": "--seed", "world_size": "processes"}
+        for key, flag in flags.items():
             if state.get(key) != mine[key]:
-                raise ValueError(f"ShardLoader.load_state_dict: the state has {key}="
-                                 f"{state.get(key)!r} but this loader has {key}={mine[key]!r}; "
-                                 "resume with the same settings")
+                raise ValueError(f"loader state: saved with {key}={state.get(key)!r}, this "
+                                 f"run has {mine[key]!r}\nhint: resume with the same {flag}")
         step = state.get("step")
         if not isinstance(step, int) or step < 0:
-            raise ValueError(f"ShardLoader.load_state_dict: bad step {step!r}")
+            raise ValueError(f"loader state: step is {step!r}, not a count of batches")
         self.reset(step)
 
     def close(self) -> None:
