@@ -438,8 +438,10 @@ def restore_training(state: dict[str, Any], path: Path, fsdp: bool, env: runtime
         # global micro-batch is unchanged.
         world_size, batch_size = env.world_size, loader.batch_size
         saved_world = state.get("world_size", len(state["loader_states"]))
-        saved = state["loader_states"][env.rank if saved_world == world_size else 0]
-        if saved_world != world_size:
+        if saved_world == world_size:
+            saved = state["loader_states"][env.rank]
+        else:
+            saved = state["loader_states"][0]
             if saved["batch_size"] * saved_world != batch_size * world_size:
                 raise ValueError(
                     f"{path}: saved by {saved_world} processes with --batch-size="
@@ -451,7 +453,11 @@ def restore_training(state: dict[str, Any], path: Path, fsdp: bool, env: runtime
         if sharded:
             sharding.load_optimizer_state(path, model, optimizer)
         else:
-            optimizer.load_state_dict(state["optimizer"])
+            try:
+                optimizer.load_state_dict(state["optimizer"])
+            except ValueError as exc:  # the state is another optimizer's: exc names how
+                raise ValueError(f"{path}: {exc}\nhint: the checkpoint is damaged or of another "
+                                 f"run; start from its weights with --init-from={path}") from None
         scaler.load_state_dict(state["scaler"])
     try:
         loader.load_state_dict(saved)
