@@ -401,7 +401,7 @@ def model_config(config: TrainConfig) -> GPTConfig | ModernConfig:
         raise UsageError(str(exc)) from None
 
 
-def build_model(config: TrainConfig, resume: dict[str, Any] | None,
+def build_model(config: TrainConfig, resume: dict[str, Any],
                 resume_path: Path | None) -> GPT | ModernGPT:
     """The resumed checkpoint's model, else (--init-from) a fresh model, pretrained GPT-2
     weights or a checkpoint's weights; a checkpoint's model must be the one the flags ask for."""
@@ -411,7 +411,7 @@ def build_model(config: TrainConfig, resume: dict[str, Any] | None,
                        or (source / checkpoint.STATE_NAME).is_file())
     model: GPT | ModernGPT
     state, path = None, source
-    if resume is not None and resume_path is not None:
+    if resume_path is not None:
         state, path = resume, resume_path
         model = checkpoint.build_model(state)
     elif from_checkpoint:
@@ -429,7 +429,7 @@ def build_model(config: TrainConfig, resume: dict[str, Any] | None,
     if state is not None:
         # When resuming, the checkpoint must also have been trained with this run's
         # optimizer, whose state it holds.
-        resuming = resume is not None
+        resuming = resume_path is not None
         ours = model_config(config)
         if type(ours) is not type(model.config):
             diffs = [f"a {state['model_kind']} model (this run: --recipe={config.recipe})"]
@@ -670,7 +670,7 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
         resume_path = checkpoint.resume_point(out_dir, config.resume, config.overwrite)
         if config.resume and resume_path is None:
             print0(f"--resume: no checkpoint in {out_dir}; starting from scratch")
-        resume = checkpoint.load(resume_path) if resume_path else None
+        resume = checkpoint.load(resume_path) if resume_path else {}
 
         # ----------------------------------------------------------------------- model
         torch.manual_seed(config.seed)  # the model's init is the run's only random draw
@@ -692,7 +692,7 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
             sharding.shard_model(model, precision, device)
         auto_micro_batch = config.batch_size == AUTO
         if auto_micro_batch:
-            if resume is not None and resume_path is not None:  # exact resume needs its own
+            if resume_path is not None:  # exact resume needs its own
                 size = resume["loader_states"][0]["batch_size"]
                 chosen = f"the micro-batch of {resume_path.name}"
             else:
@@ -701,7 +701,7 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
             config = dataclasses.replace(config, batch_size=size)
             print0(f"--batch-size=auto: micro-batch {size} ({chosen})")
         grad_accum = config.grad_accum(env.world_size)
-        if config.quickstart and resume is None:
+        if config.quickstart and resume_path is None:
             seconds = estimate_run_seconds(config, grad_accum, runtime.time_micro_step(
                 model, config.micro_batch, config.seq_len, precision, device))
             print0(f"Quickstart: about {seconds / 60:.1f} minutes of training on this machine "
@@ -734,7 +734,7 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
 
         # --------------------------------------------------- resume, and the log opened
         start_step, skipped = 0, 0
-        if resume is not None and resume_path is not None:
+        if resume_path is not None:
             start_step, skipped = checkpoint.restore_training(
                 resume, resume_path, config.fsdp, env, model, optimizer, scaler, loader)
             print0(f"resumed from {resume_path} at step {start_step}")
@@ -756,7 +756,7 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
             if send_to_wandb is not None:
                 send_to_wandb(step, values)
 
-        if auto_micro_batch and resume is None:
+        if auto_micro_batch and resume_path is None:
             log(start_step, micro_batch=config.micro_batch, grad_accum=grad_accum)
         print0(f"data: {source} ({len(train_files)} train, {len(val_files)} val shards)")
         print0(f"model: {model.config} ({model.num_params() / 1e6:.1f}M parameters), "

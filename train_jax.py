@@ -228,7 +228,7 @@ def train(config: TrainConfig, argv: list[str]) -> int:
         resume_path = checkpoint.resume_point(out_dir, config.resume, config.overwrite)
         if config.resume and resume_path is None:
             say(f"--resume: no checkpoint in {out_dir}; starting from scratch")
-        resume = checkpoint.load(resume_path) if resume_path else None
+        resume = checkpoint.load(resume_path) if resume_path else {}
         train_files, val_files, source = find_data(config, runtime.DistEnv())
 
         torch.manual_seed(config.seed)  # train_gpt2.py's init for the same seed
@@ -253,7 +253,7 @@ def train(config: TrainConfig, argv: list[str]) -> int:
         with (make_loader(train_files, shuffle=config.shuffle) as loader,
               make_loader(val_files, shuffle=False) as val_loader):
             start_step = 0
-            if resume is not None and resume_path is not None:
+            if resume_path is not None:
                 opt_state, start_step = restore(resume, resume_path, opt_state, replicated, loader)
                 say(f"resumed from {resume_path} at step {start_step}")
             checkpoint.open_run(out_dir, resume_path, start_step)

@@ -318,7 +318,7 @@ def time_steps(args: argparse.Namespace, runs: dict[str, Run]) -> dict[str, list
         argv = train_flags(args, run, Path("unused"))
         config = train_gpt2.configure(train_gpt2.parse_args(argv), argv)
         torch.manual_seed(0)
-        model = train_gpt2.build_model(config, None, None).to(device)
+        model = train_gpt2.build_model(config, {}, None).to(device)
         optimizer = train_gpt2.build_optimizer(model, config, device)
         optim.set_lr_multiplier(optimizer, 1.0)  # the peak rates, as after warmup
         scaler = runtime.make_grad_scaler(precision, device)

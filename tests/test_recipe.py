@@ -53,7 +53,7 @@ def test_the_trainer_builds_each_recipes_optimizer_from_its_flags(tmp_path: Path
             "--seq-len=32", "--embedding-lr=0.2", "--head-lr=0.004", "--matrix-lr=0.03",
             "--scalar-lr=0.4"]
     config = train_gpt2.configure(train_gpt2.parse_args(argv), argv)
-    model = train_gpt2.build_model(config, None, None)
+    model = train_gpt2.build_model(config, {}, None)
     assert isinstance(model, ModernGPT)
     optimizer = train_gpt2.build_optimizer(model, config, torch.device("cpu"))
     scale = (32 / optim.REFERENCE_WIDTH) ** -0.5
@@ -65,7 +65,7 @@ def test_the_trainer_builds_each_recipes_optimizer_from_its_flags(tmp_path: Path
     assert {g["name"]: g["lr"] for g in optimizer.param_groups} == pytest.approx(
         {name: 0.25 * peak for name, peak in peaks.items()})
     gpt2 = train_gpt2.configure(train_gpt2.parse_args(argv[:1] + ["--max-lr=1e-3"]), [])
-    adamw = train_gpt2.build_optimizer(train_gpt2.build_model(gpt2, None, None), gpt2,
+    adamw = train_gpt2.build_optimizer(train_gpt2.build_model(gpt2, {}, None), gpt2,
                                        torch.device("cpu"))
     assert isinstance(adamw, torch.optim.AdamW)
     assert [g["initial_lr"] for g in adamw.param_groups] == [1e-3, 1e-3]
