@@ -608,11 +608,11 @@ def evaluate_val_loss(model: torch.nn.Module, loader: data.ShardLoader, steps: i
     return float(total)
 
 
-def load_hellaswag(config: TrainConfig, env: runtime.DistEnv) -> list[dict[str, Any]] | None:
-    """The examples HellaSwag runs on during training; None when it is off or its file cannot
+def load_hellaswag(config: TrainConfig, env: runtime.DistEnv) -> list[dict[str, Any]]:
+    """The examples HellaSwag runs on during training; none when it is off or its file cannot
     be had (missing, no network): training goes on without it."""
     if not config.hellaswag_interval:
-        return None
+        return []
     try:
         return eval_hellaswag.load_examples(config.hellaswag_data, limit=config.hellaswag_limit)
     except Exception as exc:
@@ -620,14 +620,14 @@ def load_hellaswag(config: TrainConfig, env: runtime.DistEnv) -> list[dict[str, 
             print(f"warning: HellaSwag eval skipped for this run: {cli.first_line(exc)} (pass "
                   "--hellaswag-data=JSONL, or --hellaswag-interval=0 to silence this)",
                   file=sys.stderr, flush=True)
-        return None
+        return []
 
 
-def load_core(config: TrainConfig, env: runtime.DistEnv) -> list[eval_core.Task] | None:
-    """The CORE tasks run during training; None when it is off or the bundle cannot be had
+def load_core(config: TrainConfig, env: runtime.DistEnv) -> list[eval_core.Task]:
+    """The CORE tasks run during training; none when it is off or the bundle cannot be had
     (no network, a bad bundle): training goes on without it, after one warning."""
     if config.core_interval <= 0:
-        return None
+        return []
     bundle = config.core_bundle
     if bundle is None:  # rank 0 downloads (if need be) while the other ranks wait
         bundle = str(Path(config.data_root) / eval_core.BUNDLE_DIR)
@@ -643,7 +643,7 @@ def load_core(config: TrainConfig, env: runtime.DistEnv) -> list[eval_core.Task]
             print(f"warning: CORE eval skipped for this run: {cli.first_line(exc)} (pass "
                   "--core-bundle=DIR, or --core-interval=0 to silence this)", file=sys.stderr,
                   flush=True)
-        return None
+        return []
 
 
 # ------------------------------------------------------------------------------ the recipe
@@ -678,12 +678,12 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
             runtime.enable_tf32()
         model = build_model(config, resume, resume_path).to(device)
         # The samples' prompt and length must fit the model: refused now, not mid-run.
-        sample_prompt: list[int] = []
-        sample_tokens = 0
+        prompt_tokens: list[int] = []
+        new_tokens = 0
         if config.sample_interval and config.max_steps > 0:
-            sample_prompt = sample.encode_prompt(config.sample_prompt)
-            sample_tokens = sample.new_token_count(
-                model, sample_prompt, min(config.sample_length, model.config.block_size),
+            prompt_tokens = sample.encode_prompt(config.sample_prompt)
+            new_tokens = sample.new_token_count(
+                model, prompt_tokens, min(config.sample_length, model.config.block_size),
                 ("--sample-prompt", "--sample-length"))
         model.activation_checkpointing = config.activation_checkpointing
         if config.fsdp:
@@ -783,40 +783,38 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
                                         env)
                 print0(f"step {step:6d} | val loss {val:.4f}")
                 log(step, val_loss=val)
-            run_hellaswag = hellaswag is not None and due(config.hellaswag_interval, step,
-                                                          config.max_steps)
-            run_core = core_tasks is not None and due(config.core_interval, step,
-                                                      config.max_steps)
+            run_hellaswag = bool(hellaswag) and due(config.hellaswag_interval, step,
+                                                    config.max_steps)
+            run_core = bool(core_tasks) and due(config.core_interval, step, config.max_steps)
             # Samples from the untrained weights at step 0 would only show noise.
-            samples = step > 0 and due(config.sample_interval, step, config.max_steps)
-            if run_hellaswag or run_core or samples:
+            run_samples = step > 0 and due(config.sample_interval, step, config.max_steps)
+            if run_hellaswag or run_core or run_samples:
                 # Under --fsdp a full copy (every rank makes it): sampling runs on rank 0
                 # alone, and HellaSwag gives ranks different numbers of forward passes.
                 eval_model = model
                 if config.fsdp:
                     eval_model = sharding.full_weights_copy(model, device)
-                if hellaswag is not None and run_hellaswag:
+                if run_hellaswag:
                     score = eval_hellaswag.evaluate(eval_model, hellaswag, device,
                                                     precision=precision, rank=env.rank,
                                                     world_size=env.world_size)
                     print0(f"step {step:6d} | HellaSwag acc_norm {score.correct_norm}/"
                            f"{score.total} = {score.acc_norm:.4f}")
                     log(step, hellaswag_acc_norm=score.acc_norm, hellaswag_acc=score.acc)
-                if core_tasks is not None and run_core:
+                if run_core:
                     core = eval_core.evaluate(eval_model, core_tasks, device,
                                               precision=precision, rank=env.rank,
                                               world_size=env.world_size)
                     print0(f"step {step:6d} | CORE {core.core:.4f} ({len(core_tasks)} tasks, "
                            f"at most {config.core_limit} examples each)")
                     log(step, core_metric=core.core, core_results=core.results)
-                if samples and env.is_main:
+                if run_samples and env.is_main:
                     texts = sample.generate_text(
-                        eval_model, sample_prompt, sample_tokens, config.num_samples,
+                        eval_model, prompt_tokens, new_tokens, config.num_samples,
                         seed=config.seed, device=device, precision=precision)
                     print(f"step {step:6d} | samples:", *(f"> {t}" for t in texts), sep="\n",
                           flush=True)
                     log(step, samples=texts)
-                eval_model.train()
             if step == config.max_steps:
                 return 0
 
