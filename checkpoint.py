@@ -250,10 +250,12 @@ def _damaged(path: Path, what: str) -> ValueError:
 
 def check(path: Path, state: Any, shards: tuple[Path, dict[str, Any]] | None = None
           ) -> dict[str, Any]:
-    """`state` if it is a checkpoint to build a model from (and, where it holds the training
-    state, to resume from), its weights' names and shapes those its model_config calls for:
-    those of state["model"], or of `shards`, (folder, shapes) of a --fsdp checkpoint. Else a
-    ValueError naming the file (or the folder) and the key."""
+    """Checks that `state` is a checkpoint to build a model from (and, where it holds the
+    training state, to resume from) and returns it: its weights' names and shapes must be those
+    its model_config calls for, of state["model"] or of `shards` ((folder, shapes) of a --fsdp
+    checkpoint). In place, a missing model_kind or model entry is filled in and GPT-2's old
+    switches (all off) are dropped. Anything else raises a ValueError naming the file (or the
+    folder) and the key."""
     if not isinstance(state, dict) or not isinstance(state.get("model_config"), dict):
         raise _damaged(path, "no model_config entry")
     kind = state.setdefault("model_kind", "gpt2")
@@ -265,11 +267,12 @@ def check(path: Path, state: Any, shards: tuple[Path, dict[str, Any]] | None = N
         raise ValueError(f"{path}: written by the first --recipe=modern ({on} in GPT-2's "
                          "model)\nhint: today's modern model has other weights; train it again "
                          "with --recipe=modern")
-    for switch in OLD_SWITCHES if kind == "gpt2" else ():
-        if switch in config and type(config[switch]) is not bool:
-            raise _damaged(path, f"model_config[{switch!r}] is {config[switch]!r}, not True "
-                           "or False")
-        config.pop(switch, None)  # off (the check above refused on): what GPT-2 is
+    if kind == "gpt2":
+        for switch in OLD_SWITCHES:
+            if switch in config and type(config[switch]) is not bool:
+                raise _damaged(path, f"model_config[{switch!r}] is {config[switch]!r}, not "
+                               "True or False")
+            config.pop(switch, None)  # off (the check above refused on): what GPT-2 is
     model_class, config_class = MODELS[kind]
     # The config class's own fields say what each entry must be: "int" fields are the shape
     # (positive, always present), "bool" and "float" ones settings with defaults.
@@ -316,8 +319,12 @@ def check(path: Path, state: Any, shards: tuple[Path, dict[str, Any]] | None = N
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not (
                 value.sum().isfinite() or value.isfinite().all()):
             raise _damaged(path, f"{name} holds NaN or infinite values")
-        items = value.items() if isinstance(value, dict) else \
-            enumerate(value) if isinstance(value, list | tuple) else ()
+        if isinstance(value, dict):
+            items: Any = value.items()
+        elif isinstance(value, list | tuple):
+            items = enumerate(value)
+        else:
+            continue
         pending += [(f"{name}[{key!r}]" if name else str(key), item) for key, item in items]
     if shards is None and not state["model"]:
         return state  # no weights to check: loading them names what is missing
@@ -342,7 +349,7 @@ def check(path: Path, state: Any, shards: tuple[Path, dict[str, Any]] | None = N
     return state
 
 
-def build_model(state: dict[str, Any]) -> GPT | ModernGPT:
+def model_from_state(state: dict[str, Any]) -> GPT | ModernGPT:
     """The model a checked checkpoint holds, its weights loaded."""
     with torch.random.fork_rng(devices=[]):  # the init is overwritten; keep the caller's RNG
         return MODELS[state["model_kind"]][0].from_checkpoint(state)
@@ -353,7 +360,7 @@ def load_model(pretrained: str | None, checkpoint: str | None,
     """The model of a checkpoint (preferred when given) or of pretrained GPT-2 weights (a hub
     name or a local Hugging Face folder), in eval mode on `device`."""
     if checkpoint is not None:
-        model = build_model(load(checkpoint))
+        model = model_from_state(load(checkpoint))
     elif pretrained is not None:
         model = GPT.from_pretrained(pretrained)
     else:
@@ -422,8 +429,9 @@ def _save_folder(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
 def restore_training(state: dict[str, Any], path: Path, fsdp: bool, env: runtime.DistEnv,
                      model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      scaler: torch.amp.GradScaler, loader: data.ShardLoader) -> tuple[int, int]:
-    """Optimizer, loss scaler and loader position of the checkpoint the model was built from
-    (its weights are the model's already); returns (step, skipped steps)."""
+    """Loads the optimizer state, loss scaler and loader position of the checkpoint the model
+    was built from (its weights are the model's already) into `optimizer`, `scaler` and
+    `loader`, and returns the checkpoint's (step, skipped steps)."""
     sharded = path.is_dir()  # its optimizer state is read from the folder below
     wanted = ("scaler", "loader_states", "step") + (() if sharded else ("optimizer",))
     if missing := [k for k in wanted if k not in state]:

@@ -413,10 +413,10 @@ def build_model(config: TrainConfig, resume: dict[str, Any],
     state, path = None, source
     if resume_path is not None:
         state, path = resume, resume_path
-        model = checkpoint.build_model(state)
+        model = checkpoint.model_from_state(state)
     elif from_checkpoint:
         state = checkpoint.load(source)
-        model = checkpoint.build_model(state)
+        model = checkpoint.model_from_state(state)
     elif config.init_from == "scratch":
         shape = model_config(config)
         model = ModernGPT(shape) if isinstance(shape, ModernConfig) else GPT(shape)

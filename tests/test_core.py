@@ -651,7 +651,7 @@ def test_train_gpt2_logs_core_at_its_interval(bundle: Path, specs, tmp_path: Pat
                                      "--core-limit=5", "--eval-interval=0")) == 0
     logged = {e["step"]: e for e in read_log(out) if "core_metric" in e}
     assert sorted(logged) == [0, 2]
-    model = checkpoint.build_model(checkpoint.load(out / "ckpt_0000002.pt")).eval()
+    model = checkpoint.model_from_state(checkpoint.load(out / "ckpt_0000002.pt")).eval()
     expected = core.evaluate(model, core.load_tasks(bundle, limit=5), "cpu")
     assert logged[2]["core_metric"] == pytest.approx(expected.core, abs=1e-6)
     assert logged[2]["core_results"] == pytest.approx(expected.results, abs=1e-6)

@@ -340,7 +340,7 @@ def test_a_checkpoint_names_its_model_and_loads_as_it(tmp_path):
     for model, kind, expected in ((gpt2, None, GPT), (modern, mm.MODEL_KIND, ModernGPT)):
         path = tmp_path / f"{expected.__name__}.pt"
         torch.save(checkpoint_state(model, model.config, kind), path)
-        loaded = checkpoint.build_model(checkpoint.load(path))
+        loaded = checkpoint.model_from_state(checkpoint.load(path))
         assert type(loaded) is expected and loaded.config == model.config
     state = checkpoint_state(modern, modern.config, mm.MODEL_KIND)
     del state["model"]["x0_lambdas"]

@@ -103,7 +103,7 @@ def test_modern_run_samples_scores_hellaswag_and_is_refused_by_export(
         f"--hellaswag-data={hellaswag}")) == 0
     log = read_log(out)
     assert [len(e["samples"]) for e in log if "samples" in e] == [1]
-    model = checkpoint.build_model(checkpoint.load(out / "ckpt_0000002.pt")).eval()
+    model = checkpoint.model_from_state(checkpoint.load(out / "ckpt_0000002.pt")).eval()
     assert isinstance(model, ModernGPT)
     reference = eval_hellaswag.evaluate(model, eval_hellaswag.load_examples(hellaswag), "cpu")
     assert [e["hellaswag_acc_norm"] for e in log if "hellaswag_acc_norm" in e][-1] == \
