@@ -141,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     """`nano-gpt COMMAND [FLAGS]`: runs the main() of the script COMMAND names."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
-        given = f"unknown command {argv[0]!r}; " if argv and argv[0] not in ("-h", "--help") \
-            else ""
+        given = ""
+        if argv and argv[0] not in ("-h", "--help"):
+            given = f"unknown command {argv[0]!r}; "
         print(f"nano-gpt: {given}usage: nano-gpt {{{','.join(COMMANDS)}}} [FLAGS] "
               "(each command's --help lists its flags)", file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2

@@ -367,9 +367,10 @@ def render_prompts(task: Task, index: int) -> list[str]:
     examples solved and separated by blank lines, then one prompt per option (language
     modelling: the prompt without its continuation, stripped, then with it)."""
     item, sep = task.examples[index], task.delimiter
-    shots = [task.examples[j] for j in fewshot_indices(index, len(task.examples),
-                                                       task.num_fewshot)] \
-        if task.num_fewshot else []
+    shots = []
+    if task.num_fewshot:
+        drawn = fewshot_indices(index, len(task.examples), task.num_fewshot)
+        shots = [task.examples[j] for j in drawn]
     if task.task_type == "multiple_choice":
         prefix = "".join(f"{s['query']}{sep}{s['choices'][s['gold']]}\n\n" for s in shots)
         return [f"{prefix}{item['query']}{sep}{choice}" for choice in item["choices"]]

@@ -52,8 +52,11 @@ def load_examples(path: str | os.PathLike[str] | None = None, limit: int | None 
     """The first `limit` examples of a local jsonl, or (path None) of the validation file."""
     path = Path(path) if path is not None else ensure_validation_file(cache_dir)
     if not path.is_file():
-        what = ("a directory, not a file" if path.is_dir() else "not a regular file"
-                if path.exists() else "HellaSwag file not found")
+        what = "HellaSwag file not found"
+        if path.is_dir():
+            what = "a directory, not a file"
+        elif path.exists():
+            what = "not a regular file"
         raise FileNotFoundError(f"{path}: {what}\nhint: pass --data=JSONL with the path of "
                                 "hellaswag_val.jsonl")
     with open(path, "rb") as f:

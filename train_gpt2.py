@@ -655,9 +655,10 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
     due or asked for by a signal."""
     device, precision = cli.resolve_runtime(config.device, config.dtype)
     device = runtime.distributed_device(env, device)
-    # A total batch that does not split into whole micro-batches is refused before any work.
-    rank_samples = config.samples_per_rank(env.world_size, 1 if config.batch_size == AUTO else
-                                           config.micro_batch)
+    # A total batch that does not split into whole micro-batches is refused before any work
+    # (--batch-size=auto is resolved below, to a size that divides it).
+    micro_batch = 1 if config.batch_size == AUTO else config.micro_batch
+    rank_samples = config.samples_per_rank(env.world_size, micro_batch)
     check_fsdp(config, env, precision, device)
     runtime.init_distributed(env, device)
     with contextlib.ExitStack() as stack:
