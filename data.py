@@ -80,8 +80,8 @@ def get_tokenizer() -> tiktoken.Encoding:
     raw = GPT2_RANKS_FILE.read_bytes()
     digest = hashlib.sha256(raw).hexdigest()
     if digest != GPT2_RANKS_SHA256:
-        raise RuntimeError(f"{GPT2_RANKS_FILE}: sha256 {digest} is not the GPT-2 ranks file "
-                           f"({GPT2_RANKS_SHA256}); restore it from the repository")
+        raise RuntimeError(f"{GPT2_RANKS_FILE}: not the GPT-2 ranks file (sha256 {digest})\n"
+                           "hint: restore it from the repository")
     pairs = (line.split() for line in raw.splitlines() if line)
     ranks = {base64.b64decode(token): int(rank) for token, rank in pairs}
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,

@@ -100,8 +100,8 @@ def ensure_validation_file(cache_dir: str | os.PathLike[str] | None,
             for count, line in enumerate(f, start=1):  # noqa: B007 - read after the loop
                 parse_example(line, f"{url} line {count}")
         if count != expected_lines:
-            raise ValueError(f"{url}: downloaded {count} lines, expected {expected_lines}; "
-                             "the download is incomplete, run again or pass --data=JSONL")
+            raise ValueError(f"{url}: downloaded {count} lines, expected {expected_lines}\n"
+                             "hint: the download is incomplete; run again, or pass --data=JSONL")
 
     folder = Path(cache_dir) if cache_dir else default_data_root() / "hellaswag"
     try:

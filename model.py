@@ -205,7 +205,7 @@ class GPT(nn.Module):
                 shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
             tensors = load_file(str(weights))
         except Exception as exc:  # safetensors raises its own SafetensorError, among others
-            raise ValueError(f"{weights}: not a readable safetensors file ({exc}); pass a "
+            raise ValueError(f"{weights}: not a readable safetensors file ({exc})\nhint: pass a "
                              "folder written by save_pretrained or GPT.save_hf") from None
         # The sizes in config.json are checked against the stored weights before the model
         # is built: a config that asks for far more than the file holds allocates nothing.
@@ -251,7 +251,7 @@ class GPT(nn.Module):
                                  f"expected {tuple(ours[key].shape)}")
             if not tensor.is_floating_point() or not bool(tensor.isfinite().all()):
                 raise ValueError(f"{source}: '{hf_key}' holds NaN, infinite or non-float "
-                                 "values; the weights are damaged, download them again")
+                                 "values\nhint: the weights are damaged; download them again")
             ours[key].copy_(tensor)  # state_dict's tensors are detached views of the weights
             seen.add(key)
         missing = sorted(expected - seen)

@@ -103,7 +103,7 @@ def resolve_devices(name: str) -> list[jax.Device]:
     try:
         devices = jax.local_devices(backend=backend)
     except RuntimeError:
-        raise UsageError(f"--device={name}: JAX has no {backend} backend here; install "
+        raise UsageError(f"--device={name}: JAX has no {backend} backend here\nhint: install "
                          "jax[cuda12] for NVIDIA GPUs, or pass --device=cpu") from None
     if index and int(index) >= len(devices):
         raise UsageError(f"--device={name}: only {len(devices)} device(s) present")
