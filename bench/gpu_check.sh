@@ -9,7 +9,9 @@
 # Install line it runs when `import torch, transformers, pytest` fails (documented in the
 # README): `pip install torch` (only if torch is missing), then `pip install -e ".[dev]"`
 # (the dev extra: transformers and pytest, which four steps need). Offline, an installed
-# environment is used as it is.
+# environment is used as it is, and the C++ loader is built into it if it is missing
+# (`pip install --no-build-isolation --no-deps -e .`, with the image's scikit-build-core,
+# pybind11 and cmake).
 #
 # Each step writes OUT_DIR/<step>.txt and has a time limit of twice its estimate on an H100
 # (the estimates, beside each step and not yet measured, add up to 8.1 minutes). No step
@@ -213,14 +215,19 @@ export -f compare_losses train_end_to_end tokens_per_second sample_checks
 } | tee -a "$SUMMARY"
 
 # Installs (about 5 s when already installed; up to 90 s for the dev extra and the C++
-# loader's build, torch's wheel not counted).
+# loader's build, torch's wheel not counted). An image that already holds torch, the test
+# packages and the build tools (scikit-build-core, pybind11, cmake), offline, gets the C++
+# loader alone, built against what it has.
 step install 45 any "^FIGURE" bash -c '
     '"$PY"' -c "import torch, transformers, pytest" 2>/dev/null || {
         '"$PY"' -c "import torch" 2>/dev/null || pip install torch
         pip install -e ".[dev]"
     }
-    '"$PY"' -c "import torch, transformers; print(\"FIGURE versions: torch\", torch.__version__,
-        \"cuda\", torch.version.cuda, \"transformers\", transformers.__version__,
+    '"$PY"' -c "import _loader" 2>/dev/null ||
+        '"$PY"' -m pip install --no-build-isolation --no-deps -e .
+    '"$PY"' -c "import torch, transformers, data; print(\"FIGURE versions: torch\",
+        torch.__version__, \"cuda\", torch.version.cuda, \"transformers\",
+        transformers.__version__, \"loader\", \"native\" if data.NATIVE_MODULE else \"numpy\",
         \"gpu\", torch.cuda.get_device_name() if torch.cuda.is_available() else None)"'
 # The stdlib shards, offline (about 15 s on 16 cores; kept across reruns).
 step prepare_data 20 any "shards|tokens" bash -c "[[ -f '$DATA/stdlib/manifest.json' ]] &&
