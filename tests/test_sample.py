@@ -19,7 +19,7 @@ import checkpoint
 import model as model_module
 import runtime
 import sample
-from data import get_tokenizer
+from data import EOT_TOKEN, get_tokenizer
 from model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig, sample_next_token
 
 PROMPT = "Hello, I'm a language model,"
@@ -229,6 +229,14 @@ def test_max_length_counts_prompt_and_new_tokens(tiny: GPT) -> None:
                         generator=torch.Generator().manual_seed(1))
     assert out.shape == (2, len(prompt) + 9)
     assert texts == [enc.decode(row) for row in out.tolist()]
+
+
+def test_an_empty_prompt_starts_a_document_and_hides_its_endoftext(tiny: GPT) -> None:
+    assert sample.encode_prompt("") == [EOT_TOKEN]
+    texts = sampled(tiny, "", 2, 9, seed=1)
+    out = tiny.generate(torch.tensor([[EOT_TOKEN]] * 2), 8, top_k=50,
+                        generator=torch.Generator().manual_seed(1))
+    assert texts == [get_tokenizer().decode(row[1:]) for row in out.tolist()]
 
 
 def test_on_token_sees_every_new_token_as_it_is_sampled(tiny: GPT) -> None:
