@@ -249,7 +249,8 @@ def read_shard(path: str | os.PathLike[str]) -> np.ndarray:
     size = path.stat().st_size
     if size < HEADER_BYTES:
         raise ShardFormatError(f"{path}: {size} bytes, shorter than the {HEADER_BYTES}-byte "
-                               "shard header; the file is truncated or not a token shard")
+                               "shard header\nhint: the file is truncated or not a token shard; "
+                               "write it again with prepare_dataset.py")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     magic_number, version, ntok = (int(v) for v in header[:3])
     if magic_number != SHARD_MAGIC:
@@ -261,7 +262,8 @@ def read_shard(path: str | os.PathLike[str]) -> np.ndarray:
     expected = HEADER_BYTES + 2 * ntok
     if ntok < 0 or size != expected:
         raise ShardFormatError(f"{path}: file size {size} bytes, expected {expected} for "
-                               f"{ntok} tokens; the shard is truncated or corrupt")
+                               f"{ntok} tokens\nhint: the shard is truncated or corrupt; write it "
+                               "again with prepare_dataset.py")
     if ntok == 0:
         return np.zeros(0, dtype=np.uint16)
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(ntok,))

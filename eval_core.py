@@ -119,8 +119,8 @@ def load_tasks(bundle: str | os.PathLike[str] | None, labels: Sequence[str] | No
         numbered = numbered[:limit]
         if len(numbered) <= spec["num_fewshot"]:
             raise ValueError(f"{source}: {len(numbered)} examples, too few for {label}'s "
-                             f"{spec['num_fewshot']}-shot prompts (an example is never its "
-                             "own few-shot example)\nhint: raise --limit")
+                             f"{spec['num_fewshot']}-shot prompts\nhint: raise --limit (an "
+                             "example is never its own few-shot example)")
         tasks.append(Task(label, spec["icl_task_type"], spec["num_fewshot"],
                           spec["continuation_delimiter"], baselines[label],
                           [example for _, example in numbered],

@@ -235,9 +235,9 @@ class TrainConfig:
         per_micro_step = micro_batch * self.seq_len * world_size
         if self.total_batch_size % per_micro_step != 0:
             raise UsageError(
-                f"--total-batch-size={self.total_batch_size} is not divisible by "
-                f"batch-size x seq-len x world-size = {micro_batch} x {self.seq_len} x "
-                f"{world_size} = {per_micro_step}\nhint: pick a multiple of {per_micro_step}")
+                f"--total-batch-size={self.total_batch_size}: not a multiple of {micro_batch} x "
+                f"{self.seq_len} x {world_size} = {per_micro_step}\nhint: pick a multiple of "
+                f"{per_micro_step} (batch-size x seq-len x world-size)")
         return self.total_batch_size // (self.seq_len * world_size)
 
     def grad_accum(self, world_size: int) -> int:
