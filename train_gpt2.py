@@ -224,6 +224,12 @@ class TrainConfig:
         return self.dataset == QUICKSTART_DATASET and not self.data_dir
 
     @property
+    def cooldown(self) -> float | None:
+        """The fraction of the steps the LR falls over at the end: --cooldown-frac under the
+        wsd schedule; None under cosine, which falls all the way from the warmup."""
+        return self.cooldown_frac if self.lr_schedule == "wsd" else None
+
+    @property
     def micro_batch(self) -> int:
         if not isinstance(self.batch_size, int):
             raise ValueError("--batch-size=auto is resolved before the micro-batch is used")
@@ -776,6 +782,8 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
         flops_per_token = model.flops_per_token(config.seq_len)
         peak = runtime.gpu_peak_flops(device)
         last_checkpoint = resume_path
+        # Muon's momentum eases off over the wsd schedule's warmdown.
+        warmdown_steps = round(config.max_steps * (config.cooldown or 0.0))
         stop = stack.enter_context(runtime.StopFlag().installed())
         for step in range(start_step, config.max_steps + 1):
             # ---------------------------------------------------------- evaluations
@@ -821,14 +829,9 @@ def train(config: TrainConfig, argv: list[str], env: runtime.DistEnv) -> int:
 
             # ------------------------------------------------------------------ step
             t0 = time.perf_counter()
-            # One schedule for every group: a multiplier of its peak rate (initial_lr). Muon's
-            # momentum warms up, and eases off over the wsd schedule's warmdown.
-            cooldown_frac, warmdown_steps = None, 0
-            if config.lr_schedule == "wsd":
-                cooldown_frac = config.cooldown_frac
-                warmdown_steps = round(config.max_steps * cooldown_frac)
+            # One schedule for every group: a multiplier of its peak rate (initial_lr).
             multiplier = lr_multiplier(step, config.final_lr_frac, config.warmup_steps,
-                                       config.max_steps, cooldown_frac)
+                                       config.max_steps, config.cooldown)
             momentum = optim.muon_momentum(step, config.max_steps, warmdown_steps)
             optim.set_lr_multiplier(optimizer, multiplier)
             optim.set_muon_momentum(optimizer, momentum)

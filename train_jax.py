@@ -302,9 +302,8 @@ def training_loop(*, config: TrainConfig, mesh: Mesh, n_head: int, dtype: Any,
                 return 0
 
             t0 = time.perf_counter()
-            cooldown_frac = config.cooldown_frac if config.lr_schedule == "wsd" else None
             lr = config.max_lr * lr_multiplier(step, config.final_lr_frac, config.warmup_steps,
-                                               config.max_steps, cooldown_frac)
+                                               config.max_steps, config.cooldown)
             batches = [loader.next_arrays() for _ in range(grad_accum)]
             xs = on_devices(np.stack([x for x, _ in batches]), mesh, None, "data")
             ys = on_devices(np.stack([y for _, y in batches]), mesh, None, "data")
